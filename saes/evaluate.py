@@ -1,0 +1,54 @@
+"""Perplexity by the papers' protocol.
+
+The evaluation text is joined and tokenised once; the token stream is cut into
+non-overlapping windows of ``seqlen`` tokens (the last partial window dropped,
+at most ``max_windows`` kept); each window is scored independently and the
+perplexity is ``exp(mean token NLL)`` over all predicted tokens. (GPTQ and SVD-LLM
+average per-window mean NLLs; with equal windows the two are identical.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    nll: float  # mean token negative log-likelihood (nats)
+    tokens: int  # predicted tokens
+    windows: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """``[W, seqlen]`` non-overlapping windows of a ``[L]`` stream; the partial tail is dropped."""
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+               batch_size: int = 1, device: torch.device | str = "cpu", desc: str = "ppl") -> Perplexity:
+    win = windows(ids, seqlen, max_windows)
+    total, count = 0.0, 0
+    for start in tqdm(range(0, win.shape[0], batch_size), desc=desc, unit="batch"):
+        batch = win[start:start + batch_size].to(device)  # (b, T)
+        logits = model(input_ids=batch, use_cache=False).logits  # (b, T, V), the model's full vocabulary
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    mean = total / count
+    return Perplexity(ppl=math.exp(mean) if mean < 700 else math.inf, nll=mean, tokens=count, windows=win.shape[0])

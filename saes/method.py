@@ -1,0 +1,53 @@
+"""The interface every compression method implements.
+
+A method says which statistics it needs and from which activation stream, and
+turns ``(W, stats, rank)`` into ``(A, B)`` with ``W ~ A @ B``. Everything else
+(hooks, streams, devices, layer surgery, records) belongs to the engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .stats import SiteStats
+
+Stream = Literal["fp", "compressed"]
+Statistic = Literal["H", "Delta"]
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class Factors:
+    A: torch.Tensor  # [m, r]
+    B: torch.Tensor  # [r, n]
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """Base class. Subclasses set ``needs`` and ``stream`` and implement :meth:`factorize`.
+
+    ``needs``: statistics per input site, a subset of ``{"H", "Delta"}``; empty
+    means the method is data-free and the engine runs no calibration pass.
+    ``stream``: the stream whose inputs ``X`` define ``H`` (the paper of each
+    method decides; ``calib.propagate`` may override it for fairness studies).
+    """
+
+    needs: frozenset[Statistic] = frozenset()
+    stream: Stream = "fp"
+
+    def __init__(self, name: str, compute_dtype: str = "float64") -> None:
+        if compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}; got {compute_dtype!r}")
+        self.name = name
+        self.compute_dtype = DTYPES[compute_dtype]
+
+    @abstractmethod
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
+        """``W: [m, n]`` and ``stats`` arrive in ``self.compute_dtype``; return factors of rank ``rank``."""
+
+    def validate(self) -> None:
+        """Check hyper-parameters before any expensive work (raise ``ValueError``)."""

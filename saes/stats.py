@@ -1,0 +1,65 @@
+"""Streaming second-order statistics per input site (Algorithm 1, without storing activations).
+
+Rows are tokens here: ``x: [N, n]``. In the paper's column layout ``X = x^T``, so
+``H = X X^T = x^T x`` and ``Delta = (X^f - X) X^T = (x^f - x)^T x``. Sums are
+normalised by the token count ``N`` at the end; the normalisation changes no
+solution because damping is relative (method spec). The paper's running
+reweighting by ``sqrt(2/n)`` is the same estimator up to the factor 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class StatisticsError(RuntimeError):
+    """Statistics are missing, empty or non-finite."""
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """Normalised statistics of one input site (shared by e.g. q, k, v)."""
+
+    tokens: int
+    H: torch.Tensor | None = None  # [n, n] = X X^T / N on the method's stream
+    Delta: torch.Tensor | None = None  # [n, n] = (X^f - X) X^T / N
+
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "SiteStats":
+        cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+        return SiteStats(tokens=self.tokens, H=cast(self.H), Delta=cast(self.Delta))
+
+
+class StreamingStats:
+    """Accumulates ``H`` and optionally ``Delta`` batch by batch."""
+
+    def __init__(self, n: int, delta: bool, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        self.n, self.dtype, self.tokens = n, dtype, 0
+        self._H = torch.zeros(n, n, dtype=dtype, device=device)
+        self._D = torch.zeros(n, n, dtype=dtype, device=device) if delta else None
+
+    def update(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Add a batch: ``x`` on the method's stream, ``x_fp`` on the FP stream (for Delta)."""
+        x = x.reshape(-1, self.n).to(device=self._H.device, dtype=self.dtype)  # (N, n)
+        self._H.addmm_(x.mT, x)
+        if self._D is not None:
+            if x_fp is None:
+                raise StatisticsError("Delta needs the FP-stream input of the same tokens")
+            dx = x_fp.reshape(-1, self.n).to(device=self._H.device, dtype=self.dtype) - x
+            self._D.addmm_(dx.mT, x)
+        self.tokens += x.shape[0]
+
+    def finalize(self, where: str = "") -> SiteStats:
+        if self.tokens == 0:
+            raise StatisticsError(f"no tokens reached input site {where}")
+        H = self._H / self.tokens
+        D = None if self._D is None else self._D / self.tokens
+        for name, t in (("H", H), ("Delta", D)):
+            if t is not None and not torch.isfinite(t).all():
+                raise StatisticsError(
+                    f"{name} at {where} has non-finite entries (activations overflowed); "
+                    "use calib.stats_dtype=float64 or a higher model.dtype"
+                )
+        return SiteStats(tokens=self.tokens, H=H, Delta=D)
