@@ -86,7 +86,9 @@ def gguf_to_hf(gguf: Path) -> tuple[Path, str]:
     log.info("dequantising %s to %s (once)", gguf.name, out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.config.quantization_config = None  # the weights are dense fp32 now
+    # The weights are dense fp32 now: drop the GGUF quantiser so the model saves as a plain checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)

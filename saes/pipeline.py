@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,7 +46,13 @@ def validate(cfg: DictConfig) -> Method:
             raise ValueError(f"unknown text source {src!r}; known: {sorted(data_mod.SOURCES)}")
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
-    method = instantiate(cfg.method)
+    try:
+        method = instantiate(cfg.method)
+    except InstantiationException as exc:  # unwrap Hydra's wrapper so the message names the problem
+        cause = exc.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ValueError(f"invalid method config {cfg.method.get('name')!r}: {cause}") from exc
+        raise
     if not isinstance(method, Method):
         raise TypeError(f"method config {cfg.method.name!r} does not build a saes.method.Method")
     resolve_device(cfg.device)

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random LLaMAs built in code and composed Hydra configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from saes.models import tiny_llama, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def tiny_gqa() -> torch.nn.Module:
+    """2 blocks, 4 query heads sharing 2 kv heads (grouped-query attention)."""
+    return tiny_llama(num_key_value_heads=2).eval()
+
+
+@pytest.fixture
+def tiny_mha() -> torch.nn.Module:
+    return tiny_llama(num_key_value_heads=4, seed=1).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def make_cfg(*overrides: str, results_dir: Path | None = None) -> DictConfig:
+    """Compose ``conf/config.yaml`` as ``run.py`` would, with fast defaults for the tiny model."""
+    base = ["model=tiny_llama", "logger=none", "calib.nsamples=4", "calib.seqlen=64", "calib.batch_size=2",
+            "eval.ppl.seqlen=128", "eval.ppl.max_windows=3"]
+    if results_dir is not None:
+        base.append(f"results_dir={results_dir}")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=base + list(overrides))
+
+
+def calib_batch(n: int = 4, seqlen: int = 32, vocab: int = 258, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seqlen), generator=g)

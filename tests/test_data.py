@@ -1,0 +1,88 @@
+"""Text sources, the seeded calibration sampler and the perplexity protocol."""
+
+import math
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from saes import data
+from saes.evaluate import perplexity, windows
+
+
+def test_calibration_windows_are_seeded_distinct_and_from_the_calibration_part(tokenizer):
+    a = data.calibration_ids(tokenizer, "wiki_books", 6, 64, seed=3)
+    b = data.calibration_ids(tokenizer, "wiki_books", 6, 64, seed=3)
+    c = data.calibration_ids(tokenizer, "wiki_books", 6, 64, seed=4)
+    assert a.shape == (6, 64) and a.dtype == torch.int64
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(r.tolist()) for r in a}) == 6
+    calib = data.tokenize(tokenizer, data.load_text("wiki_books", "calib"))
+    stream = calib.tolist()
+    for row in a.tolist():  # every window is a slot of the calibration stream
+        starts = [i for i in range(0, len(stream) - 63, 64) if stream[i:i + 64] == row]
+        assert starts
+
+
+def test_calibration_and_evaluation_parts_are_disjoint_and_deduplicated():
+    docs = data.wiki_books_documents()
+    calib, ev = data.hash_split(docs, "calib"), data.hash_split(docs, "eval")
+    assert not set(calib) & set(ev)
+    assert len(calib) == len(set(calib)) and len(ev) == len(set(ev))
+    assert set(calib) | set(ev) == {d for d in docs if d.strip()}
+    assert 0.15 < len(ev) / (len(ev) + len(calib)) < 0.25
+
+
+def test_local_text_file_source(tmp_path, tokenizer):
+    paragraphs = [f"Paragraph {i} talks about topic {i * 7}." * 5 for i in range(200)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs + paragraphs[:20]))  # duplicates are dropped
+    calib, ev = data.load_text("local", "calib", str(path)), data.load_text("local", "eval", str(path))
+    assert len(calib.docs) + len(ev.docs) == 200 and not set(calib.docs) & set(ev.docs)
+    assert data.calibration_ids(tokenizer, "local", 4, 32, 0, str(path)).shape == (4, 32)
+    with pytest.raises(data.DataUnavailable, match="does not exist"):
+        data.load_text("local", "calib", str(tmp_path / "missing.txt"))
+
+
+def test_too_little_text_is_a_clear_error(tokenizer, tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("\n\n".join(f"tiny {i}" for i in range(50)))
+    with pytest.raises(data.DataUnavailable, match="lower calib.nsamples"):
+        data.calibration_ids(tokenizer, "local", 1000, 512, 0, str(path))
+
+
+@pytest.mark.parametrize("source", ["wikitext2", "ptb", "c4"])
+def test_hub_sources_offline_fail_fast_without_touching_the_network(monkeypatch, source):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(data.DataUnavailable, match="hub"):
+        data.load_text(source, "eval")
+
+
+class Uniform(nn.Module):
+    """Equal logits over the vocabulary: perplexity must be exactly the vocabulary size."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, use_cache=False):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
+
+
+def test_perplexity_protocol_windows_and_value():
+    ids = torch.arange(1000) % 50
+    w = windows(ids, 128)
+    assert w.shape == (7, 128) and torch.equal(w.flatten(), ids[:896])  # last partial window dropped
+    assert windows(ids, 128, max_windows=3).shape == (3, 128)
+    p = perplexity(Uniform(50), ids, 128, batch_size=2)
+    assert p.windows == 7 and p.tokens == 7 * 127
+    assert p.ppl == pytest.approx(50.0) and p.nll == pytest.approx(math.log(50))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        windows(ids[:100], 128)

@@ -1,0 +1,101 @@
+"""End-to-end runs of the pipeline (``run.py``) on the tiny model, sweeps, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saes.models import ModelUnavailable
+from saes.pipeline import run
+
+from .conftest import ROOT, make_cfg
+
+
+def records(results: Path) -> list[Path]:
+    return sorted((results / "runs").rglob("*.json"))
+
+
+def test_end_to_end_run_writes_a_valid_record_and_skips_when_done(tmp_path):
+    cfg = make_cfg("method=saes", "ratio=0.4", results_dir=tmp_path)
+    rec = run(cfg)
+    [path] = records(tmp_path)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["key"] == rec["key"] and path.name == f"seed0-{rec['key']}.json"
+    assert path.parts[-4:-1] == ("tiny_llama", "saes", "ratio0.4")
+    ppl = on_disk["metrics"]["ppl"]["wiki_books"]
+    assert ppl["dense"] > 1 and ppl["compressed"] > 1 and ppl["windows"] == 3
+    p = on_disk["params"]
+    assert p["linears_ratio"] >= 0.4 and p["model_compressed"] < p["model_dense"]
+    assert len(on_disk["layers"]) == 2 * 7
+    layer = on_disk["layers"]["model.layers.1.self_attn.o_proj"]
+    assert {"rank", "beta", "alpha", "surrogate", "rer", "damp", "damp_escalations"} <= set(layer)
+    cal = on_disk["calibration"]
+    assert cal["stream"] == "compressed" and cal["tokens"] == 4 * 64 and len(cal["tokens_sha256"]) == 64
+    assert {"load", "calibration", "factorisation", "eval_dense", "eval_compressed", "total"} <= set(on_disk["timings"])
+    assert on_disk["env"]["versions"]["torch"].startswith("2.13.0")
+    assert on_disk["config"]["method"]["aces"]["beta_min"] == 0.25
+    assert not list(path.parent.glob(".tmp-*"))
+    # dense perplexity is cached per model/data/protocol
+    assert len(list((tmp_path / "dense" / "tiny_llama").glob("*.json"))) == 1
+
+    mtime = path.stat().st_mtime_ns
+    assert run(cfg)["key"] == rec["key"] and path.stat().st_mtime_ns == mtime  # skipped
+    rerun = run(make_cfg("method=saes", "ratio=0.4", "force=true", results_dir=tmp_path))
+    assert rerun["key"] == rec["key"] and path.stat().st_mtime_ns != mtime
+    assert rerun["metrics"]["ppl"]["wiki_books"] == rec["metrics"]["ppl"]["wiki_books"]  # deterministic
+
+
+def test_saes_ablation_and_svd_configs_run(tmp_path):
+    fixed = run(make_cfg("method=saes", "method.aces.enabled=false", "method.alpha=1.0", results_dir=tmp_path))
+    assert {d["beta"] for d in fixed["layers"].values()} == {0.5}
+    svd = run(make_cfg("method=svd", "ratio=0.4", results_dir=tmp_path))
+    assert svd["calibration"]["stream"] == "none" and svd["calibration"]["tokens_sha256"] is None
+    assert len(records(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("override,match", [
+    ("ratio=1.2", r"ratio must lie in \(0, 1\)"),
+    ("ratio=0", r"ratio must lie in \(0, 1\)"),
+    ("ratio=0.999", "rank 0"),
+    ("eval.ppl.sources=[nowhere]", "unknown text source"),
+    ("method.aces.beta_min=0.9", "beta_min <= beta_max"),
+    ("method.aces.space=gamma", "space"),
+    ("calib.propagate=sideways", "calib.propagate"),
+])
+def test_bad_input_raises_a_named_error_and_leaves_no_record(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        run(make_cfg(override, results_dir=tmp_path))
+    assert not records(tmp_path)
+
+
+def test_missing_packaged_model_is_named(tmp_path):
+    cfg = make_cfg("model=smollm2_135m", "model.gguf.package=llm-not-installed", results_dir=tmp_path)
+    with pytest.raises(ModelUnavailable, match="llm-not-installed.*make setup"):
+        run(cfg)
+    assert not records(tmp_path)
+
+
+def test_unknown_model_or_method_is_refused_by_hydra(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    for bad in ("model=llama99b", "method=nosuch"):
+        out = subprocess.run([sys.executable, "run.py", bad, f"results_dir={tmp_path}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "Could not find" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_multirun_sweep_writes_one_record_per_job(tmp_path):
+    cmd = [sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none", "method=saes",
+           "method.aces.beta_min=0,0.25", "ratio=0.2,0.4", "calib.nsamples=2", "calib.seqlen=32",
+           "eval.ppl.seqlen=64", "eval.ppl.max_windows=2", f"results_dir={tmp_path}",
+           f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in records(tmp_path)]
+    assert len(recs) == 4
+    grid = {(r["config"]["ratio"], r["config"]["method"]["aces"]["beta_min"]) for r in recs}
+    assert grid == {(0.2, 0), (0.2, 0.25), (0.4, 0), (0.4, 0.25)}
+    assert len({r["calibration"]["tokens_sha256"] for r in recs}) == 1  # one calibration protocol

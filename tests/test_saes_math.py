@@ -1,0 +1,179 @@
+"""Properties of CEALC and ACES on explicit activations (float64, small sizes)."""
+
+import math
+
+import pytest
+import torch
+
+from saes import aces_select_beta, cealc_factors
+from saes.linalg import FactorizationError, damped_cholesky, truncated_svd
+from saes.saes import aces_coefficients, select_beta
+
+F64 = torch.float64
+
+
+def layer(m=12, n=10, N=400, seed=0, drift=0.3, cond=1.0):
+    """W, X (compressed stream, [n, N]) and X^f (FP stream) with a correlated drift."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g, dtype=F64)
+    scales = torch.logspace(0, math.log10(cond), n, dtype=F64) if cond > 1 else torch.ones(n, dtype=F64)
+    Xf = torch.randn(n, N, generator=g, dtype=F64) * scales[:, None]
+    X = Xf + drift * (torch.randn(n, n, generator=g, dtype=F64) / math.sqrt(n)) @ Xf + 0.05 * torch.randn(n, N, generator=g, dtype=F64)
+    return W, X, Xf
+
+
+def stats(X, Xf):
+    return X @ X.T, (Xf - X) @ X.T
+
+
+def objective(AB, W, X, Xf, alpha):
+    """Eq. 3: ||(AB - W) X||^2 + alpha ||AB X - W X^f||^2."""
+    return ((AB - W) @ X).square().sum() + alpha * (AB @ X - W @ Xf).square().sum()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 3.0])
+def test_cealc_beats_every_other_rank_r_factorisation_of_its_objective(alpha):
+    W, X, Xf = layer()
+    H, D = stats(X, Xf)
+    r, beta = 4, alpha / (1 + alpha)
+    A, B = cealc_factors(W, H, D, r, beta)
+    best = objective(A @ B, W, X, Xf, alpha)
+    g = torch.Generator().manual_seed(1)
+    rivals = [truncated_svd(W, r).factors()]  # plain SVD
+    rivals.append(cealc_factors(W, H, D, r, 0.0))  # the local-only solution
+    rivals += [(A + 1e-3 * torch.randn(A.shape, generator=g, dtype=F64), B + 1e-3 * torch.randn(B.shape, generator=g, dtype=F64)) for _ in range(200)]
+    rivals += [(torch.randn(12, r, generator=g, dtype=F64), torch.randn(r, 10, generator=g, dtype=F64)) for _ in range(20)]
+    for A2, B2 in rivals:
+        assert best <= objective(A2 @ B2, W, X, Xf, alpha) * (1 + 1e-10)
+    assert torch.linalg.matrix_rank(A @ B) == r
+
+
+def test_cealc_at_beta_zero_equals_truncation_aware_whitening_with_a_symmetric_root():
+    W, X, Xf = layer(cond=100.0)
+    H, D = stats(X, Xf)
+    A, B = cealc_factors(W, H, D, 3, 0.0)
+    evals, evecs = torch.linalg.eigh(H)
+    root, inv_root = (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T
+    svd = truncated_svd(W @ root, 3)  # SVD-LLM: truncate W H^{1/2}, map back with H^{-1/2}
+    ref = (svd.U * svd.S) @ svd.Vh @ inv_root
+    torch.testing.assert_close(A @ B, ref, rtol=1e-7, atol=1e-9)
+
+
+def test_full_rank_reconstructs_w():
+    W, X, Xf = layer()
+    H, D = stats(X, Xf)
+    A, B = cealc_factors(W, H, D, 10, 0.0)
+    torch.testing.assert_close(A @ B, W, rtol=1e-9, atol=1e-9)
+    A, B = truncated_svd(W, 10).factors()
+    torch.testing.assert_close(A @ B, W, rtol=1e-9, atol=1e-9)
+
+
+def test_whitening_beats_plain_svd_on_ill_conditioned_inputs():
+    """Guards the triangular solves: C^{-T} where C^{-1} is meant still runs but loses to plain SVD."""
+    W, X, Xf = layer(m=16, n=16, N=2000, cond=1e4, drift=0.0)
+    H, D = stats(X, Xf)
+    A, B = cealc_factors(W, H, D, 5, 0.0, damp=1e-6)
+    As, Bs = truncated_svd(W, 5).factors()
+    err = lambda AB: ((AB - W) @ X).norm()  # noqa: E731
+    assert err(A @ B) < 0.5 * err(As @ Bs)
+
+
+def test_dtype_is_preserved():
+    W, X, Xf = layer()
+    H, D = stats(X, Xf)
+    A, B = cealc_factors(W.float(), H.float(), D.float(), 4, 0.5, damp=1e-4)
+    assert A.dtype == B.dtype == torch.float32 and A.shape == (12, 4) and B.shape == (4, 10)
+    beta = aces_select_beta(W.float(), H.float(), D.float(), 4)
+    assert isinstance(beta, float)
+
+
+def test_singular_covariance_escalates_damping_instead_of_failing():
+    W, X, Xf = layer(N=6)  # 6 tokens, 10 input features: H is rank 6
+    H, _ = stats(X, Xf)
+    H[0, 0] -= 1e-3 * H.diagonal().mean()  # make it indefinite, as fp32 rounding does
+    wh = damped_cholesky(H, 0.0)
+    assert wh.escalations > 0 and wh.damp > 0 and torch.isfinite(wh.C).all()
+    with pytest.raises(FactorizationError, match="max_damp"):
+        damped_cholesky(torch.diag(torch.tensor([10.0, -5.0], dtype=F64)), 0.0, max_damp=1e-2)  # needs damp > 2
+    with pytest.raises(FactorizationError, match="non-finite"):
+        damped_cholesky(torch.full((3, 3), float("nan"), dtype=F64))
+
+
+def test_beta_out_of_range_is_rejected():
+    W, X, Xf = layer()
+    H, D = stats(X, Xf)
+    with pytest.raises(ValueError, match="beta"):
+        cealc_factors(W, H, D, 4, 1.5)
+
+
+# ----------------------------------------------------------------------------- ACES
+def interior_layer():
+    """A whitened layer (H = I) whose tail ratio has an interior minimum near beta = 0.5.
+
+    S = W = diag(5, 4, 1, 1, 1, 1); D removes the tail twice as fast as beta grows and
+    perturbs the head slightly, so the fixed-subspace surrogate is not exact.
+    """
+    W = torch.diag(torch.tensor([5.0, 4.0, 1.0, 1.0, 1.0, 1.0], dtype=F64))
+    D = torch.diag(torch.tensor([0.3, -0.2, -2.0, -2.2, -1.8, -2.0], dtype=F64))
+    D[0, 3] = D[4, 1] = 0.15
+    H = torch.eye(6, dtype=F64)
+    Delta = torch.linalg.solve(W, D)  # W Delta = D, so D = W Delta C^{-T} with C = I
+    return W, H, Delta, D
+
+
+def true_tail_ratio(G, r):
+    s2 = torch.linalg.svdvals(G).square()
+    return float(s2[r:].sum() / s2.sum())
+
+
+def test_aces_picks_the_minimiser_of_its_surrogate_on_a_fine_grid():
+    W, H, Delta, D = interior_layer()
+    coef = aces_coefficients(W, damped_cholesky(H, 0.0), Delta, 2)
+    grid = torch.linspace(0, 1, 10001, dtype=F64).tolist()
+    scores = [coef.surrogate(b, "ratio") for b in grid]
+    b_grid = grid[min(range(len(grid)), key=scores.__getitem__)]
+    assert 0.2 < b_grid < 0.8, "the test layer must have an interior optimum"
+    beta = aces_select_beta(W, H, Delta, 2, 0.0, 1.0, "ratio")
+    assert abs(beta - b_grid) < 2e-4
+    assert coef.surrogate(beta, "ratio") <= min(scores) + 1e-12
+    # and the surrogate's choice is near-optimal for the true retained-energy ratio
+    true = [true_tail_ratio(W + b * D, 2) for b in grid[::100]]
+    assert true_tail_ratio(W + beta * D, 2) <= min(true) + 0.02
+
+
+def test_aces_energy_objective_minimises_the_tail_energy():
+    W, H, Delta, _ = interior_layer()
+    coef = aces_coefficients(W, damped_cholesky(H, 0.0), Delta, 2)
+    beta = aces_select_beta(W, H, Delta, 2, 0.0, 1.0, "energy")
+    assert beta == pytest.approx(-coef.b / coef.c)
+    grid = torch.linspace(0, 1, 2001, dtype=F64).tolist()
+    assert coef.surrogate(beta, "energy") <= min(coef.surrogate(b, "energy") for b in grid) + 1e-12
+
+
+def test_aces_respects_bounds_cap_and_shrink():
+    W, H, Delta, _ = interior_layer()
+    free = aces_select_beta(W, H, Delta, 2)
+    assert aces_select_beta(W, H, Delta, 2, beta_min=0.6, beta_max=0.9) == pytest.approx(0.6)
+    assert aces_select_beta(W, H, Delta, 2, beta_min=0.0, beta_max=0.3) == pytest.approx(0.3)
+    assert aces_select_beta(W, H, Delta, 2, cap=0.2) == pytest.approx(0.2)
+    shrunk = aces_select_beta(W, H, Delta, 2, beta_max=0.6, shrink=0.5)
+    assert shrunk <= 0.3 + 1e-12
+    candidates = {0.0, 0.6, min(free, 0.6)}
+    assert any(abs(shrunk - 0.5 * c) < 1e-12 for c in candidates)
+    for bad in (dict(beta_min=0.8, beta_max=0.2), dict(cap=1.0), dict(shrink=0.0), dict(objective="tail")):
+        with pytest.raises(ValueError):
+            aces_select_beta(W, H, Delta, 2, **bad)
+
+
+def test_aces_without_upstream_error_keeps_the_lower_bound():
+    W, X, Xf = layer(drift=0.0)
+    H, _ = stats(X, X)
+    beta = aces_select_beta(W, H, torch.zeros_like(H), 4, beta_min=0.25, beta_max=0.75)
+    assert beta == 0.25
+
+
+def test_select_beta_scores_every_candidate_after_the_guardrails():
+    W, H, Delta, _ = interior_layer()
+    coef = aces_coefficients(W, damped_cholesky(H, 0.0), Delta, 2)
+    beta, score = select_beta(coef, 0.0, 1.0, "ratio", None, 1.0)
+    assert score == pytest.approx(coef.surrogate(beta, "ratio"))
