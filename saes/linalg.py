@@ -21,7 +21,6 @@ class Whitener:
     """Lower Cholesky factor ``C`` of the damped covariance ``H_l = H + lam I = C C^T``."""
 
     C: torch.Tensor  # [n, n], lower triangular
-    H_damped: torch.Tensor  # [n, n], H + lam I
     damp: float  # relative damping actually used: lam = damp * mean(diag(H))
     escalations: int  # how many times damping had to be raised for Cholesky to succeed
 
@@ -58,7 +57,7 @@ def damped_cholesky(H: torch.Tensor, damp: float = 0.0, *, max_damp: float = 1.0
         Hl = H + (d * scale) * eye if d > 0 else H
         C, info = torch.linalg.cholesky_ex(Hl)
         if int(info) == 0 and torch.isfinite(C).all():
-            return Whitener(C=C, H_damped=Hl, damp=d, escalations=escalations)
+            return Whitener(C=C, damp=d, escalations=escalations)
         nxt = max(d * growth, floor)
         if nxt > max_damp:
             raise FactorizationError(

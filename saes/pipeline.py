@@ -170,7 +170,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "env": environment(),
     }
     name = f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}"
-    with wandb_run(OmegaConf.to_container(cfg.logger), resolved, name, Path(cfg.results_dir) / "wandb") as wb:
+    with wandb_run(OmegaConf.to_container(cfg.logger), resolved, name, Path(cfg.results_dir)) as wb:
         write_json_atomic(path, record)
         if wb is not None:
             wb.log(flatten({k: record[k] for k in ("metrics", "params", "timings", "memory")}))

@@ -29,13 +29,22 @@ Objective = Literal["ratio", "energy"]
 
 
 # ----------------------------------------------------------------------------- CEALC
-def _cealc(W: torch.Tensor, wh: Whitener, Delta: torch.Tensor | None, rank: int,
-           beta: float) -> tuple[torch.Tensor, torch.Tensor, TruncatedSVD]:
-    target = wh.H_damped if (Delta is None or beta == 0.0) else wh.H_damped + beta * Delta
-    G = wh.right_inv_T(W @ target)  # Eq. 10: W (H + beta Delta) H^{-1/2}, [m, n]
-    svd = truncated_svd(G, rank)  # Eq. 11
+def whitened_targets(W: torch.Tensor, wh: Whitener,
+                     Delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eq. 13: ``S = W H_l C^{-T}`` and ``D = W Delta C^{-T}``, so that ``G(beta) = S + beta D``.
+
+    ``H_l C^{-T} = C C^T C^{-T} = C``, so ``S = W C`` needs no solve.
+    """
+    S = W @ wh.C
+    D = None if Delta is None else wh.right_inv_T(W @ Delta)
+    return S, D
+
+
+def factor_target(G: torch.Tensor, wh: Whitener, rank: int) -> tuple[torch.Tensor, torch.Tensor, TruncatedSVD]:
+    """Eqs. 11-12: ``[U_r, S_r, V_r] = top-r SVD of G``, ``A = U_r S_r^{1/2}``, ``B = S_r^{1/2} V_r^T C^{-1}``."""
+    svd = truncated_svd(G, rank)
     A, B = svd.factors()
-    B = wh.right_inv(B)  # Eq. 12: B = S^{1/2} V^T C^{-1}
+    B = wh.right_inv(B)
     check_finite(A=A, B=B)
     return A, B, svd
 
@@ -50,9 +59,10 @@ def cealc_factors(W: torch.Tensor, H: torch.Tensor, Delta: torch.Tensor | None, 
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1] (beta = alpha/(1+alpha)); got {beta}")
     dt = W.dtype
-    W64, H64 = W.double(), H.double()
-    D64 = None if Delta is None else Delta.double()
-    A, B, _ = _cealc(W64, damped_cholesky(H64, damp), D64, rank, beta)
+    W64 = W.double()
+    wh = damped_cholesky(H.double(), damp)
+    S, D = whitened_targets(W64, wh, None if Delta is None or beta == 0.0 else Delta.double())
+    A, B, _ = factor_target(S if D is None else S + beta * D, wh, rank)
     return A.to(dt), B.to(dt)
 
 
@@ -95,14 +105,13 @@ class AcesCoefficients:
         return [(-q1 - r) / (2 * q2), (-q1 + r) / (2 * q2)]
 
 
-def aces_coefficients(W: torch.Tensor, wh: Whitener, Delta: torch.Tensor, rank: int) -> AcesCoefficients:
-    S = wh.right_inv_T(W @ wh.H_damped)  # Eq. 13
-    D = wh.right_inv_T(W @ Delta)
+def aces_coefficients(S: torch.Tensor, D: torch.Tensor, rank: int) -> AcesCoefficients:
+    """Eq. 18 for ``G(beta) = S + beta D`` (whitened, Eq. 13), in the top-``rank`` subspace of ``S``."""
     svd = truncated_svd(S, rank)  # the one extra SVD of ACES
-    # P_L X P_R = X - U U^T X - X V V^T + U (U^T X V) V^T, without forming m x m / n x n projectors.
-    def perp(X: torch.Tensor) -> torch.Tensor:
-        UtX, XV = svd.U.mT @ X, X @ svd.Vh.mT
-        return X - svd.U @ UtX - XV @ svd.Vh + svd.U @ (UtX @ svd.Vh.mT) @ svd.Vh
+
+    def perp(X: torch.Tensor) -> torch.Tensor:  # P_L X P_R without forming the m x m / n x n projectors
+        X = X - svd.U @ (svd.U.mT @ X)
+        return X - (X @ svd.Vh.mT) @ svd.Vh
 
     Sp, Dp = perp(S), perp(D)
     dot = lambda X, Y: float((X * Y).sum())  # noqa: E731
@@ -146,7 +155,7 @@ def aces_select_beta(W: torch.Tensor, H: torch.Tensor, Delta: torch.Tensor, rank
     """ACES (Algorithm 3): the beta minimising the fixed-subspace surrogate of the tail ratio."""
     _check_aces_args(beta_min, beta_max, objective, cap, shrink)
     wh = damped_cholesky(H.double(), damp)
-    coef = aces_coefficients(W.double(), wh, Delta.double(), rank)
+    coef = aces_coefficients(*whitened_targets(W.double(), wh, Delta.double()), rank)
     return select_beta(coef, beta_min, beta_max, objective, cap, shrink)[0]
 
 
@@ -207,14 +216,15 @@ class SAES(Method):
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
-        diag: dict[str, float] = {"damp": wh.damp, "damp_escalations": wh.escalations}
+        diag: dict[str, float | None] = {"damp": wh.damp, "damp_escalations": wh.escalations}
+        S, D = whitened_targets(W, wh, stats.Delta)
         if self.aces_enabled:
-            coef = aces_coefficients(W, wh, stats.Delta, rank)
+            coef = aces_coefficients(S, D, rank)
             beta, surrogate = select_beta(coef, self.beta_min, self.beta_max, self.objective, self.cap, self.shrink)
             diag["surrogate"] = surrogate
             diag["surrogate_beta0"] = coef.surrogate(0.0, self.objective)
         else:
             beta = alpha_to_beta(self.alpha)
-        A, B, svd = _cealc(W, wh, stats.Delta, rank, beta)
+        A, B, svd = factor_target(S + beta * D if beta else S, wh, rank)
         diag.update(beta=beta, alpha=beta_to_alpha(beta), rer=svd.retained_energy_ratio)
         return Factors(A, B, diag)

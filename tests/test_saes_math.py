@@ -7,7 +7,7 @@ import torch
 
 from saes import aces_select_beta, cealc_factors
 from saes.linalg import FactorizationError, damped_cholesky, truncated_svd
-from saes.saes import aces_coefficients, select_beta
+from saes.saes import aces_coefficients, select_beta, whitened_targets
 
 F64 = torch.float64
 
@@ -128,7 +128,7 @@ def true_tail_ratio(G, r):
 
 def test_aces_picks_the_minimiser_of_its_surrogate_on_a_fine_grid():
     W, H, Delta, D = interior_layer()
-    coef = aces_coefficients(W, damped_cholesky(H, 0.0), Delta, 2)
+    coef = aces_coefficients(*whitened_targets(W, damped_cholesky(H, 0.0), Delta), 2)
     grid = torch.linspace(0, 1, 10001, dtype=F64).tolist()
     scores = [coef.surrogate(b, "ratio") for b in grid]
     b_grid = grid[min(range(len(grid)), key=scores.__getitem__)]
@@ -143,7 +143,7 @@ def test_aces_picks_the_minimiser_of_its_surrogate_on_a_fine_grid():
 
 def test_aces_energy_objective_minimises_the_tail_energy():
     W, H, Delta, _ = interior_layer()
-    coef = aces_coefficients(W, damped_cholesky(H, 0.0), Delta, 2)
+    coef = aces_coefficients(*whitened_targets(W, damped_cholesky(H, 0.0), Delta), 2)
     beta = aces_select_beta(W, H, Delta, 2, 0.0, 1.0, "energy")
     assert beta == pytest.approx(-coef.b / coef.c)
     grid = torch.linspace(0, 1, 2001, dtype=F64).tolist()
@@ -174,6 +174,6 @@ def test_aces_without_upstream_error_keeps_the_lower_bound():
 
 def test_select_beta_scores_every_candidate_after_the_guardrails():
     W, H, Delta, _ = interior_layer()
-    coef = aces_coefficients(W, damped_cholesky(H, 0.0), Delta, 2)
+    coef = aces_coefficients(*whitened_targets(W, damped_cholesky(H, 0.0), Delta), 2)
     beta, score = select_beta(coef, 0.0, 1.0, "ratio", None, 1.0)
     assert score == pytest.approx(coef.surrogate(beta, "ratio"))
