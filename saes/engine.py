@@ -198,6 +198,27 @@ def _site_input(block: nn.Module, site: str, x: torch.Tensor, kw: dict) -> torch
 
 
 @torch.no_grad()
+def _group_stats(block: nn.Module, ref: nn.Module | None, site: str, X: list[torch.Tensor], Xf: list[torch.Tensor],
+                 kws: list[dict], stream: Stream, needs_delta: bool, dtype: torch.dtype, device: torch.device,
+                 where: str) -> SiteStats:
+    """``H`` (and ``Delta``) at the input of ``site``, streamed over all calibration batches.
+
+    On the compressed stream ``X`` comes from the block as compressed so far and ``X^f``
+    from ``ref`` (the original block); on the FP stream ``X = X^f``, so ``Delta = 0``.
+    """
+    with_delta = needs_delta and stream == "compressed"
+    site_block, inputs = (block, X) if stream == "compressed" else (ref, Xf)
+    acc = StreamingStats(block.get_submodule(site).in_features, delta=with_delta, dtype=dtype, device=device)
+    for b, kw in enumerate(kws):
+        x = _site_input(site_block, site, inputs[b].to(device), kw)
+        acc.update(x, _site_input(ref, site, Xf[b].to(device), kw) if with_delta else None)
+    stats = acc.finalize(where)
+    if needs_delta and not with_delta:
+        stats = SiteStats(stats.tokens, stats.H, torch.zeros_like(stats.H))
+    return stats
+
+
+@torch.no_grad()
 def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], calib_ids: torch.Tensor | None,
                    cfg: EngineConfig) -> CompressionReport:
     """Replace every planned projection by a :class:`LowRankLinear` from ``method``; in place."""
@@ -237,17 +258,8 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
             t0 = time.perf_counter()
             stats = SiteStats(tokens=0)
             if method.needs:
-                site_block, inputs = (block, X) if stream == "compressed" else (ref, Xf)
-                n = block.get_submodule(group[0]).in_features
-                acc = StreamingStats(n, delta=needs_delta, dtype=cfg.stats_dtype, device=cfg.device)
-                for b, kw in enumerate(kws):
-                    x = _site_input(site_block, group[0], inputs[b].to(cfg.device), kw)
-                    xf = _site_input(ref, group[0], Xf[b].to(cfg.device), kw) if needs_delta and stream == "compressed" else None
-                    acc.update(x, xf if needs_delta else None)
-                where = f"{layout.layers}.{i}.{group[0]}"
-                stats = acc.finalize(where).to(method.compute_dtype)
-                if needs_delta and stream == "fp":
-                    stats = SiteStats(stats.tokens, stats.H, torch.zeros_like(stats.H))
+                stats = _group_stats(block, ref, group[0], X, Xf, kws, stream, needs_delta, cfg.stats_dtype,
+                                     cfg.device, f"{layout.layers}.{i}.{group[0]}").to(method.compute_dtype)
             timings["calibration"] += time.perf_counter() - t0
             for name in group:
                 full = f"{layout.layers}.{i}.{name}"

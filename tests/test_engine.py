@@ -104,3 +104,10 @@ def test_bad_factors_never_become_a_layer(tiny_gqa):
     ranks = plan_ranks(tiny_gqa, layout_for(tiny_gqa), 0.2)
     with pytest.raises(Exception, match="non-finite"):
         compress_model(tiny_gqa, Broken("broken"), ranks, None, EngineConfig(device=CPU))
+
+
+def test_saes_on_the_fp_stream_sees_zero_delta_and_keeps_the_lower_bound(tiny_gqa):
+    ranks = plan_ranks(tiny_gqa, layout_for(tiny_gqa), 0.4)
+    report = compress_model(tiny_gqa, SAES(), ranks, calib_batch(), EngineConfig(device=CPU, stream="fp"))
+    assert report.stream == "fp"
+    assert {d["beta"] for d in report.layers.values()} == {0.25}  # Delta = 0: every beta ties, ACES keeps beta_min

@@ -99,3 +99,17 @@ def test_multirun_sweep_writes_one_record_per_job(tmp_path):
     grid = {(r["config"]["ratio"], r["config"]["method"]["aces"]["beta_min"]) for r in recs}
     assert grid == {(0.2, 0), (0.2, 0.25), (0.4, 0), (0.4, 0.25)}
     assert len({r["calibration"]["tokens_sha256"] for r in recs}) == 1  # one calibration protocol
+
+
+def test_a_failing_svd_stops_the_run_naming_the_layer_and_leaves_no_record(tmp_path, monkeypatch):
+    import torch
+
+    from saes.linalg import FactorizationError
+
+    def no_convergence(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_convergence)
+    with pytest.raises(FactorizationError, match=r"model\.layers\.0\.self_attn\.q_proj.*did not converge"):
+        run(make_cfg("method=saes", results_dir=tmp_path))
+    assert not records(tmp_path)
