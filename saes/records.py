@@ -96,7 +96,7 @@ def wandb_run(logger_cfg: dict[str, Any], config: dict[str, Any], name: str, out
         out_dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(project=logger_cfg.get("project", "saes-svd"), entity=logger_cfg.get("entity"),
                          mode=mode, name=name, config=config, dir=str(out_dir), tags=list(logger_cfg.get("tags") or []),
-                         reinit="finish_previous")
+                         reinit="finish_previous", settings=wandb.Settings(quiet=True))
     except Exception as exc:  # noqa: BLE001 - a logger failure must not lose the run
         log.warning("W&B init failed (%s); continuing without it", exc)
     try:
