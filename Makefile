@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)  ## create .venv and install everything (torch CPU build pinned)
 
-run: $(STAMP)  ## compress the embedded SmolLM2-135M with SAES-SVD and evaluate it (ARGS=... for overrides)
-	$(BIN)/python run.py $(ARGS)
+run: $(STAMP)  ## compress the embedded SmolLM2-135M with SAES-SVD and evaluate it, even if recorded (ARGS=... overrides)
+	$(BIN)/python run.py force=true $(ARGS)
 
 test: $(STAMP)  ## the full test suite, the embedded-model tests included (what CI runs)
 	$(BIN)/python -m pytest $(ARGS)

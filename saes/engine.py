@@ -199,22 +199,25 @@ def _site_input(block: nn.Module, site: str, x: torch.Tensor, kw: dict) -> torch
 
 @torch.no_grad()
 def _group_stats(block: nn.Module, ref: nn.Module | None, site: str, X: list[torch.Tensor], Xf: list[torch.Tensor],
-                 kws: list[dict], stream: Stream, needs_delta: bool, dtype: torch.dtype, device: torch.device,
+                 kws: list[dict], stream: Stream, needs: frozenset[str], dtype: torch.dtype, device: torch.device,
                  where: str) -> SiteStats:
     """``H`` (and ``Delta``) at the input of ``site``, streamed over all calibration batches.
 
     On the compressed stream ``X`` comes from the block as compressed so far and ``X^f``
     from ``ref`` (the original block); on the FP stream ``X = X^f``, so ``Delta = 0``.
     """
+    needs_delta = "Delta" in needs
     with_delta = needs_delta and stream == "compressed"
     site_block, inputs = (block, X) if stream == "compressed" else (ref, Xf)
-    acc = StreamingStats(block.get_submodule(site).in_features, delta=with_delta, dtype=dtype, device=device)
+    wanted = needs if with_delta else needs - {"Delta"}
+    acc = StreamingStats(block.get_submodule(site).in_features, wanted, dtype=dtype, device=device)
     for b, kw in enumerate(kws):
         x = _site_input(site_block, site, inputs[b].to(device), kw)
         acc.update(x, _site_input(ref, site, Xf[b].to(device), kw) if with_delta else None)
     stats = acc.finalize(where)
-    if needs_delta and not with_delta:
-        stats = SiteStats(stats.tokens, stats.H, torch.zeros_like(stats.H))
+    if needs_delta and not with_delta:  # X = X^f on the FP stream
+        n = block.get_submodule(site).in_features
+        stats = SiteStats(stats.tokens, stats.H, torch.zeros(n, n, dtype=dtype, device=device), stats.absmean)
     return stats
 
 
@@ -258,7 +261,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
             t0 = time.perf_counter()
             stats = SiteStats(tokens=0)
             if method.needs:
-                stats = _group_stats(block, ref, group[0], X, Xf, kws, stream, needs_delta, cfg.stats_dtype,
+                stats = _group_stats(block, ref, group[0], X, Xf, kws, stream, method.needs, cfg.stats_dtype,
                                      cfg.device, f"{layout.layers}.{i}.{group[0]}").to(method.compute_dtype)
             timings["calibration"] += time.perf_counter() - t0
             for name in group:

@@ -75,8 +75,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(resolved, dict)
     path = record_path(cfg.results_dir, resolved)
     if path.is_file() and not cfg.force:
+        record = read_json(path)
         log.info("already done, skipping (force=true to rerun): %s", path)
-        return read_json(path)
+        print(summary(record))
+        return record
 
     device = resolve_device(cfg.device)
     timings: dict[str, float] = {}

@@ -25,41 +25,52 @@ class SiteStats:
     tokens: int
     H: torch.Tensor | None = None  # [n, n] = X X^T / N on the method's stream
     Delta: torch.Tensor | None = None  # [n, n] = (X^f - X) X^T / N
+    absmean: torch.Tensor | None = None  # [n] = mean over tokens of |x_j| (ASVD's scaling)
 
     def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "SiteStats":
         cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
-        return SiteStats(tokens=self.tokens, H=cast(self.H), Delta=cast(self.Delta))
+        return SiteStats(tokens=self.tokens, H=cast(self.H), Delta=cast(self.Delta), absmean=cast(self.absmean))
 
 
 class StreamingStats:
-    """Accumulates ``H`` and optionally ``Delta`` batch by batch."""
+    """Accumulates the statistics in ``needs`` (``H``, ``Delta``, ``absmean``) batch by batch."""
 
-    def __init__(self, n: int, delta: bool, dtype: torch.dtype = torch.float32,
+    KNOWN = frozenset({"H", "Delta", "absmean"})
+
+    def __init__(self, n: int, needs: frozenset[str] | set[str], dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
-        self.n, self.dtype, self.tokens = n, dtype, 0
-        self._H = torch.zeros(n, n, dtype=dtype, device=device)
-        self._D = torch.zeros(n, n, dtype=dtype, device=device) if delta else None
+        unknown = set(needs) - self.KNOWN
+        if unknown:
+            raise StatisticsError(f"unknown statistics {sorted(unknown)}; known: {sorted(self.KNOWN)}")
+        self.n, self.dtype, self.device, self.tokens = n, dtype, torch.device(device), 0
+        zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self._H = zeros(n, n) if "H" in needs else None
+        self._D = zeros(n, n) if "Delta" in needs else None
+        self._abs = zeros(n) if "absmean" in needs else None
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Add a batch: ``x`` on the method's stream, ``x_fp`` on the FP stream (for Delta)."""
-        x = x.reshape(-1, self.n).to(device=self._H.device, dtype=self.dtype)  # (N, n)
-        self._H.addmm_(x.mT, x)
+        x = x.reshape(-1, self.n).to(device=self.device, dtype=self.dtype)  # (N, n)
+        if self._H is not None:
+            self._H.addmm_(x.mT, x)
         if self._D is not None:
             if x_fp is None:
                 raise StatisticsError("Delta needs the FP-stream input of the same tokens")
-            dx = x_fp.reshape(-1, self.n).to(device=self._H.device, dtype=self.dtype) - x
+            dx = x_fp.reshape(-1, self.n).to(device=self.device, dtype=self.dtype) - x
             self._D.addmm_(dx.mT, x)
+        if self._abs is not None:
+            self._abs += x.abs().sum(0)
         self.tokens += x.shape[0]
 
     def finalize(self, where: str = "") -> SiteStats:
         if self.tokens == 0:
             raise StatisticsError(f"no tokens reached input site {where}")
-        H = self._H / self.tokens
-        D = None if self._D is None else self._D / self.tokens
-        for name, t in (("H", H), ("Delta", D)):
+        out = {name: None if t is None else t / self.tokens
+               for name, t in (("H", self._H), ("Delta", self._D), ("absmean", self._abs))}
+        for name, t in out.items():
             if t is not None and not torch.isfinite(t).all():
                 raise StatisticsError(
                     f"{name} at {where} has non-finite entries (activations overflowed); "
                     "use calib.stats_dtype=float64 or a higher model.dtype"
                 )
-        return SiteStats(tokens=self.tokens, H=H, Delta=D)
+        return SiteStats(tokens=self.tokens, **out)

@@ -113,3 +113,10 @@ def test_a_failing_svd_stops_the_run_naming_the_layer_and_leaves_no_record(tmp_p
     with pytest.raises(FactorizationError, match=r"model\.layers\.0\.self_attn\.q_proj.*did not converge"):
         run(make_cfg("method=saes", results_dir=tmp_path))
     assert not records(tmp_path)
+
+
+def test_fp_stream_baselines_run_on_the_shared_calibration_set(tmp_path):
+    recs = [run(make_cfg(f"method={m}", results_dir=tmp_path)) for m in ("svdllm", "asvd", "saes")]
+    assert [r["calibration"]["stream"] for r in recs] == ["fp", "fp", "compressed"]
+    assert len({r["calibration"]["tokens_sha256"] for r in recs}) == 1
+    assert all(r["metrics"]["ppl"]["wiki_books"]["compressed"] > 1 for r in recs)

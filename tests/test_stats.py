@@ -10,7 +10,7 @@ def test_streaming_statistics_equal_batch_statistics(dtype):
     n, N = 24, 1000
     x = torch.randn(N, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, n, dtype=torch.float64)
     xf = x + 0.1 * torch.randn(N, n, generator=g, dtype=torch.float64)
-    acc = StreamingStats(n, delta=True, dtype=dtype)
+    acc = StreamingStats(n, {"H", "Delta", "absmean"}, dtype=dtype)
     start = 0
     for size in (1, 7, 300, 92, 600):  # uneven batches, 3-d shapes as the engine sees them
         acc.update(x[start:start + size].to(dtype).reshape(1, size, n), xf[start:start + size].to(dtype))
@@ -23,17 +23,18 @@ def test_streaming_statistics_equal_batch_statistics(dtype):
     assert stats.tokens == N
     torch.testing.assert_close(stats.H.double(), H_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(stats.Delta.double(), D_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(stats.absmean.double(), x.abs().mean(0), rtol=tol, atol=tol)
 
 
 def test_delta_is_zero_when_both_streams_agree():
     x = torch.randn(50, 8)
-    acc = StreamingStats(8, delta=True)
+    acc = StreamingStats(8, {"H", "Delta"})
     acc.update(x, x.clone())
     assert torch.count_nonzero(acc.finalize().Delta) == 0
 
 
 def test_non_finite_statistics_are_rejected_with_the_site_name():
-    acc = StreamingStats(4, delta=False)
+    acc = StreamingStats(4, {"H"})
     acc.update(torch.tensor([[1.0, float("inf"), 0.0, 0.0]]))
     with pytest.raises(StatisticsError, match="layers.3.q_proj"):
         acc.finalize("layers.3.q_proj")
@@ -41,9 +42,18 @@ def test_non_finite_statistics_are_rejected_with_the_site_name():
 
 def test_empty_statistics_are_rejected():
     with pytest.raises(StatisticsError, match="no tokens"):
-        StreamingStats(4, delta=False).finalize("x")
+        StreamingStats(4, {"H"}).finalize("x")
 
 
 def test_delta_without_fp_input_is_an_error():
     with pytest.raises(StatisticsError, match="FP-stream"):
-        StreamingStats(4, delta=True).update(torch.randn(3, 4))
+        StreamingStats(4, {"H", "Delta"}).update(torch.randn(3, 4))
+
+
+def test_only_the_requested_statistics_are_kept():
+    acc = StreamingStats(4, {"absmean"})
+    acc.update(torch.randn(10, 4))
+    stats = acc.finalize()
+    assert stats.H is None and stats.Delta is None and stats.absmean.shape == (4,)
+    with pytest.raises(StatisticsError, match="unknown statistics"):
+        StreamingStats(4, {"fisher"})

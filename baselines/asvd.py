@@ -1,0 +1,41 @@
+"""ASVD (Yuan et al. 2023, arXiv 2312.05821): activation-aware scaling before the SVD.
+
+``S = diag(mean_t |x_j|)^alpha`` from FP-stream activations (``alpha = 0.5`` by
+default, as the paper); truncate ``W S`` by SVD and undo the scaling:
+``A = U_r Sigma_r^{1/2}``, ``B = Sigma_r^{1/2} V_r^T S^{-1}``. ``alpha = 0`` is plain SVD.
+Channels that never fire would make ``S`` singular: their scale is floored at
+``floor * max_j S_jj`` (our choice; the paper does not say).
+Uniform ranks here; the sensitivity-based rank search (STRS) is a separate step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saes.linalg import check_finite, truncated_svd
+from saes.method import Factors, Method
+from saes.stats import SiteStats
+
+
+class ASVD(Method):
+    needs = frozenset({"absmean"})
+    stream = "fp"
+
+    def __init__(self, name: str = "asvd", alpha: float = 0.5, floor: float = 1e-6,
+                 compute_dtype: str = "float64") -> None:
+        super().__init__(name, compute_dtype)
+        if alpha < 0 or not 0 < floor < 1:
+            raise ValueError(f"need method.alpha >= 0 and 0 < method.floor < 1; got {alpha}, {floor}")
+        self.alpha, self.floor = float(alpha), float(floor)
+
+    def scale(self, stats: SiteStats) -> torch.Tensor:
+        s = stats.absmean.pow(self.alpha)
+        return s.clamp_min(self.floor * float(s.max()))
+
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
+        s = self.scale(stats)  # [n], the diagonal of S
+        svd = truncated_svd(W * s, rank)  # W S
+        A, B = svd.factors()
+        B = B / s  # B S^{-1}
+        check_finite(A=A, B=B)
+        return Factors(A, B, {"rer": svd.retained_energy_ratio})
