@@ -21,7 +21,7 @@ class SVDLLM(Method):
     needs = frozenset({"H"})
     stream = "fp"
 
-    def __init__(self, name: str = "svdllm", damp: float = 0.01, max_damp: float = 1.0,
+    def __init__(self, name: str = "svdllm", damp: float = 0.0, max_damp: float = 1.0,
                  compute_dtype: str = "float64") -> None:
         super().__init__(name, compute_dtype)
         if not 0.0 <= damp <= max_damp:

@@ -37,7 +37,7 @@ def test_end_to_end_run_writes_a_valid_record_and_skips_when_done(tmp_path):
     assert {"load", "calibration", "factorisation", "eval_dense", "eval_compressed", "total"} <= set(on_disk["timings"])
     assert on_disk["env"]["versions"]["torch"].startswith("2.13.0")
     assert on_disk["config"]["method"]["aces"]["beta_min"] == 0.25
-    assert not list(path.parent.glob(".tmp-*"))
+    assert not list(path.parent.glob(".tmp-*")) and path.stat().st_mode & 0o777 == 0o644
     # dense perplexity is cached per model/data/protocol
     assert len(list((tmp_path / "dense" / "tiny_llama").glob("*.json"))) == 1
 
