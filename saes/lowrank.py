@@ -67,10 +67,6 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def get_submodule(root: nn.Module, name: str) -> nn.Module:
-    return root.get_submodule(name)
-
-
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted path ``name`` (e.g. ``self_attn.q_proj``)."""
     parent_name, _, child = name.rpartition(".")

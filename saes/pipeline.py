@@ -59,14 +59,6 @@ def validate(cfg: DictConfig) -> Method:
     return method
 
 
-def _dense_ppl(cache: Path, compute: Any) -> dict:
-    if cache.is_file():
-        return read_json(cache)
-    value = compute()
-    write_json_atomic(cache, value)
-    return value
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns its record (the existing one if it was already done and not forced)."""
     t_start = time.perf_counter()
@@ -117,9 +109,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         protocol = {"model": loaded.identity, "dtype": cfg.model.dtype, "device": device.type, "source": src,
                     "tokens": digest, "seqlen": ppl_cfg.seqlen, "max_windows": ppl_cfg.max_windows}
         cache = Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"{src}-{config_key(protocol)}.json"
-        dense = _dense_ppl(cache, lambda ids=ids, protocol=protocol: {
-            **perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
-                         desc=f"ppl dense {src}").as_dict(), "protocol": protocol})
+        if cache.is_file():  # dense perplexity is computed once per model, text and protocol
+            dense = read_json(cache)
+        else:
+            dense = {**perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
+                                  desc=f"ppl dense {src}").as_dict(), "protocol": protocol}
+            write_json_atomic(cache, dense)
         metrics["ppl"][src] = {"dense": dense["ppl"], "tokens_sha256": digest, "windows": dense["windows"]}
     timings["eval_dense"] = time.perf_counter() - t0
     model.to("cpu")
