@@ -24,7 +24,7 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 class Factors:
     A: torch.Tensor  # [m, r]
     B: torch.Tensor  # [r, n]
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, float | int | None] = field(default_factory=dict)  # recorded per layer
 
 
 class Method(ABC):

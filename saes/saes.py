@@ -216,7 +216,7 @@ class SAES(Method):
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
-        diag: dict[str, float | None] = {"damp": wh.damp, "damp_escalations": wh.escalations}
+        diag: dict[str, float | int | None] = {"damp": wh.damp, "damp_escalations": wh.escalations}
         S, D = whitened_targets(W, wh, stats.Delta)
         if self.aces_enabled:
             coef = aces_coefficients(S, D, rank)
