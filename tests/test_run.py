@@ -120,3 +120,17 @@ def test_fp_stream_baselines_run_on_the_shared_calibration_set(tmp_path):
     assert [r["calibration"]["stream"] for r in recs] == ["fp", "fp", "compressed"]
     assert len({r["calibration"]["tokens_sha256"] for r in recs}) == 1
     assert all(r["metrics"]["ppl"]["wiki_books"]["compressed"] > 1 for r in recs)
+
+
+def test_a_paper_model_config_runs_from_local_weights(tmp_path):
+    """``model=llama7b model.path=DIR``: the hub code path (from_pretrained), with tiny weights saved locally."""
+    from saes.models import tiny_llama, tiny_tokenizer
+
+    weights = tmp_path / "weights"
+    tiny_llama().save_pretrained(weights)
+    tiny_tokenizer().save_pretrained(weights)
+    rec = run(make_cfg("model=llama7b", f"model.path={weights}", "model.dtype=float32", results_dir=tmp_path))
+    assert rec["model"]["identity"] == f"path:{weights.resolve()}" and rec["model"]["model_type"] == "llama"
+    assert records(tmp_path)[0].parts[-4] == "llama7b"
+    with pytest.raises(ModelUnavailable, match="not a Hugging Face model folder"):
+        run(make_cfg("model=llama7b", f"model.path={tmp_path / 'nowhere'}", results_dir=tmp_path / "other"))
