@@ -20,7 +20,8 @@ from .evaluate import perplexity
 from .lowrank import count_parameters
 from .method import Method
 from .models import DTYPES, load_model, resolve_device
-from .records import (SCHEMA_VERSION, config_key, environment, flatten, read_json, record_path, wandb_run,
+from .checkpoint import save_compressed
+from .records import (SCHEMA_VERSION, config_key, environment, flatten, read_json, record_path, run_stem, wandb_run,
                       write_json_atomic)
 
 log = logging.getLogger(__name__)
@@ -147,24 +148,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
         memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    env = environment()
+    calibration = {
+        "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
+        "seed": cfg.calib.seed, "stream": report.stream, "tokens": report.tokens,
+        "tokens_sha256": data_mod.token_digest(calib_ids) if calib_ids is not None else None,
+    }
+    saved_to = None
+    if cfg.save:
+        t0 = time.perf_counter()
+        saved_to = save_compressed(model.to("cpu"), tok, Path(cfg.results_dir) / "models" / run_stem(resolved), {
+            "base": loaded.identity, "method": resolved["method"], "ratio": cfg.ratio, "calibration": calibration,
+            "record_key": config_key(resolved), "git_commit": env["git_commit"]})
+        timings["save"] = time.perf_counter() - t0
     record = {
         "schema": SCHEMA_VERSION,
         "key": config_key(resolved),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": resolved,
         "model": {"identity": loaded.identity, "model_type": model.config.model_type},
-        "calibration": {
-            "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
-            "seed": cfg.calib.seed, "stream": report.stream, "tokens": report.tokens,
-            "tokens_sha256": data_mod.token_digest(calib_ids) if calib_ids is not None else None,
-        },
+        "calibration": calibration,
         "metrics": metrics,
         "params": params,
         "timings": timings,
         "memory": memory,
         "layers": report.layers,
         "blocks": report.blocks,
-        "env": environment(),
+        "saved_to": None if saved_to is None else str(saved_to),
+        "env": env,
     }
     name = f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}"
     with wandb_run(OmegaConf.to_container(cfg.logger), resolved, name, Path(cfg.results_dir)) as wb:

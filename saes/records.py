@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
-NON_SEMANTIC = ("force", "logger", "results_dir", "hydra", "experiment_name")
+NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name")
 SCHEMA_VERSION = 1
 
 
@@ -32,9 +32,14 @@ def config_key(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def run_stem(cfg: dict[str, Any]) -> Path:
+    """``<model>/<method>/ratio<r>/seed<s>-<key>``: where a run's record (and saved model) live."""
+    return (Path(str(cfg["model"]["name"])) / str(cfg["method"]["name"]) / f"ratio{cfg['ratio']}"
+            / f"seed{cfg['seed']}-{config_key(cfg)}")
+
+
 def record_path(results_dir: str | Path, cfg: dict[str, Any]) -> Path:
-    return (Path(results_dir) / "runs" / str(cfg["model"]["name"]) / str(cfg["method"]["name"])
-            / f"ratio{cfg['ratio']}" / f"seed{cfg['seed']}-{config_key(cfg)}.json")
+    return Path(results_dir) / "runs" / run_stem(cfg).with_suffix(".json")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -1,0 +1,130 @@
+"""Save a compressed model as a Hugging Face-style folder, and rebuild it exactly.
+
+A folder holds ``model.safetensors`` (sharded with an index when large), ``config.json``
+(the base architecture, unchanged), the tokenizer, and ``lowrank_manifest.json``: every
+low-rank layer (dotted name, rank, shapes, bias) plus what made it (method, ratio,
+calibration protocol, git commit). No pickles. :func:`load_compressed` builds the base
+skeleton on the meta device (buffers such as rotary frequencies stay real), swaps in
+``LowRankLinear`` modules from the manifest, checks every tensor's name and shape, and
+assigns the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .lowrank import LowRankLinear, set_submodule
+
+MANIFEST = "lowrank_manifest.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A saved folder is missing, inconsistent with its manifest, or of another architecture."""
+
+
+def lowrank_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: {"rank": mod.rank, "in_features": mod.in_features, "out_features": mod.out_features,
+                   "bias": mod.A.bias is not None}
+            for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+
+
+def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, provenance: dict[str, Any]) -> Path:
+    """Write the folder atomically (a temporary sibling renamed into place)."""
+    folder = Path(folder)
+    layers = lowrank_layers(model)
+    if not layers:
+        raise CheckpointError("the model has no LowRankLinear layer: nothing compressed to save")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        manifest = {"format": FORMAT_VERSION, "model_type": model.config.model_type,
+                    "parameters": sum(p.numel() for p in model.parameters()), "layers": layers, **provenance}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST}: not a compressed-model folder saved by this harness")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT_VERSION or not isinstance(manifest.get("layers"), dict):
+        raise CheckpointError(f"{path}: unknown manifest format {manifest.get('format')!r} or no 'layers' table")
+    for name, spec in manifest["layers"].items():
+        if not {"rank", "in_features", "out_features", "bias"} <= set(spec):
+            raise CheckpointError(f"{path}: layer {name} lacks rank/in_features/out_features/bias")
+    return manifest
+
+
+def _state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    raise CheckpointError(f"{folder} has no model.safetensors (or sharded index)")
+
+
+def load_compressed(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Rebuild ``(model, tokenizer, manifest)`` from a folder written by :func:`save_compressed`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != manifest["model_type"]:
+        raise CheckpointError(f"config.json says model_type={config.model_type!r}, the manifest "
+                              f"{manifest['model_type']!r}: the folder mixes two architectures")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, spec in manifest["layers"].items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"manifest layer {name} does not exist in a {config.model_type} model") from None
+        if (getattr(dense, "in_features", None), getattr(dense, "out_features", None)) != \
+                (spec["in_features"], spec["out_features"]):
+            raise CheckpointError(f"manifest layer {name} is {spec['out_features']}x{spec['in_features']}, "
+                                  f"the base architecture has {type(dense).__name__} of another shape")
+        set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
+                                                 bias=spec["bias"], device="meta"))
+    state = _state_dict(folder)
+    expected = model.state_dict()
+    tied = set((getattr(model, "_tied_weights_keys", None) or {})) if config.tie_word_embeddings else set()
+    missing = set(expected) - set(state) - tied
+    unexpected = set(state) - set(expected)
+    wrong = [f"{k}: saved {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+             for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"weights do not match the manifest: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}, wrong shapes {wrong[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(folder), manifest
