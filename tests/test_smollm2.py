@@ -28,3 +28,26 @@ def test_saes_beats_plain_svd_on_the_embedded_model(tmp_path):
     assert all(0.25 <= d["beta"] <= 0.75 for d in saes["layers"].values())
     cos = [b["cosine_fp"] for b in saes["blocks"]]
     assert len(cos) == 30 and all(0 < c <= 1 for c in cos)
+
+
+def test_saved_smollm2_reloads_with_identical_logits(tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    from baselines.svd import SVD
+    from saes.checkpoint import load_compressed, save_compressed
+    from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
+    from saes.models import load_model
+
+    loaded = load_model(OmegaConf.load("conf/model/smollm2_135m.yaml"))
+    model = loaded.model
+    compress_model(model, SVD("svd"), plan_ranks(model, layout_for(model), 0.4), None,
+                   EngineConfig(device=torch.device("cpu")))
+    folder = save_compressed(model, loaded.tokenizer, tmp_path / "smollm2-svd", {"method": "svd"})
+    again, _, manifest = load_compressed(folder)
+    ids = torch.arange(100, 356).view(2, 128)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    # tied embeddings are stored once: the file holds the achieved parameter count in fp32
+    size = (folder / "model.safetensors").stat().st_size
+    assert manifest["parameters"] * 4 <= size < manifest["parameters"] * 4 + 1_000_000
