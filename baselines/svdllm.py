@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from saes.linalg import damped_cholesky
+from saes.linalg import check_damping, damped_cholesky
 from saes.method import Factors, Method
 from saes.saes import factor_target, whitened_targets
 from saes.stats import SiteStats
@@ -24,12 +24,11 @@ class SVDLLM(Method):
     def __init__(self, name: str = "svdllm", damp: float = 0.0, max_damp: float = 1.0,
                  compute_dtype: str = "float64") -> None:
         super().__init__(name, compute_dtype)
-        if not 0.0 <= damp <= max_damp:
-            raise ValueError(f"need 0 <= method.damp <= method.max_damp; got {damp}, {max_damp}")
+        check_damping(damp, max_damp)
         self.damp, self.max_damp = float(damp), float(max_damp)
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
         S, _ = whitened_targets(W, wh, None)  # S = W C
         A, B, svd = factor_target(S, wh, rank)
-        return Factors(A, B, {"rer": svd.retained_energy_ratio, "damp": wh.damp, "damp_escalations": wh.escalations})
+        return Factors(A, B, {"rer": svd.retained_energy_ratio, **wh.diagnostics()})

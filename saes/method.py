@@ -47,7 +47,6 @@ class Method(ABC):
 
     @abstractmethod
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
-        """``W: [m, n]`` and ``stats`` arrive in ``self.compute_dtype``; return factors of rank ``rank``."""
+        """``W: [m, n]`` and ``stats`` arrive in ``self.compute_dtype``; return factors of rank ``rank``.
 
-    def validate(self) -> None:
-        """Check hyper-parameters before any expensive work (raise ``ValueError``)."""
+        Hyper-parameters are checked in ``__init__``, so a bad config fails before any work."""

@@ -9,7 +9,6 @@ to an fp32 Hugging Face folder in a cache keyed by the file's SHA-256, and reuse
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import logging
 import os
 import shutil
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .packages import packaged_file
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +49,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelUnavailable(f"device={device!r} asked for CUDA but none is available; use device=auto or cpu")
     return dev
-
-
-def packaged_file(package: str, filename: str) -> Path:
-    """Path of a data file shipped inside an installed distribution, found without importing it."""
-    try:
-        dist = md.distribution(package)
-    except md.PackageNotFoundError:
-        raise ModelUnavailable(
-            f"package {package!r} is not installed; run `make setup` "
-            f"(it installs {package} with --no-deps)"
-        ) from None
-    for f in dist.files or []:
-        if f.name == filename:
-            path = Path(f.locate())
-            if path.is_file():
-                return path
-    raise ModelUnavailable(f"{filename!r} not found inside the installed package {package!r}; reinstall it")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -153,7 +137,7 @@ def load_model(cfg: Any) -> LoadedModel:
         model = tiny_llama(**params).to(dtype).eval()
         return LoadedModel(model, tiny_tokenizer(), f"tiny:{sorted(params.items())}")
     elif source == "gguf":
-        where, digest = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file))
+        where, digest = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))
         identity = f"gguf:{digest}"
     elif source == "hub":
         where, identity = cfg.hub_id, f"hub:{cfg.hub_id}@{cfg.get('revision') or 'main'}"

@@ -15,9 +15,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import data as data_mod
-from .engine import EngineConfig, compress_model, layout_for, plan_ranks
+from .engine import EngineConfig, compress_model, layout_for, needs_calibration, plan_ranks
 from .evaluate import perplexity
-from .lowrank import count_parameters
+from .lowrank import check_ratio, count_parameters
+from .method import DTYPES as PRECISIONS
 from .method import Method
 from .models import DTYPES, load_model, resolve_device
 from .checkpoint import save_compressed
@@ -25,18 +26,15 @@ from .records import (SCHEMA_VERSION, config_key, environment, flatten, read_jso
                       write_json_atomic)
 
 log = logging.getLogger(__name__)
-STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def validate(cfg: DictConfig) -> Method:
     """Cheap checks of everything a run needs, before loading anything heavy."""
-    ratio = cfg.ratio
-    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
-        raise ValueError(f"ratio must lie in (0, 1) (the fraction of each projection's parameters removed); got {ratio!r}")
+    check_ratio(cfg.ratio)
     if cfg.calib.propagate not in (None, "fp", "compressed"):
         raise ValueError(f"calib.propagate must be null, fp or compressed; got {cfg.calib.propagate!r}")
-    if cfg.calib.stats_dtype not in STATS_DTYPES:
-        raise ValueError(f"calib.stats_dtype must be one of {sorted(STATS_DTYPES)}; got {cfg.calib.stats_dtype!r}")
+    if cfg.calib.stats_dtype not in PRECISIONS:
+        raise ValueError(f"calib.stats_dtype must be one of {sorted(PRECISIONS)}; got {cfg.calib.stats_dtype!r}")
     if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2 or cfg.calib.batch_size < 1:
         raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
     ppl = cfg.eval.ppl
@@ -66,6 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
+    key = config_key(resolved)
     path = record_path(cfg.results_dir, resolved)
     if path.is_file() and not cfg.force:
         record = read_json(path)
@@ -84,9 +83,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     stream_override = cfg.calib.propagate
-    needs_data = bool(method.needs) or cfg.calib.track_fidelity
     calib_ids = None
-    if needs_data:
+    if needs_calibration(method, cfg.calib.track_fidelity):
         calib_ids = data_mod.calibration_ids(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
                                              cfg.calib.seed, cfg.calib.get("path"))
     eval_ids: dict[str, torch.Tensor] = {}
@@ -122,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     dense_params = count_parameters(model)
     engine_cfg = EngineConfig(device=device, batch_size=cfg.calib.batch_size,
-                              stats_dtype=STATS_DTYPES[cfg.calib.stats_dtype], stream=stream_override,
+                              stats_dtype=PRECISIONS[cfg.calib.stats_dtype], stream=stream_override,
                               stream_device=torch.device(cfg.calib.stream_device) if cfg.calib.stream_device else None,
                               track_fidelity=cfg.calib.track_fidelity)
     report = compress_model(model, method, ranks, calib_ids, engine_cfg)
@@ -159,11 +157,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         saved_to = save_compressed(model.to("cpu"), tok, Path(cfg.results_dir) / "models" / run_stem(resolved), {
             "base": loaded.identity, "method": resolved["method"], "ratio": cfg.ratio, "calibration": calibration,
-            "record_key": config_key(resolved), "git_commit": env["git_commit"]})
+            "record_key": key, "git_commit": env["git_commit"]})
         timings["save"] = time.perf_counter() - t0
     record = {
         "schema": SCHEMA_VERSION,
-        "key": config_key(resolved),
+        "key": key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": resolved,
         "model": {"identity": loaded.identity, "model_type": model.config.model_type},

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .linalg import TruncatedSVD, Whitener, check_finite, damped_cholesky, truncated_svd
+from .linalg import TruncatedSVD, Whitener, check_damping, check_finite, damped_cholesky, truncated_svd
 from .method import Factors, Method
 from .stats import SiteStats
 
@@ -204,19 +204,15 @@ class SAES(Method):
         elif self.space != "beta":
             raise ValueError(f"method.aces.space must be 'beta' or 'alpha'; got {self.space!r}")
         self.beta_min, self.beta_max = lo, hi
-        self.validate()
-
-    def validate(self) -> None:
         if self.alpha < 0:
             raise ValueError(f"method.alpha must be >= 0; got {self.alpha}")
-        if not 0.0 <= self.damp <= self.max_damp:
-            raise ValueError(f"need 0 <= method.damp <= method.max_damp; got {self.damp}, {self.max_damp}")
+        check_damping(self.damp, self.max_damp)
         if self.aces_enabled:
             _check_aces_args(self.beta_min, self.beta_max, self.objective, self.cap, self.shrink)
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
-        diag: dict[str, float | int | None] = {"damp": wh.damp, "damp_escalations": wh.escalations}
+        diag: dict[str, float | int | None] = dict(wh.diagnostics())
         S, D = whitened_targets(W, wh, stats.Delta)
         if self.aces_enabled:
             coef = aces_coefficients(S, D, rank)

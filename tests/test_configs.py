@@ -1,6 +1,5 @@
 """Every config in conf/ composes, and the paper's models resolve to their hub ids."""
 
-from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
