@@ -32,7 +32,7 @@ class ASVD(Method):
         s = stats.absmean.pow(self.alpha)
         return s.clamp_min(self.floor * float(s.max()))
 
-    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         s = self.scale(stats)  # [n], the diagonal of S
         svd = truncated_svd(W * s, rank)  # W S
         A, B = svd.factors()

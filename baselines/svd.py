@@ -13,7 +13,7 @@ class SVD(Method):
     needs = frozenset()
     stream = "fp"
 
-    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         svd = truncated_svd(W, rank)
         A, B = svd.factors()
         return Factors(A, B, {"rer": svd.retained_energy_ratio})

@@ -27,7 +27,7 @@ class SVDLLM(Method):
         check_damping(damp, max_damp)
         self.damp, self.max_damp = float(damp), float(max_damp)
 
-    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
         S, _ = whitened_targets(W, wh, None)  # S = W C
         A, B, svd = factor_target(S, wh, rank)

@@ -88,6 +88,18 @@ def layout_for(model: nn.Module) -> BlockLayout:
     return layout
 
 
+def check_plan(model: nn.Module, layout: BlockLayout, ranks: dict[str, int]) -> None:
+    """A rank plan names every projection exactly once, each with ``1 <= r <= min(m, n)``."""
+    want = plan_ranks(model, layout, 0.5).keys()
+    if set(ranks) != set(want):
+        missing, extra = sorted(set(want) - set(ranks)), sorted(set(ranks) - set(want))
+        raise ValueError(f"rank plan does not match the model: missing {missing[:3]}, unknown {extra[:3]}")
+    for name, r in ranks.items():
+        m, n = model.get_submodule(name).weight.shape
+        if not (isinstance(r, int) and 1 <= r <= min(m, n)):
+            raise ValueError(f"rank plan gives {name} [{m}x{n}] rank {r!r}; need an int in [1, {min(m, n)}]")
+
+
 def plan_ranks(model: nn.Module, layout: BlockLayout, ratio: float) -> dict[str, int]:
     """Uniform ranks for every projection of every block (raises before any work on bad ratios)."""
     ranks = {}
@@ -223,7 +235,7 @@ def _group_stats(block: nn.Module, ref: nn.Module | None, site: str, X: list[tor
 
 def needs_calibration(method: Method, track_fidelity: bool) -> bool:
     """Whether the engine runs calibration forwards at all (data-free methods skip them)."""
-    return bool(method.needs) or track_fidelity
+    return method.needs_data or track_fidelity
 
 
 @torch.no_grad()
@@ -276,7 +288,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
                 W = dense.weight.to(method.compute_dtype)
                 m, n = W.shape
                 try:
-                    f = method.factorize(W, stats, ranks[full])
+                    f = method.factorize(W, stats, ranks[full], layer=full)
                     if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
                         raise FactorizationError(f"{method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
                     check_finite(A=f.A, B=f.B)

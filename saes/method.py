@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import nn
 
 from .stats import SiteStats
+
+if TYPE_CHECKING:  # the engine imports this module
+    from .engine import BlockLayout, EngineConfig
 
 Stream = Literal["fp", "compressed"]
 Statistic = Literal["H", "Delta", "absmean"]
@@ -45,8 +49,27 @@ class Method(ABC):
         self.name = name
         self.compute_dtype = DTYPES[compute_dtype]
 
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method reads calibration tokens at all (statistics, a pre-pass or an allocation)."""
+        return bool(self.needs)
+
+    def allocate(self, model: nn.Module, layout: "BlockLayout", ratio: float, calib_ids: torch.Tensor | None,
+                 cfg: "EngineConfig") -> dict[str, int] | None:
+        """Per-projection ranks for the global ``ratio`` (mixed-rank methods), or None for uniform ranks.
+
+        Called on the dense model before compression, with the shared calibration tokens
+        (``None`` for data-free methods). Must not modify the model."""
+        return None
+
+    def prepare(self, model: nn.Module, layout: "BlockLayout", calib_ids: torch.Tensor | None,
+                cfg: "EngineConfig") -> None:
+        """A whole-model pre-pass on the dense model (e.g. FWSVD's gradients); no-op by default."""
+
     @abstractmethod
-    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         """``W: [m, n]`` and ``stats`` arrive in ``self.compute_dtype``; return factors of rank ``rank``.
 
-        Hyper-parameters are checked in ``__init__``, so a bad config fails before any work."""
+        ``layer`` is the projection's full name (``model.layers.3.self_attn.q_proj``) for
+        methods that keep per-layer state from :meth:`prepare`. Hyper-parameters are
+        checked in ``__init__``, so a bad config fails before any work."""

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import data as data_mod
-from .engine import EngineConfig, compress_model, layout_for, needs_calibration, plan_ranks
+from .engine import EngineConfig, check_plan, compress_model, layout_for, needs_calibration, plan_ranks
 from .evaluate import perplexity
 from .lowrank import check_ratio, count_parameters
 from .method import DTYPES as PRECISIONS
@@ -78,7 +78,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loaded = load_model(cfg.model)
     model, tok = loaded.model, loaded.tokenizer
     layout = layout_for(model)
-    ranks = plan_ranks(model, layout, float(cfg.ratio))
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -123,6 +122,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               stats_dtype=PRECISIONS[cfg.calib.stats_dtype], stream=stream_override,
                               stream_device=torch.device(cfg.calib.stream_device) if cfg.calib.stream_device else None,
                               track_fidelity=cfg.calib.track_fidelity)
+    t0 = time.perf_counter()
+    method.prepare(model, layout, calib_ids, engine_cfg)
+    ranks = method.allocate(model, layout, float(cfg.ratio), calib_ids, engine_cfg)
+    rank_alloc = "uniform" if ranks is None else "mixed"
+    ranks = plan_ranks(model, layout, float(cfg.ratio)) if ranks is None else ranks
+    check_plan(model, layout, ranks)
+    timings["prepare"] = time.perf_counter() - t0
     report = compress_model(model, method, ranks, calib_ids, engine_cfg)
     timings.update(report.timings)
 
@@ -142,7 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model_comp = count_parameters(model)
     params = {"linears_dense": lin_dense, "linears_compressed": lin_comp,
               "linears_ratio": 1 - lin_comp / lin_dense, "model_dense": dense_params,
-              "model_compressed": model_comp, "model_ratio": 1 - model_comp / dense_params}
+              "model_compressed": model_comp, "model_ratio": 1 - model_comp / dense_params, "rank_alloc": rank_alloc}
     memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
         memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -210,7 +210,7 @@ class SAES(Method):
         if self.aces_enabled:
             _check_aces_args(self.beta_min, self.beta_max, self.objective, self.cap, self.shrink)
 
-    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int) -> Factors:
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
         diag: dict[str, float | int | None] = dict(wh.diagnostics())
         S, D = whitened_targets(W, wh, stats.Delta)

@@ -24,7 +24,7 @@ class Spy(Method):
         self.stream, self.needs, self.seen = stream, frozenset(needs), {}
         self.calls = 0
 
-    def factorize(self, W, stats: SiteStats, rank):
+    def factorize(self, W, stats: SiteStats, rank, layer=""):
         self.calls += 1
         self.seen.setdefault(self.calls, stats)
         return SVD("svd").factorize(W, stats, rank)
@@ -97,7 +97,7 @@ def test_unknown_architecture_is_rejected_by_name():
 
 def test_bad_factors_never_become_a_layer(tiny_gqa):
     class Broken(Method):
-        def factorize(self, W, stats, rank):
+        def factorize(self, W, stats, rank, layer=""):
             return Factors(torch.full((W.shape[0], rank), float("nan"), dtype=W.dtype),
                            torch.zeros(rank, W.shape[1], dtype=W.dtype))
 
