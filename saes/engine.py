@@ -20,6 +20,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,6 +120,8 @@ class EngineConfig:
     stream_device: torch.device | None = None  # where the two streams live (default: device)
     offload_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     track_fidelity: bool = False  # propagate both streams to record per-block cosine similarity
+    cache_dir: Path | None = None  # where methods may cache model-level pre-pass results (e.g. ASVD's STRS table)
+    model_identity: str = ""  # what the weights are (part of every cache key)
 
 
 @dataclass

@@ -121,7 +121,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     engine_cfg = EngineConfig(device=device, batch_size=cfg.calib.batch_size,
                               stats_dtype=PRECISIONS[cfg.calib.stats_dtype], stream=stream_override,
                               stream_device=torch.device(cfg.calib.stream_device) if cfg.calib.stream_device else None,
-                              track_fidelity=cfg.calib.track_fidelity)
+                              track_fidelity=cfg.calib.track_fidelity,
+                              cache_dir=Path(cfg.results_dir) / "cache", model_identity=loaded.identity)
     t0 = time.perf_counter()
     method.prepare(model, layout, calib_ids, engine_cfg)
     ranks = method.allocate(model, layout, float(cfg.ratio), calib_ids, engine_cfg)
