@@ -13,9 +13,11 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from . import data as data_mod
-from .engine import EngineConfig, check_plan, compress_model, layout_for, needs_calibration, plan_ranks
+from .engine import (BlockLayout, CompressionReport, EngineConfig, check_plan, compress_model, layout_for,
+                     needs_calibration, plan_ranks)
 from .evaluate import perplexity
 from .lowrank import check_ratio, count_parameters
 from .method import DTYPES as PRECISIONS
@@ -66,11 +68,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(resolved, dict)
     key = config_key(resolved)
     path = record_path(cfg.results_dir, resolved)
-    if path.is_file() and not cfg.force:
-        record = read_json(path)
-        log.info("already done, skipping (force=true to rerun): %s", path)
-        print(summary(record))
-        return record
+    done = existing_record(path, cfg.force)
+    if done is not None:
+        return done
 
     device = resolve_device(cfg.device)
     timings: dict[str, float] = {}
@@ -81,78 +81,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stream_override = cfg.calib.propagate
     calib_ids = None
     if needs_calibration(method, cfg.calib.track_fidelity):
         calib_ids = data_mod.calibration_ids(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
                                              cfg.calib.seed, cfg.calib.get("path"))
-    eval_ids: dict[str, torch.Tensor] = {}
-    skipped: dict[str, str] = {}
-    for src in cfg.eval.ppl.sources:
-        try:
-            eval_ids[src] = data_mod.tokenize(tok, data_mod.load_text(src, "eval", cfg.eval.ppl.get("path")))
-        except data_mod.DataUnavailable as exc:
-            log.warning("perplexity on %s skipped: %s", src, exc)
-            skipped[src] = str(exc)
-    if not eval_ids and cfg.eval.ppl.sources:
-        raise data_mod.DataUnavailable(f"no perplexity source could be loaded: {skipped}")
+    eval_ids, skipped = eval_tokens(cfg, tok)
     timings["data"] = time.perf_counter() - t0
 
-    ppl_cfg = cfg.eval.ppl
     metrics: dict[str, Any] = {"ppl": {}, "ppl_skipped": skipped}
     t0 = time.perf_counter()
-    model.to(device)
-    for src, ids in eval_ids.items():
-        digest = data_mod.token_digest(ids)
-        protocol = {"model": loaded.identity, "dtype": cfg.model.dtype, "device": device.type, "source": src,
-                    "tokens": digest, "seqlen": ppl_cfg.seqlen, "max_windows": ppl_cfg.max_windows}
-        cache = Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"{src}-{config_key(protocol)}.json"
-        if cache.is_file():  # dense perplexity is computed once per model, text and protocol
-            dense = read_json(cache)
-        else:
-            dense = {**perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
-                                  desc=f"ppl dense {src}").as_dict(), "protocol": protocol}
-            write_json_atomic(cache, dense)
-        metrics["ppl"][src] = {"dense": dense["ppl"], "tokens_sha256": digest, "windows": dense["windows"]}
+    metrics["ppl"] = dense_perplexity(cfg, model, loaded.identity, eval_ids, device)
     timings["eval_dense"] = time.perf_counter() - t0
-    model.to("cpu")
 
     dense_params = count_parameters(model)
-    engine_cfg = EngineConfig(device=device, batch_size=cfg.calib.batch_size,
-                              stats_dtype=PRECISIONS[cfg.calib.stats_dtype], stream=stream_override,
-                              stream_device=torch.device(cfg.calib.stream_device) if cfg.calib.stream_device else None,
-                              track_fidelity=cfg.calib.track_fidelity,
-                              cache_dir=Path(cfg.results_dir) / "cache", model_identity=loaded.identity)
-    t0 = time.perf_counter()
-    method.prepare(model, layout, calib_ids, engine_cfg)
-    ranks = method.allocate(model, layout, float(cfg.ratio), calib_ids, engine_cfg)
-    rank_alloc = "uniform" if ranks is None else "mixed"
-    ranks = plan_ranks(model, layout, float(cfg.ratio)) if ranks is None else ranks
-    check_plan(model, layout, ranks)
-    timings["prepare"] = time.perf_counter() - t0
-    report = compress_model(model, method, ranks, calib_ids, engine_cfg)
-    timings.update(report.timings)
+    report, rank_alloc = compress(cfg, model, layout, method, calib_ids, device, timings, loaded.identity)
 
     t0 = time.perf_counter()
-    model.to(device)
-    for src, ids in eval_ids.items():
-        p = perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
-                       desc=f"ppl {method.name} {src}")
-        if not math.isfinite(p.ppl):
-            log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
-        metrics["ppl"][src].update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens)
+    evaluate(cfg, model, tok, eval_ids, device, metrics, label=method.name)
     timings["eval_compressed"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
-    lin_dense = sum(d["m"] * d["n"] for d in report.layers.values())
-    lin_comp = sum(d["rank"] * (d["m"] + d["n"]) for d in report.layers.values())
-    model_comp = count_parameters(model)
-    params = {"linears_dense": lin_dense, "linears_compressed": lin_comp,
-              "linears_ratio": 1 - lin_comp / lin_dense, "model_dense": dense_params,
-              "model_compressed": model_comp, "model_ratio": 1 - model_comp / dense_params, "rank_alloc": rank_alloc}
-    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    params = {**parameter_counts([(d["m"], d["n"], d["rank"]) for d in report.layers.values()],
+                                 count_parameters(model), dense_params), "rank_alloc": rank_alloc}
     env = environment()
     calibration = {
         "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
@@ -176,21 +126,134 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
         "params": params,
         "timings": timings,
-        "memory": memory,
+        "memory": peak_memory(),
         "layers": report.layers,
         "blocks": report.blocks,
         "saved_to": None if saved_to is None else str(saved_to),
         "env": env,
     }
-    name = f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}"
-    with wandb_run(OmegaConf.to_container(cfg.logger), resolved, name, Path(cfg.results_dir)) as wb:
+    write_record(cfg, path, record, f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}")
+    return record
+
+
+def existing_record(path: Path, force: bool) -> dict[str, Any] | None:
+    """The finished run's record, unless ``force`` (then None: run again)."""
+    if not path.is_file() or force:
+        return None
+    record = read_json(path)
+    log.info("already done, skipping (force=true to rerun): %s", path)
+    print(summary(record))
+    return record
+
+
+def eval_tokens(cfg: DictConfig, tok: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Token ids of every perplexity source that can be loaded here, and why the others were skipped."""
+    eval_ids: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
+    for src in cfg.eval.ppl.sources:
+        try:
+            eval_ids[src] = data_mod.tokenize(tok, data_mod.load_text(src, "eval", cfg.eval.ppl.get("path")))
+        except data_mod.DataUnavailable as exc:
+            log.warning("perplexity on %s skipped: %s", src, exc)
+            skipped[src] = str(exc)
+    if not eval_ids and cfg.eval.ppl.sources:
+        raise data_mod.DataUnavailable(f"no perplexity source could be loaded: {skipped}")
+    return eval_ids, skipped
+
+
+def dense_protocol(cfg: DictConfig, identity: str, src: str, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Everything a dense perplexity depends on (its cache key)."""
+    ppl_cfg = cfg.eval.ppl
+    return {"model": identity, "dtype": cfg.model.dtype, "device": device.type, "source": src,
+            "tokens": data_mod.token_digest(ids), "seqlen": ppl_cfg.seqlen, "max_windows": ppl_cfg.max_windows}
+
+
+def dense_ppl_cache(cfg: DictConfig, protocol: dict[str, Any]) -> Path:
+    return Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"{protocol['source']}-{config_key(protocol)}.json"
+
+
+def dense_perplexity(cfg: DictConfig, model: nn.Module, identity: str, eval_ids: dict[str, torch.Tensor],
+                     device: torch.device) -> dict[str, dict[str, Any]]:
+    """Dense perplexity per source, computed once per model, text and protocol (cached as JSON)."""
+    ppl_cfg = cfg.eval.ppl
+    out: dict[str, dict[str, Any]] = {}
+    model.to(device)
+    for src, ids in eval_ids.items():
+        protocol = dense_protocol(cfg, identity, src, ids, device)
+        cache = dense_ppl_cache(cfg, protocol)
+        if cache.is_file():
+            dense = read_json(cache)
+        else:
+            dense = {**perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
+                                  desc=f"ppl dense {src}").as_dict(), "protocol": protocol}
+            write_json_atomic(cache, dense)
+        out[src] = {"dense": dense["ppl"], "tokens_sha256": protocol["tokens"], "windows": dense["windows"]}
+    model.to("cpu")
+    return out
+
+
+def engine_config(cfg: DictConfig, device: torch.device, identity: str) -> EngineConfig:
+    return EngineConfig(device=device, batch_size=cfg.calib.batch_size,
+                        stats_dtype=PRECISIONS[cfg.calib.stats_dtype], stream=cfg.calib.propagate,
+                        stream_device=torch.device(cfg.calib.stream_device) if cfg.calib.stream_device else None,
+                        track_fidelity=cfg.calib.track_fidelity,
+                        cache_dir=Path(cfg.results_dir) / "cache", model_identity=identity)
+
+
+def compress(cfg: DictConfig, model: nn.Module, layout: BlockLayout, method: Method, calib_ids: torch.Tensor | None,
+             device: torch.device, timings: dict[str, float], identity: str) -> tuple[CompressionReport, str]:
+    """Prepare the method, plan the ranks, compress in place; returns the report and ``uniform``/``mixed``."""
+    engine_cfg = engine_config(cfg, device, identity)
+    t0 = time.perf_counter()
+    method.prepare(model, layout, calib_ids, engine_cfg)
+    ranks = method.allocate(model, layout, float(cfg.ratio), calib_ids, engine_cfg)
+    rank_alloc = "uniform" if ranks is None else "mixed"
+    ranks = plan_ranks(model, layout, float(cfg.ratio)) if ranks is None else ranks
+    check_plan(model, layout, ranks)
+    timings["prepare"] = time.perf_counter() - t0
+    report = compress_model(model, method, ranks, calib_ids, engine_cfg)
+    timings.update(report.timings)
+    return report, rank_alloc
+
+
+def evaluate(cfg: DictConfig, model: nn.Module, tok: Any, eval_ids: dict[str, torch.Tensor], device: torch.device,
+             metrics: dict[str, Any], label: str) -> None:
+    """Every evaluation of a compressed model, into ``metrics`` (shared by compression runs and ``load=``)."""
+    ppl_cfg = cfg.eval.ppl
+    model.to(device)
+    for src, ids in eval_ids.items():
+        p = perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
+                       desc=f"ppl {label} {src}")
+        if not math.isfinite(p.ppl):
+            log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
+        metrics["ppl"].setdefault(src, {}).update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens)
+
+
+def parameter_counts(shapes: list[tuple[int, int, int]], model_compressed: int, model_dense: int) -> dict[str, Any]:
+    """Achieved ratios from the low-rank layers' ``(m, n, rank)``, and of the whole model."""
+    lin_dense = sum(m * n for m, n, _ in shapes)
+    lin_comp = sum(r * (m + n) for m, n, r in shapes)
+    return {"linears_dense": lin_dense, "linears_compressed": lin_comp, "linears_ratio": 1 - lin_comp / lin_dense,
+            "model_dense": model_dense, "model_compressed": model_compressed,
+            "model_ratio": 1 - model_compressed / model_dense}
+
+
+def peak_memory() -> dict[str, float]:
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return memory
+
+
+def write_record(cfg: DictConfig, path: Path, record: dict[str, Any], name: str) -> None:
+    """Write the record atomically and mirror it to W&B."""
+    with wandb_run(OmegaConf.to_container(cfg.logger), record["config"], name, Path(cfg.results_dir)) as wb:
         write_json_atomic(path, record)
         if wb is not None:
             wb.log(flatten({k: record[k] for k in ("metrics", "params", "timings", "memory")}))
             wb.summary["record_path"] = str(path)
     log.info("record: %s", path)
     print(summary(record))
-    return record
 
 
 def summary(record: dict[str, Any]) -> str:
