@@ -32,3 +32,39 @@ class SVDLLM(Method):
         S, _ = whitened_targets(W, wh, None)  # S = W C
         A, B, svd = factor_target(S, wh, rank)
         return Factors(A, B, {"rer": svd.retained_energy_ratio, **wh.diagnostics()})
+
+
+class SVDLLMUpdate(SVDLLM):
+    """SVD-LLM with its parameter update (Sec. 3.2): a least-squares refit of the left factor.
+
+    After the whitened truncation ``W ~ A B``, ``B`` is kept and ``A`` is re-solved so that the
+    layer's output on the compressed model's inputs ``X`` matches the original output on the
+    FP inputs ``X^f``: ``A = argmin ||W X^f - A B X||_F = W (H + Delta) B^T (B H B^T)^{-1}``,
+    since ``X^f X^T = H + Delta``. The update needs the compressed-upstream inputs, so both
+    the whitening and the update read the compressed stream here (the engine keeps one
+    stream's ``H`` per site; ``calib.propagate=fp`` makes ``Delta = 0`` and the update a no-op,
+    since then ``A`` is already optimal). Our choice: the Gram ``B H B^T`` is solved by
+    Cholesky with the same relative ridge and escalation as the whitening.
+    """
+
+    needs = frozenset({"H", "Delta"})
+    stream = "compressed"
+
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
+        f = super().factorize(W, stats, rank, layer)
+        A, B = f.A, f.B
+        before = _output_error(W, A, B, stats)
+        G = damped_cholesky(B @ stats.H @ B.T, self.damp, max_damp=self.max_damp)
+        rhs = W @ (stats.H + stats.Delta) @ B.T  # [m, r]
+        A_new = torch.cholesky_solve(rhs.T, G.C).T
+        after = _output_error(W, A_new, B, stats)
+        return Factors(A_new, B, {**f.diagnostics, "out_err_before": before, "out_err_after": after})
+
+
+def _output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, stats: SiteStats) -> float:
+    """``||W X^f - A B X||_F^2 / N`` up to the constant ``||W X^f||^2 / N``, from the Gram statistics.
+
+    ``= tr(AB H B^T A^T) - 2 tr(W (H + Delta) B^T A^T)``; only differences between two values are meaningful.
+    """
+    AB = A @ B
+    return float((AB @ stats.H * AB).sum() - 2 * (W @ (stats.H + stats.Delta) * AB).sum())
