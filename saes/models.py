@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,35 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, hashed once per process while its size and mtime stay the same."""
+    st = path.stat()
+    return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def model_identity(cfg: Any) -> str:
+    """What :func:`load_model` loads for ``cfg`` (hub id, resolved path, GGUF hash), without loading it."""
+    if cfg.get("path"):
+        return f"path:{Path(cfg.path).expanduser().resolve()}"
+    if cfg.source == "tiny":
+        return f"tiny:{sorted(dict(cfg.get('tiny') or {}).items())}"
+    if cfg.source == "gguf":
+        return f"gguf:{file_digest(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))}"
+    if cfg.source == "hub":
+        return f"hub:{cfg.hub_id}@{cfg.get('revision') or 'main'}"
+    raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {cfg.source!r}")
+
+
 def gguf_to_hf(gguf: Path) -> tuple[Path, str]:
     """Dequantise a GGUF file once into ``<cache>/models/<sha256[:16]>`` (fp32 safetensors + tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = sha256_file(gguf)
+    digest = file_digest(gguf)
     out = cache_root() / "models" / digest[:16]
     if (out / "config.json").is_file():
         return out, digest
@@ -126,23 +151,19 @@ def load_model(cfg: Any) -> LoadedModel:
     if cfg.dtype not in DTYPES:
         raise ModelUnavailable(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.dtype!r}")
     dtype = DTYPES[cfg.dtype]
-    source = cfg.source
+    source, identity = cfg.source, model_identity(cfg)
     if cfg.get("path"):
         source, where = "path", Path(cfg.path).expanduser().resolve()
         if not (where / "config.json").is_file():
             raise ModelUnavailable(f"model.path={cfg.path!r} is not a Hugging Face model folder (no config.json)")
-        identity = f"path:{where}"
     elif source == "tiny":
         params = dict(cfg.get("tiny") or {})
         model = tiny_llama(**params).to(dtype).eval()
-        return LoadedModel(model, tiny_tokenizer(), f"tiny:{sorted(params.items())}")
+        return LoadedModel(model, tiny_tokenizer(), identity)
     elif source == "gguf":
-        where, digest = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))
-        identity = f"gguf:{digest}"
-    elif source == "hub":
-        where, identity = cfg.hub_id, f"hub:{cfg.hub_id}@{cfg.get('revision') or 'main'}"
-    else:
-        raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {source!r}")
+        where, _ = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))
+    else:  # hub (model_identity refused any other source)
+        where = cfg.hub_id
     try:
         tok = AutoTokenizer.from_pretrained(str(where), revision=cfg.get("revision"))
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, revision=cfg.get("revision"),

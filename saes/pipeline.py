@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import resource
@@ -22,8 +23,8 @@ from .evaluate import perplexity
 from .lowrank import check_ratio, count_parameters
 from .method import DTYPES as PRECISIONS
 from .method import Method
-from .models import DTYPES, load_model, resolve_device
-from .checkpoint import save_compressed
+from .models import DTYPES, load_model, model_identity, resolve_device
+from .checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
 from .records import (SCHEMA_VERSION, config_key, environment, flatten, read_json, record_path, run_stem, wandb_run,
                       write_json_atomic)
 
@@ -39,14 +40,9 @@ def validate(cfg: DictConfig) -> Method:
         raise ValueError(f"calib.stats_dtype must be one of {sorted(PRECISIONS)}; got {cfg.calib.stats_dtype!r}")
     if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2 or cfg.calib.batch_size < 1:
         raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
-    ppl = cfg.eval.ppl
-    if ppl.seqlen < 2 or (ppl.max_windows is not None and ppl.max_windows < 1):
-        raise ValueError(f"eval.ppl.seqlen must be >= 2 and eval.ppl.max_windows >= 1 or null; got {ppl.seqlen}, {ppl.max_windows}")
-    for src in list(ppl.sources) + [cfg.calib.source]:
-        if src not in data_mod.SOURCES:
-            raise ValueError(f"unknown text source {src!r}; known: {sorted(data_mod.SOURCES)}")
-    if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
+    if cfg.calib.source not in data_mod.SOURCES:
+        raise ValueError(f"unknown text source {cfg.calib.source!r}; known: {sorted(data_mod.SOURCES)}")
+    validate_eval(cfg)
     try:
         method = instantiate(cfg.method)
     except InstantiationException as exc:  # unwrap Hydra's wrapper so the message names the problem
@@ -56,13 +52,27 @@ def validate(cfg: DictConfig) -> Method:
         raise
     if not isinstance(method, Method):
         raise TypeError(f"method config {cfg.method.name!r} does not build a saes.method.Method")
-    resolve_device(cfg.device)
     return method
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Checks shared by compression runs and ``load=`` runs: evaluation, model dtype, device."""
+    ppl = cfg.eval.ppl
+    if ppl.seqlen < 2 or (ppl.max_windows is not None and ppl.max_windows < 1):
+        raise ValueError(f"eval.ppl.seqlen must be >= 2 and eval.ppl.max_windows >= 1 or null; got {ppl.seqlen}, {ppl.max_windows}")
+    for src in ppl.sources:
+        if src not in data_mod.SOURCES:
+            raise ValueError(f"unknown text source {src!r}; known: {sorted(data_mod.SOURCES)}")
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
+    resolve_device(cfg.device)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns its record (the existing one if it was already done and not forced)."""
     t_start = time.perf_counter()
+    if cfg.get("load"):
+        return run_loaded(cfg, t_start)
     method = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
@@ -133,6 +143,82 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "env": env,
     }
     write_record(cfg, path, record, f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}")
+    return record
+
+
+def run_loaded(cfg: DictConfig, t_start: float) -> dict[str, Any]:
+    """``load=<folder>``: evaluate a saved compressed model (no calibration, no compression) and record it.
+
+    The record lives beside the compression records of the manifest's method and ratio, named
+    ``loaded-<key>.json`` (``key`` hashes the config as evaluated plus the manifest's SHA-256), so
+    it never overwrites the record of the run that made the folder.
+    """
+    validate_eval(cfg)
+    if cfg.save:
+        raise ValueError("save=true with load=<folder>: the folder is already saved; drop one of them")
+    folder = Path(cfg.load).expanduser().resolve()
+    manifest = read_manifest(folder)
+    lacking = [k for k in ("base", "method", "ratio") if manifest.get(k) is None]
+    if lacking:
+        raise CheckpointError(f"{folder / MANIFEST} lacks {lacking}: it was not written by run.py save=true")
+    identity = model_identity(cfg.model)
+    if manifest["base"] != identity:
+        raise CheckpointError(f"{folder} was compressed from base {manifest['base']!r}, but model={cfg.model.name} "
+                              f"is {identity!r}: pass the model it was made from (model=... or model.path=...)")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    method_cfg = manifest["method"] if isinstance(manifest["method"], dict) else {"name": str(manifest["method"])}
+    config = {**{k: v for k, v in resolved.items() if k != "calib"}, "load": str(folder), "method": method_cfg,
+              "ratio": manifest["ratio"]}  # what made the weights; calibration comes from the manifest
+    manifest_sha = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    key = config_key({**config, "manifest_sha256": manifest_sha})
+    path = record_path(cfg.results_dir, config).with_name(f"loaded-{key}.json")
+    done = existing_record(path, cfg.force)
+    if done is not None:
+        return done
+
+    device = resolve_device(cfg.device)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, tok, _ = load_compressed(folder, dtype=DTYPES[cfg.model.dtype])
+    timings["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eval_ids, skipped = eval_tokens(cfg, tok)
+    timings["data"] = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"ppl": {}, "ppl_skipped": skipped}
+    for src, ids in eval_ids.items():  # the dense perplexity only if a compression run cached it
+        cache = dense_ppl_cache(cfg, dense_protocol(cfg, identity, src, ids, device))
+        metrics["ppl"][src] = {"dense": read_json(cache)["ppl"] if cache.is_file() else None,
+                               "tokens_sha256": data_mod.token_digest(ids)}
+    t0 = time.perf_counter()
+    evaluate(cfg, model, tok, eval_ids, device, metrics, label=f"{method_cfg['name']} (loaded)")
+    timings["eval_compressed"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    layers = manifest["layers"]
+    compressed = count_parameters(model)
+    shapes = [(d["out_features"], d["in_features"], d["rank"]) for d in layers.values()]
+    params = parameter_counts(shapes, compressed, compressed + sum(m * n - r * (m + n) for m, n, r in shapes))
+    params["weights_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    record = {
+        "schema": SCHEMA_VERSION,
+        "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "loaded_from": {"folder": str(folder), "manifest_sha256": manifest_sha,
+                        "record_key": manifest.get("record_key"), "git_commit": manifest.get("git_commit")},
+        "model": {"identity": identity, "model_type": model.config.model_type},
+        "calibration": manifest.get("calibration"),
+        "metrics": metrics,
+        "params": params,
+        "timings": timings,
+        "memory": peak_memory(),
+        "layers": layers,
+        "blocks": [],
+        "saved_to": None,
+        "env": environment(),
+    }
+    write_record(cfg, path, record, f"{cfg.model.name}/{method_cfg['name']}/r{manifest['ratio']}/loaded")
     return record
 
 
@@ -226,7 +312,8 @@ def evaluate(cfg: DictConfig, model: nn.Module, tok: Any, eval_ids: dict[str, to
                        desc=f"ppl {label} {src}")
         if not math.isfinite(p.ppl):
             log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
-        metrics["ppl"].setdefault(src, {}).update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens)
+        metrics["ppl"].setdefault(src, {}).update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens,
+                                                  windows=p.windows)
 
 
 def parameter_counts(shapes: list[tuple[int, int, int]], model_compressed: int, model_dense: int) -> dict[str, Any]:
@@ -259,8 +346,11 @@ def write_record(cfg: DictConfig, path: Path, record: dict[str, Any], name: str)
 def summary(record: dict[str, Any]) -> str:
     cfg, p, t = record["config"], record["params"], record["timings"]
     lines = [f"== {cfg['model']['name']} | {cfg['method']['name']} | ratio {cfg['ratio']} | seed {cfg['seed']}"]
+    if record.get("loaded_from"):
+        lines[0] += f" | loaded from {record['loaded_from']['folder']}"
     for src, m in record["metrics"]["ppl"].items():
-        lines.append(f"   PPL {src:<10} dense {m['dense']:.3f}  compressed {m.get('compressed', float('nan')):.3f}  ({m['windows']} windows)")
+        dense = "n/a" if m.get("dense") is None else f"{m['dense']:.3f}"  # a loaded model: dense PPL only if cached
+        lines.append(f"   PPL {src:<10} dense {dense}  compressed {m.get('compressed', float('nan')):.3f}  ({m['windows']} windows)")
     for src, why in record["metrics"].get("ppl_skipped", {}).items():
         lines.append(f"   PPL {src:<10} skipped: {why}")
     lines.append(f"   params: projections {p['linears_ratio']:.4f} removed; whole model {p['model_ratio']:.4f} removed "

@@ -2,7 +2,8 @@
 
 A record's path is ``<results_dir>/runs/<model>/<method>/ratio<r>/seed<s>-<key>.json``
 where ``key`` hashes the resolved config minus keys that do not change the result
-(``force``, ``logger``, ``results_dir``, ``hydra``). A finished run is skipped unless
+(``force``, ``logger``, ``results_dir``, ``hydra``, ``resume``, ``calib.reuse_stats``, ...);
+optional keys added later (``load``) leave the key unchanged while null. A finished run is skipped unless
 ``force=true``; a crash leaves nothing behind (temporary file + ``os.replace``).
 """
 
@@ -22,12 +23,28 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
-NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name")
+NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload",
+                "calib.reuse_stats")  # how a run is carried out, not what it computes (dotted: nested keys)
+ABSENT_IF_NULL = ("load", "calib.stats_device")  # added after records existed: null hashes as if absent
 SCHEMA_VERSION = 1
 
 
+def _drop(cfg: dict[str, Any], dotted: str, only_null: bool) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        cfg = cfg.get(p)
+        if not isinstance(cfg, dict):
+            return
+    if leaf in cfg and (not only_null or cfg[leaf] is None):
+        del cfg[leaf]
+
+
 def config_key(cfg: dict[str, Any]) -> str:
-    semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC}
+    semantic = json.loads(json.dumps(cfg, default=str))  # a deep copy
+    for k in NON_SEMANTIC:
+        _drop(semantic, k, only_null=False)
+    for k in ABSENT_IF_NULL:
+        _drop(semantic, k, only_null=True)
     blob = json.dumps(semantic, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
