@@ -1,0 +1,344 @@
+"""AdaSVD (Li et al. 2025, arXiv 2502.01403): adaComp (alternating factor refit) + adaCR (layer ratios).
+
+Source caveat. The stored copies of the paper reachable from this workplace hold only its
+abstract and the start of its introduction (arXiv HTML v1/v3); its code repository holds a
+README only. The method-section details marked [unverified] below are this implementation's
+reading of the paper's method section (Sec. 3: the adaComp and adaCR subsections) and must be
+checked against the paper; equation numbers are therefore not cited.
+
+adaComp (Sec. 3, adaComp)
+-------------------------
+The paper starts from SVD-LLM's truncation-aware whitened truncation ``W ~ U V^T`` (the
+singular values split over both factors) and then alternately re-solves ``U`` with ``V^T``
+fixed and ``V^T`` with ``U`` fixed by least squares on calibration activations, for a fixed
+number of iterations, to compensate the truncation error. Here, with the engine's statistics
+``H = X X^T / N`` and ``Delta = (X^f - X) X^T / N`` (so ``X^f X^T / N = H + Delta``), the
+objective of every update is
+
+    ||W X^f - A B X||_F^2 / N + lam ||W - A B||_F^2,     lam = damp * mean(diag(H)),
+
+i.e. the layer's output on the inputs ``X`` of the compressed model is fitted to the original
+output, plus a ridge towards ``W`` (the relative damping; ``damp = 0`` is the bare objective).
+With ``H_l = H + lam I = C C^T`` (Cholesky), ``Bt = B C`` and ``G = W (H_l + Delta) C^{-T}``
+(``= S + D`` of ``saes.saes.whitened_targets``) it equals ``||A Bt - G||_F^2`` plus a constant:
+
+    U-step:  A  = G Bt^T (Bt Bt^T)^{-1}          V-step:  Bt = (A^T A)^{-1} A^T G,  B = Bt C^{-1}
+
+Each step is the exact minimiser in its factor, so no step increases the objective. Both are
+computed through orthonormal bases (``A Bt = G P_row(Bt)``, resp. ``P_col(A) G``), which gives
+the same products and stays well conditioned when the factors' scales drift.
+
+What this makes of adaComp, exactly. On one fixed ``G`` the alternation is block subspace
+(orthogonal) iteration: it converges to the top-``r`` SVD of ``G``, the closed-form optimum
+of the same objective (CEALC at ``beta = 1`` in ``saes.saes``). ``iters`` therefore interpolates
+between the whitened truncation (``iters = 0``) and pure alignment with the FP output.
+
+Stream: ``compressed``. On the FP stream ``Delta = 0``, ``G = W C``, and the initial whitened
+truncation is already its Eckart-Young optimum: adaComp provably changes nothing (the
+diagnostics show it; ``calib.propagate=fp`` is therefore the "no adaComp" ablation). The paper
+builds on SVD-LLM's code, whose update stage feeds each layer the inputs of the already
+compressed upstream [unverified that AdaSVD keeps that stage]; that, and the fact that its
+reported adaComp gains are impossible on the whitening's own statistics, fix the stream.
+Because the engine keeps one stream's ``H`` per site, the initial whitening uses the
+compressed-stream ``H`` (SVD-LLM profiles the FP model); ``baselines/svdllm.py``'s update
+variant makes the same choice.
+
+Calibration schedule. To fit GPU memory the paper groups the calibration samples into buckets
+and averages the samples inside a bucket ("stack-of-batch") before the least-squares updates
+[unverified details]. That cannot be expressed with the streamed Gram statistics: the Gram of
+an average of ``k`` sequences, ``(1/k^2) sum_i sum_j X_i X_j^T``, needs the cross-sample
+products ``X_i X_j^T`` (``i != j``) that ``H = sum_i X_i X_i^T`` does not keep, and feeding
+different buckets to different iterations would need per-bucket statistics. Every update here
+uses the full statistics (every token, equal weight): the least-squares problem the bucketing
+stands in for under a memory limit.
+
+adaCR (Sec. 3, adaCR)
+---------------------
+Layer importance on the dense model and the calibration tokens: ``I_l = 1 - mean_t cos(x_t,
+y_t)`` over all tokens ``t``, with ``x``/``y`` the input/output hidden states of decoder block
+``l`` (ShortGPT's Block Influence, built on the input-output cosine similarity the paper uses
+[unverified exact form]). A block that barely changes its input is unimportant. Then
+
+    I~_l = I_l / mean(I),    keep_l = mrr + I~_l (trr - mrr),    ratio_l = 1 - keep_l
+
+with ``trr = 1 - ratio`` the target and ``mrr`` the minimum retention ratio, so more important
+blocks keep more parameters and ``mean(keep) = trr`` preserves the global ratio. All
+projections of a block share ``ratio_l``; ranks are ``r = keep_l m n / (m + n)``, rounded.
+
+Diagnostics per projection: ``calib_err_before`` / ``calib_err_after`` = ``||A Bt - G||_F /
+||G||_F`` before and after adaComp. With ``damp = 0`` this is ``||(A B - M) X||_F / ||M X||_F``,
+``M = W (H + Delta) H^{-1}`` the best unconstrained map: the calibration error
+``||W X^f - A B X||_F`` above its irreducible part ``||W X^f - M X||_F`` (Pythagoras), relative.
+Also ``adacomp_iters``, ``rer`` (retained energy of the initial truncation), the damping used,
+and, with adaCR, ``layer_importance`` and ``layer_ratio`` of the projection's block.
+
+Choices the paper leaves open (ours)
+------------------------------------
+* ``damp = 0.01`` (relative ridge, escalated like every whitening here when Cholesky fails).
+  The V-step multiplies by ``H_l^{-1}``; the undamped inverse of SmolLM2's covariances
+  (condition numbers near 1e9) amplifies ``Delta``. 0.01 is also the damping this project
+  measured best for the same alignment objective (CEALC, docs/method.md).
+* ``iters = 3`` iterations (one iteration = one U-step then one V-step) [the paper's own count
+  is unverified here]; ``iters = 0`` is adaCR alone on the whitened truncation.
+* Importance normalised by its mean, weighted by the blocks' dense parameter counts (all blocks
+  of the supported architectures are the same size, so this is the plain mean).
+* ``mrr`` is set relative to the target: ``mrr = min_keep * trr`` with ``min_keep = 0.5``, so one
+  default is valid at every ratio (an absolute ``mrr`` must stay below ``trr``).
+* ``keep_l`` is clipped to ``[mrr, max_keep]`` (``max_keep = 1``: no block keeps more parameters
+  than it has dense). If clipping happens, the slope ``trr - mrr`` is re-solved (bisection) so the
+  weighted mean of ``keep`` is still ``trr``; without clipping it is the paper's formula.
+* Rounding: floor, at least rank 1, then largest-remainder corrections so that the total of the
+  compressed projections never exceeds the uniform plan's total and falls short of it by less
+  than one rank of one projection.
+* Importance is measured with the block inputs of the FP stream, one block on ``cfg.device`` at
+  a time, without touching the weights; tokens whose input or output hidden state is exactly
+  zero (e.g. a zero padding embedding) are left out, their cosine being undefined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saes.engine import BlockLayout, EngineConfig, capture_block_inputs, plan_ranks
+from saes.linalg import check_damping, check_finite, damped_cholesky, truncated_svd
+from saes.lowrank import check_ratio
+from saes.method import Factors, Method
+from saes.saes import whitened_targets
+from saes.stats import SiteStats
+
+RANK_ALLOC = ("adacr", "uniform")
+
+
+# --------------------------------------------------------------------------- adaComp
+def als_steps(G: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Alternating least squares for ``min ||A Bt - G||_F``: yields ``(A, Bt)`` after every half-step.
+
+    U-step first (``A`` re-solved for the row space of ``Bt``), then V-step (``Bt`` for the
+    column space of ``A``), forever; the caller takes as many steps as it wants.
+    """
+    while True:
+        Qb = torch.linalg.qr(Bt.mT).Q.mT  # [r, n], orthonormal rows spanning Bt's row space
+        A, Bt = G @ Qb.mT, Qb
+        yield A, Bt
+        Qa = torch.linalg.qr(A).Q  # [m, r]
+        A, Bt = Qa, Qa.mT @ G
+        yield A, Bt
+
+
+def balance(A: torch.Tensor, Bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product ``A Bt`` split as ``U s^{1/2}``, ``s^{1/2} V^T`` (the whitened truncation's split)."""
+    Qa, Ra = torch.linalg.qr(A)
+    Qb, Rb = torch.linalg.qr(Bt.mT)
+    u, s, vh = torch.linalg.svd(Ra @ Rb.mT)
+    root = s.sqrt()
+    return Qa @ (u * root), (root[:, None] * vh) @ Qb.mT
+
+
+def residual(G: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> float:
+    """``||A Bt - G||_F``: the calibration error above its irreducible part (module docstring)."""
+    return float(torch.linalg.matrix_norm(A @ Bt - G))
+
+
+@dataclass(frozen=True)
+class AdaComp:
+    A: torch.Tensor  # [m, r]
+    Bt: torch.Tensor  # [r, n], whitened right factor: B = Bt C^{-1}
+    errors: list[float]  # residual() before and after every half-step (2 * iters + 1 values)
+
+
+def adacomp(G: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, iters: int) -> AdaComp:
+    """``iters`` U-then-V iterations of :func:`als_steps` from ``(A, Bt)``; returns balanced factors."""
+    errors = [residual(G, A, Bt)]
+    for A, Bt in islice(als_steps(G, A, Bt), 2 * iters):
+        errors.append(residual(G, A, Bt))
+    if iters:
+        A, Bt = balance(A, Bt)
+    return AdaComp(A, Bt, errors)
+
+
+# ----------------------------------------------------------------------------- adaCR
+def adacr_keep(importance: Sequence[float], ratio: float, min_keep: float = 0.5, max_keep: float = 1.0,
+               weights: Sequence[float] | None = None) -> list[float]:
+    """Retention ratio per layer: ``keep_l = mrr + I~_l (trr - mrr)``, ``I~ = I / mean(I)``, ``mrr = min_keep trr``.
+
+    ``weights`` (the layers' dense parameter counts; equal by default) define the means, so the
+    weighted mean of the result is ``trr = 1 - ratio``. Values are clipped to ``[mrr, max_keep]``;
+    if any is, the slope is re-solved by bisection to keep that mean.
+    """
+    trr = 1.0 - check_ratio(ratio)
+    if not 0.0 < min_keep <= 1.0 or not trr <= max_keep <= 1.0:
+        raise ValueError(f"need 0 < min_keep <= 1 and 1 - ratio <= max_keep <= 1; got {min_keep}, {max_keep}")
+    imp = torch.as_tensor(importance, dtype=torch.float64)
+    w = torch.ones_like(imp) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if imp.ndim != 1 or imp.numel() == 0 or w.shape != imp.shape or not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"importance must be a non-empty list of finite values >= 0 (one per layer); got {importance}")
+    if not (w > 0).all():
+        raise ValueError("layer weights must be positive")
+    w = w / w.sum()
+    mean_imp = float((w * imp).sum())
+    if mean_imp == 0.0:  # no layer changes its input: nothing to tell them apart
+        return [trr] * imp.numel()
+    norm, mrr = imp / mean_imp, min_keep * trr
+
+    def keep(t: float) -> torch.Tensor:
+        return (mrr + t * norm).clamp(mrr, max_keep)
+
+    def mean(t: float) -> float:
+        return float((w * keep(t)).sum())
+
+    lo, hi = 0.0, trr - mrr  # the paper's slope: exact unless something clips
+    if mean(hi) < trr - 1e-12:
+        while mean(hi) < trr - 1e-12:  # clipping at max_keep lost mass: a steeper slope is needed
+            lo, hi = hi, 2.0 * hi + 1.0
+            if hi > 1e12:
+                raise ValueError(f"adaCR cannot reach retention {trr} under max_keep={max_keep}")
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if mean(mid) < trr else (lo, mid)
+    return keep(hi).tolist()
+
+
+def adacr_ratios(importance: Sequence[float], ratio: float, min_keep: float = 0.5, max_keep: float = 1.0,
+                 weights: Sequence[float] | None = None) -> list[float]:
+    """Layer-wise compression ratios (fraction removed), ``1 - keep_l``; see :func:`adacr_keep`."""
+    return [1.0 - k for k in adacr_keep(importance, ratio, min_keep, max_keep, weights)]
+
+
+def ranks_for_layer_ratios(shapes: Mapping[str, tuple[int, int, int]], ratios: Sequence[float],
+                           budget: int) -> dict[str, int]:
+    """Ranks for projections ``name -> (m, n, layer)`` at their layer's ratio, with the total corrected.
+
+    Targets ``r* = (1 - ratios[layer]) m n / (m + n)`` are floored (at least 1, at most
+    ``min(m, n)``); then, one rank at a time, the projection furthest above its target loses a
+    rank while the total ``sum r (m + n)`` exceeds ``budget``, and the one furthest below gains a
+    rank while that still fits. The result never exceeds ``budget`` and misses it by less than
+    one rank of one projection.
+    """
+    target = {p: (1.0 - ratios[l]) * m * n / (m + n) for p, (m, n, l) in shapes.items()}
+    cost = {p: m + n for p, (m, n, _) in shapes.items()}
+    cap = {p: min(m, n) for p, (m, n, _) in shapes.items()}
+    ranks = {p: min(cap[p], max(1, math.floor(target[p] + 1e-9))) for p in shapes}
+    total = sum(ranks[p] * cost[p] for p in shapes)
+    while total > budget:
+        over = [p for p in ranks if ranks[p] > 1]
+        if not over:
+            raise ValueError(f"a budget of {budget} parameters is below one rank per projection")
+        p = max(over, key=lambda q: ranks[q] - target[q])
+        ranks[p] -= 1
+        total -= cost[p]
+    while True:
+        fits = [p for p in ranks if ranks[p] < cap[p] and total + cost[p] <= budget]
+        if not fits:
+            return ranks
+        p = max(fits, key=lambda q: target[q] - ranks[q])
+        ranks[p] += 1
+        total += cost[p]
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def layer_importance(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor,
+                     cfg: EngineConfig) -> list[float]:
+    """``I_l = 1 - mean_t cos(x_t, y_t)`` per decoder block on the dense model (FP stream).
+
+    One block at a time is moved to ``cfg.device`` and back; the weights are not changed.
+    """
+    blocks = model.get_submodule(layout.layers)
+    stream_device = cfg.stream_device or cfg.device
+    hidden, kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, stream_device)
+    importance = []
+    for block in blocks:
+        home = next(block.parameters()).device
+        block.to(cfg.device)
+        total, count, outputs = 0.0, 0, []
+        for x, kw in zip(hidden, kws):
+            x = x.to(cfg.device)
+            y = _hidden(block(x, **kw))
+            defined = (x.norm(dim=-1) > 0) & (y.norm(dim=-1) > 0)  # cos of a zero vector means nothing
+            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)[defined]
+            total, count = total + float(cos.double().sum()), count + cos.numel()
+            outputs.append(y.to(stream_device))
+        block.to(home)
+        hidden = outputs
+        if count == 0:
+            raise ValueError(f"block {len(importance)}: every calibration hidden state is zero")
+        importance.append(max(0.0, 1.0 - total / count))  # clamp rounding just below 0
+    return importance
+
+
+# ---------------------------------------------------------------------------- method
+class AdaSVD(Method):
+    """AdaSVD: whitened truncation refined by adaComp, ranks from adaCR (module docstring)."""
+
+    needs = frozenset({"H", "Delta"})
+    stream = "compressed"
+
+    def __init__(self, name: str = "adasvd", iters: int = 3, damp: float = 0.01, max_damp: float = 1.0,
+                 rank_alloc: str = "adacr", min_keep: float = 0.5, max_keep: float = 1.0,
+                 compute_dtype: str = "float64") -> None:
+        super().__init__(name, compute_dtype)
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+            raise ValueError(f"method.iters (adaComp iterations) must be an int >= 0; got {iters!r}")
+        check_damping(damp, max_damp)
+        if rank_alloc not in RANK_ALLOC:
+            raise ValueError(f"method.rank_alloc must be one of {RANK_ALLOC}; got {rank_alloc!r}")
+        if not 0.0 < min_keep <= 1.0:
+            raise ValueError(f"method.min_keep (mrr / trr) must lie in (0, 1]; got {min_keep}")
+        if not 0.0 < max_keep <= 1.0:
+            raise ValueError(f"method.max_keep must lie in (0, 1]; got {max_keep}")
+        self.iters, self.damp, self.max_damp = iters, float(damp), float(max_damp)
+        self.rank_alloc, self.min_keep, self.max_keep = rank_alloc, float(min_keep), float(max_keep)
+        self._layer_diag: dict[str, dict[str, float | int | None]] = {}  # adaCR's per-projection record
+
+    def allocate(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor | None,
+                 cfg: EngineConfig) -> dict[str, int] | None:
+        self._layer_diag = {}
+        if self.rank_alloc == "uniform":
+            return None
+        if calib_ids is None:
+            raise ValueError("adaCR needs the calibration tokens")
+        uniform = plan_ranks(model, layout, ratio)  # also rejects a bad ratio before any forward
+        adacr_keep([1.0], ratio, self.min_keep, self.max_keep)  # and a max_keep below 1 - ratio
+        shapes: dict[str, tuple[int, int, int]] = {}
+        for i, block in enumerate(model.get_submodule(layout.layers)):
+            for name in layout.projections:
+                m, n = block.get_submodule(name).weight.shape
+                shapes[f"{layout.layers}.{i}.{name}"] = (m, n, i)
+        sizes = [0.0] * len(model.get_submodule(layout.layers))
+        for m, n, i in shapes.values():
+            sizes[i] += m * n
+        importance = layer_importance(model, layout, calib_ids, cfg)
+        ratios = adacr_ratios(importance, ratio, self.min_keep, self.max_keep, sizes)
+        budget = sum(uniform[p] * (m + n) for p, (m, n, _) in shapes.items())  # the uniform plan's total
+        ranks = ranks_for_layer_ratios(shapes, ratios, budget)
+        self._layer_diag = {p: {"layer_importance": importance[i], "layer_ratio": ratios[i]}
+                            for p, (_, _, i) in shapes.items()}
+        return ranks
+
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
+        wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
+        S, D = whitened_targets(W, wh, stats.Delta)  # S = W C, D = W Delta C^{-T}
+        G = S if D is None else S + D
+        svd = truncated_svd(S, rank)  # SVD-LLM's whitened truncation: the starting point
+        A0, Bt0 = svd.factors()
+        comp = adacomp(G, A0, Bt0, self.iters)
+        B = wh.right_inv(comp.Bt)
+        check_finite(A=comp.A, B=B)
+        scale = float(torch.linalg.matrix_norm(G)) or 1.0
+        diag: dict[str, float | int | None] = {
+            **wh.diagnostics(), "rer": svd.retained_energy_ratio, "adacomp_iters": self.iters,
+            "calib_err_before": comp.errors[0] / scale, "calib_err_after": comp.errors[-1] / scale,
+            **self._layer_diag.get(layer, {}),
+        }
+        return Factors(comp.A, B, diag)
