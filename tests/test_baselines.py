@@ -177,3 +177,31 @@ def test_fwsvd_and_svdllm_update_run_end_to_end(tmp_path):
         assert rec["calibration"]["tokens_sha256"] is not None
         ppl = rec["metrics"]["ppl"]["wiki_books"] if "wiki_books" in rec["metrics"]["ppl"] else next(iter(rec["metrics"]["ppl"].values()))
         assert ppl["compressed"] > 0
+
+
+# ---- the optional LoRA stage ------------------------------------------------------------------------------
+
+def test_lora_finetune_lowers_the_training_loss_and_keeps_the_parameter_count(tmp_path):
+    from tests.conftest import make_cfg
+    from saes.pipeline import run
+    from saes.records import config_key
+    plain = make_cfg("method=svdllm", "ratio=0.4", results_dir=tmp_path)
+    tuned = make_cfg("method=svdllm", "ratio=0.4", "finetune=lora", "finetune.nsamples=8", "finetune.seqlen=64",
+                     "finetune.epochs=4", "finetune.lr=1e-2", "finetune.batch_size=8", results_dir=tmp_path)
+    assert "finetune" not in plain  # off by default: absent, so records made before it keep their keys
+    a, b = run(plain), run(tuned)
+    assert a["key"] != b["key"] and b["finetune"] is not None and a["finetune"] is None
+    for phase in b["finetune"]["phases"]:
+        assert phase["loss_last_epoch"] < phase["loss_first_epoch"]
+    assert [p["targets"] for p in b["finetune"]["phases"]] == ["A", "B"]  # sequential, as SVD-LLM
+    assert b["params"]["model_compressed"] == a["params"]["model_compressed"]  # adapters merged away
+    assert b["metrics"]["ppl"]["wiki_books"]["compressed"] != a["metrics"]["ppl"]["wiki_books"]["compressed"]
+
+
+def test_bad_finetune_config_fails_before_work(tmp_path):
+    import pytest
+    from tests.conftest import make_cfg
+    from saes.pipeline import run
+    with pytest.raises(ValueError, match="finetune.mode"):
+        run(make_cfg("method=svdllm", "finetune=lora", "finetune.mode=both", results_dir=tmp_path))
+    assert not list(tmp_path.rglob("*.json"))

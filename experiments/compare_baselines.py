@@ -1,0 +1,137 @@
+"""Every method under one calibration protocol on the embedded SmolLM2-135M (issue 3's comparison).
+
+    python experiments/compare_baselines.py                          # runs what is missing, writes the table
+    python experiments/compare_baselines.py --ratios 0.2 --methods svd saes
+    python experiments/compare_baselines.py --render-only            # table from the records alone
+
+Each (method, ratio) is one ``run.py`` job in its own process (peak memory is per run);
+finished runs are skipped by ``run.py`` itself (records are keyed by the resolved config).
+The table reads only records: a run that is missing shows as missing. Runs whose
+calibration tokens or evaluation protocol differ from the first one are flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+METHODS = {  # label -> run.py overrides
+    "svd": ["method=svd"],
+    "fwsvd": ["method=fwsvd"],
+    "asvd": ["method=asvd"],
+    "asvd_strs": ["method=asvd_strs"],
+    "svdllm": ["method=svdllm"],
+    "svdllm_update": ["method=svdllm_update"],
+    "adasvd": ["method=adasvd"],
+    "saes": ["method=saes"],
+}
+
+
+def overrides_for(label: str, ratio: float, extra: list[str], results_dir: str) -> list[str]:
+    return [*METHODS[label], f"ratio={ratio}", *extra, f"results_dir={results_dir}"]
+
+
+def record_for(overrides: list[str]) -> dict | None:
+    """The record ``run.py`` would write for these overrides, or None if it does not exist (yet)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saes.records import read_json, record_path
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    path = record_path(resolved["results_dir"], resolved)
+    return read_json(path) if path.is_file() else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--results-dir", default="results")
+    ap.add_argument("--extra", nargs="*", default=[], help="Hydra overrides added to every run")
+    ap.add_argument("--method-extra", nargs="*", default=[], metavar="LABEL:OVERRIDE",
+                    help="an override for one method only, e.g. asvd_strs:method.strs.nsamples=2")
+    ap.add_argument("--render-only", action="store_true", help="do not run anything; table from records")
+    ap.add_argument("--name", default="compare_baselines", help="table file: <results-dir>/tables/<name>.md")
+    args = ap.parse_args()
+    per_method: dict[str, list[str]] = {}
+    for item in args.method_extra:
+        label, _, override = item.partition(":")
+        if label not in METHODS or not override:
+            raise SystemExit(f"--method-extra wants LABEL:OVERRIDE with LABEL in {list(METHODS)}; got {item!r}")
+        per_method.setdefault(label, []).append(override)
+
+    cells: dict[tuple[str, float], dict | None] = {}
+    for ratio in args.ratios:
+        for label in args.methods:
+            ov = overrides_for(label, ratio, args.extra + per_method.get(label, []), args.results_dir)
+            if not args.render_only and record_for(ov) is None:
+                print("$ python run.py", " ".join(ov), flush=True)
+                done = subprocess.run([sys.executable, "run.py", *ov], cwd=ROOT)
+                if done.returncode != 0:
+                    print(f"!! {label} at ratio {ratio} failed (exit {done.returncode}); it stays missing", flush=True)
+            cells[(label, ratio)] = record_for(ov)
+
+    table = render(cells, args.methods, args.ratios)
+    print(table)
+    out = Path(args.results_dir) / "tables" / f"{args.name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(f"written: {out}")
+
+
+def _protocol(rec: dict) -> tuple:
+    src = next(iter(rec["metrics"]["ppl"]))
+    ppl = rec["metrics"]["ppl"][src]
+    return (rec["model"]["identity"], src, ppl["tokens_sha256"], ppl["windows"], rec["config"]["eval"]["ppl"]["seqlen"])
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
+
+
+def render(cells: dict[tuple[str, float], dict | None], methods: list[str], ratios: list[float]) -> str:
+    """Markdown: PPL per method and ratio, then compression time (pre-pass + calibration + factorisation)."""
+    recs = [r for r in cells.values() if r is not None]
+    if not recs:
+        return "no records yet"
+    first = recs[0]
+    src = next(iter(first["metrics"]["ppl"]))
+    calibs = {r["calibration"]["tokens_sha256"] for r in recs} - {None}
+    protocols = {_protocol(r) for r in recs}
+    cal = next(r["calibration"] for r in recs if r["calibration"]["tokens_sha256"])
+    lines = [f"Model {first['config']['model']['name']} ({first['model']['identity'][:28]}...). "
+             f"Calibration: {cal['source']}, {cal['nsamples']} x {cal['seqlen']} tokens, sha256 "
+             f"{', '.join(sorted(h[:12] for h in calibs))}. Perplexity on {src}: "
+             f"{first['metrics']['ppl'][src]['windows']} windows x {first['config']['eval']['ppl']['seqlen']} tokens; "
+             f"dense {first['metrics']['ppl'][src]['dense']:.3f}.", ""]
+    if len(calibs) > 1:
+        lines.insert(0, "**WARNING: these runs used different calibration tokens.**\n")
+    if len(protocols) > 1:
+        lines.insert(0, "**WARNING: these runs used different evaluation protocols.**\n")
+    head = "| method | stream | ranks | " + " | ".join(f"PPL @{r}" for r in ratios) + " | " + \
+        " | ".join(f"compress s @{r}" for r in ratios) + " |"
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
+    for label in methods:
+        row = [cells.get((label, r)) for r in ratios]
+        any_rec = next((r for r in row if r is not None), None)
+        stream = any_rec["calibration"]["stream"] if any_rec else "-"
+        alloc = any_rec["params"].get("rank_alloc", "uniform") if any_rec else "-"
+        ppl = [_fmt(r["metrics"]["ppl"][src]["compressed"]) if r else "missing" for r in row]
+        secs = [f"{sum(r['timings'].get(k, 0.0) for k in ('prepare', 'calibration', 'factorisation')):.0f}"
+                if r else "-" for r in row]
+        lines.append(f"| {label} | {stream} | {alloc} | " + " | ".join(ppl) + " | " + " | ".join(secs) + " |")
+    lines += ["", "compress s = method pre-pass (Fisher / sensitivity / importance) + calibration forwards and "
+              "statistics + factorisation, from each record's timings.",
+              "records: " + ", ".join(f"{k[0]}@{k[1]}:{r['key']}" for k, r in cells.items() if r)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
