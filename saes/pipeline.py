@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import data as data_mod
+from . import zeroshot
 from .engine import (BlockLayout, CompressionReport, EngineConfig, check_plan, compress_model, layout_for,
                      needs_calibration, plan_ranks)
 from .evaluate import perplexity
@@ -65,6 +66,7 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ValueError(f"unknown text source {src!r}; known: {sorted(data_mod.SOURCES)}")
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
+    zeroshot.plan(cfg.eval)  # eval.zeroshot: bad input fails here; offline switches set before datasets/lm-eval load
     resolve_device(cfg.device)
 
 
@@ -101,6 +103,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"ppl": {}, "ppl_skipped": skipped}
     t0 = time.perf_counter()
     metrics["ppl"] = dense_perplexity(cfg, model, loaded.identity, eval_ids, device)
+    zeroshot.dense(cfg, model, tok, loaded.identity, device, metrics)  # eval.zeroshot (cached); no-op when off
     timings["eval_dense"] = time.perf_counter() - t0
 
     dense_params = count_parameters(model)
@@ -314,6 +317,7 @@ def evaluate(cfg: DictConfig, model: nn.Module, tok: Any, eval_ids: dict[str, to
             log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
         metrics["ppl"].setdefault(src, {}).update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens,
                                                   windows=p.windows)
+    zeroshot.compressed(cfg, model, tok, metrics)  # eval.zeroshot: accuracies, average, drop vs dense; no-op when off
 
 
 def parameter_counts(shapes: list[tuple[int, int, int]], model_compressed: int, model_dense: int) -> dict[str, Any]:
@@ -353,6 +357,7 @@ def summary(record: dict[str, Any]) -> str:
         lines.append(f"   PPL {src:<10} dense {dense}  compressed {m.get('compressed', float('nan')):.3f}  ({m['windows']} windows)")
     for src, why in record["metrics"].get("ppl_skipped", {}).items():
         lines.append(f"   PPL {src:<10} skipped: {why}")
+    lines += zeroshot.summary_lines(record["metrics"].get("zeroshot"))
     lines.append(f"   params: projections {p['linears_ratio']:.4f} removed; whole model {p['model_ratio']:.4f} removed "
                  f"({p['model_compressed']:,} of {p['model_dense']:,})")
     lines.append("   time [s]: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
