@@ -29,8 +29,11 @@ from tqdm.auto import tqdm
 
 from .linalg import FactorizationError, check_finite
 from .lowrank import LowRankLinear, rank_for_ratio, set_submodule
+from .data import token_digest
 from .method import Method, Stream
+from .resume import BlockCheckpoints
 from .stats import SiteStats, StreamingStats
+from .stats_cache import CACHED, FPStatsCache
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,10 @@ class EngineConfig:
     track_fidelity: bool = False  # propagate both streams to record per-block cosine similarity
     cache_dir: Path | None = None  # where methods may cache model-level pre-pass results (e.g. ASVD's STRS table)
     model_identity: str = ""  # what the weights are (part of every cache key)
+    stats_device: torch.device | None = None  # where statistics accumulate and are kept (default: device)
+    reuse_stats: bool = False  # FP-stream statistics from/to <cache_dir>/stats (needs cache_dir and model_identity)
+    resume_dir: Path | None = None  # per-block checkpoints: a rerun restarts after the last finished block
+    resume_key: str = ""  # the run's config key: checkpoints of another key are refused
 
 
 @dataclass
@@ -131,6 +138,8 @@ class CompressionReport:
     layers: dict[str, dict[str, Any]]  # per projection: shape, rank, method diagnostics, seconds
     blocks: list[dict[str, Any]]  # per block: cosine similarity of the two streams' outputs (if both kept)
     timings: dict[str, float]  # calibration (forwards + statistics), factorisation
+    resumed_from: int = 0  # blocks restored from per-block checkpoints
+    cached_stats_blocks: int = 0  # blocks whose FP-stream statistics came from the cache
 
 
 class _Stop(Exception):
@@ -215,25 +224,30 @@ def _site_input(block: nn.Module, site: str, x: torch.Tensor, kw: dict) -> torch
 @torch.no_grad()
 def _group_stats(block: nn.Module, ref: nn.Module | None, site: str, X: list[torch.Tensor], Xf: list[torch.Tensor],
                  kws: list[dict], stream: Stream, needs: frozenset[str], dtype: torch.dtype, device: torch.device,
-                 where: str) -> SiteStats:
+                 stats_device: torch.device, where: str) -> SiteStats:
     """``H`` (and ``Delta``) at the input of ``site``, streamed over all calibration batches.
 
     On the compressed stream ``X`` comes from the block as compressed so far and ``X^f``
-    from ``ref`` (the original block); on the FP stream ``X = X^f``, so ``Delta = 0``.
+    from ``ref`` (the original block); on the FP stream ``X = X^f``: ``Delta`` is left out
+    (:func:`_only` fills in the zeros). Forwards run on ``device``, sums on ``stats_device``.
     """
-    needs_delta = "Delta" in needs
-    with_delta = needs_delta and stream == "compressed"
+    with_delta = "Delta" in needs and stream == "compressed"
     site_block, inputs = (block, X) if stream == "compressed" else (ref, Xf)
     wanted = needs if with_delta else needs - {"Delta"}
-    acc = StreamingStats(block.get_submodule(site).in_features, wanted, dtype=dtype, device=device)
+    acc = StreamingStats(block.get_submodule(site).in_features, wanted, dtype=dtype, device=stats_device)
     for b, kw in enumerate(kws):
         x = _site_input(site_block, site, inputs[b].to(device), kw)
         acc.update(x, _site_input(ref, site, Xf[b].to(device), kw) if with_delta else None)
-    stats = acc.finalize(where)
-    if needs_delta and not with_delta:  # X = X^f on the FP stream
-        n = block.get_submodule(site).in_features
-        stats = SiteStats(stats.tokens, stats.H, torch.zeros(n, n, dtype=dtype, device=device), stats.absmean)
-    return stats
+    return acc.finalize(where)
+
+
+def _only(stats: SiteStats, needs: frozenset[str]) -> SiteStats:
+    """Just the statistics a method asked for (a cache entry holds more); ``Delta = 0`` where ``X = X^f``."""
+    delta = stats.Delta
+    if "Delta" in needs and delta is None:
+        delta = torch.zeros_like(stats.H)
+    return SiteStats(stats.tokens, stats.H if "H" in needs else None, delta if "Delta" in needs else None,
+                     stats.absmean if "absmean" in needs else None)
 
 
 def needs_calibration(method: Method, track_fidelity: bool) -> bool:
@@ -241,34 +255,112 @@ def needs_calibration(method: Method, track_fidelity: bool) -> bool:
     return method.needs_data or track_fidelity
 
 
+@dataclass
+class _Streams:
+    X: list[torch.Tensor]  # compressed stream: block inputs per batch
+    Xf: list[torch.Tensor]  # FP stream
+    kws: list[dict]  # block call kwargs per batch (masks, rotary embeddings)
+
+
+def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, stream: Stream,
+                    calib_ids: torch.Tensor | None, cfg: EngineConfig) -> FPStatsCache | None:
+    """The FP-stream statistics cache of this model and calibration set, when reuse applies."""
+    if not (cfg.reuse_stats and stream == "fp" and method.needs and calib_ids is not None):
+        return None
+    if cfg.cache_dir is None or not cfg.model_identity:
+        log.info("statistics reuse needs EngineConfig.cache_dir and model_identity: computing them")
+        return None
+    if not method.needs <= CACHED | {"Delta"}:
+        return None
+    return FPStatsCache(Path(cfg.cache_dir) / "stats", {
+        "model": cfg.model_identity, "dtype": str(next(model.parameters()).dtype), "tokens": token_digest(calib_ids),
+        "batch_size": cfg.batch_size, "stats_dtype": str(cfg.stats_dtype), "device": cfg.device.type,
+        "stats_device": (cfg.stats_device or cfg.device).type, "layers": layout.layers, "groups": layout.groups})
+
+
+def _compress_block(block: nn.Module, ref: nn.Module | None, prefix: str, layout: BlockLayout, method: Method,
+                    ranks: dict[str, int], streams: _Streams, stream: Stream, cfg: EngineConfig,
+                    cached: dict[str, SiteStats], collect: bool,
+                    timings: dict[str, float]) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats]]:
+    """Compress one block group by group, in place; returns its layers' diagnostics and the statistics it computed.
+
+    ``cached``: statistics per site (``self_attn.q_proj``) from the FP-stream cache; ``collect``: also
+    compute what the cache stores, so the next run of another method can reuse it."""
+    needs = method.needs | CACHED if collect else method.needs
+    layers: dict[str, dict[str, Any]] = {}
+    fresh: dict[str, SiteStats] = {}
+    for group in layout.groups:
+        t0 = time.perf_counter()
+        stats = SiteStats(tokens=0)
+        if method.needs:
+            site = group[0]
+            if site in cached:
+                stats = cached[site]
+            else:
+                stats = fresh[site] = _group_stats(block, ref, site, streams.X, streams.Xf, streams.kws, stream, needs,
+                                                   cfg.stats_dtype, cfg.device, cfg.stats_device or cfg.device,
+                                                   f"{prefix}.{site}")
+            stats = _only(stats, method.needs).to(method.compute_dtype, cfg.device)
+        timings["calibration"] += time.perf_counter() - t0
+        for name in group:
+            full = f"{prefix}.{name}"
+            t0 = time.perf_counter()
+            dense: nn.Linear = block.get_submodule(name)
+            W = dense.weight.to(method.compute_dtype)
+            m, n = W.shape
+            try:
+                f = method.factorize(W, stats, ranks[full], layer=full)
+                if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
+                    raise FactorizationError(f"{method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
+                check_finite(A=f.A, B=f.B)
+            except FactorizationError as exc:
+                raise FactorizationError(f"{full}: {exc}") from exc
+            dt = dense.weight.dtype
+            set_submodule(block, name, LowRankLinear.from_factors(f.A.to(dt), f.B.to(dt), dense.bias))
+            seconds = time.perf_counter() - t0
+            timings["factorisation"] += seconds
+            layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}
+    return layers, fresh
+
+
 @torch.no_grad()
 def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], calib_ids: torch.Tensor | None,
                    cfg: EngineConfig) -> CompressionReport:
-    """Replace every planned projection by a :class:`LowRankLinear` from ``method``; in place."""
+    """Replace every planned projection by a :class:`LowRankLinear` from ``method``; in place.
+
+    With ``cfg.resume_dir`` each finished block is checkpointed and a rerun restores the
+    finished blocks instead of recompressing them (:mod:`saes.resume`); with ``cfg.reuse_stats``
+    FP-stream statistics come from / go to a cache (:mod:`saes.stats_cache`). Neither changes
+    the result."""
     layout = layout_for(model)
     blocks = model.get_submodule(layout.layers)
     stream = cfg.stream or method.stream
     needs_delta = "Delta" in method.needs
     data_free = not needs_calibration(method, cfg.track_fidelity)
-    keep_comp = not data_free and (stream == "compressed" or cfg.track_fidelity)
-    keep_fp = not data_free and (stream == "fp" or needs_delta or cfg.track_fidelity)
+    if not data_free and calib_ids is None:
+        raise ValueError(f"method {method.name!r} needs calibration data")
     if stream == "fp" and needs_delta:
         log.warning("%s needs Delta but runs on the FP stream: Delta is identically zero", method.name)
+    ckpt = BlockCheckpoints(cfg.resume_dir, cfg.resume_key, method.name, stream, ranks) if cfg.resume_dir else None
+    start = ckpt.done if ckpt is not None else 0
+    if start:
+        log.info("resuming %s: blocks 0..%d restored from %s", method.name, start - 1, ckpt.folder)
+    cache = _fp_stats_cache(model, layout, method, stream, calib_ids, cfg)
+    sites = [group[0] for group in layout.groups]
+    cached = {i for i in range(start, len(blocks)) if cache is not None and cache.has(i, sites)}
+    # the streams are needed unless every block left to compress has cached statistics
+    need_streams = not data_free and (cfg.track_fidelity or len(cached) < len(blocks) - start)
+    keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
+    keep_fp = need_streams and (stream == "fp" or needs_delta or cfg.track_fidelity)
     stream_device = cfg.stream_device or cfg.device
     timings = {"calibration": 0.0, "factorisation": 0.0}
 
-    X: list[torch.Tensor] = []
-    Xf: list[torch.Tensor] = []
-    kws: list[dict] = []
-    tokens = 0
-    if not data_free:
-        if calib_ids is None:
-            raise ValueError(f"method {method.name!r} needs calibration data")
+    streams = _Streams([], [], [])
+    if need_streams:
         t0 = time.perf_counter()
-        first, kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, stream_device)
-        X = first if keep_comp else []
-        Xf = [x.clone() for x in first] if (keep_fp and keep_comp) else (first if keep_fp else [])
-        tokens = int(calib_ids.numel())
+        first, streams.kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, stream_device)
+        streams.X = first if keep_comp else []
+        streams.Xf = [x.clone() for x in first] if (keep_fp and keep_comp) else (first if keep_fp else [])
         timings["calibration"] += time.perf_counter() - t0
 
     layers: dict[str, dict[str, Any]] = {}
@@ -277,44 +369,35 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
     for i in bar:
         block = blocks[i].to(cfg.device)
         ref = copy.deepcopy(block) if keep_fp else None  # original weights: the FP stream's block
-        for group in layout.groups:
-            t0 = time.perf_counter()
-            stats = SiteStats(tokens=0)
-            if method.needs:
-                stats = _group_stats(block, ref, group[0], X, Xf, kws, stream, method.needs, cfg.stats_dtype,
-                                     cfg.device, f"{layout.layers}.{i}.{group[0]}").to(method.compute_dtype)
-            timings["calibration"] += time.perf_counter() - t0
-            for name in group:
-                full = f"{layout.layers}.{i}.{name}"
-                t0 = time.perf_counter()
-                dense: nn.Linear = block.get_submodule(name)
-                W = dense.weight.to(method.compute_dtype)
-                m, n = W.shape
-                try:
-                    f = method.factorize(W, stats, ranks[full], layer=full)
-                    if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
-                        raise FactorizationError(f"{method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
-                    check_finite(A=f.A, B=f.B)
-                except FactorizationError as exc:
-                    raise FactorizationError(f"{full}: {exc}") from exc
-                dt = dense.weight.dtype
-                set_submodule(block, name, LowRankLinear.from_factors(f.A.to(dt), f.B.to(dt), dense.bias))
-                seconds = time.perf_counter() - t0
-                timings["factorisation"] += seconds
-                layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}
+        prefix = f"{layout.layers}.{i}"
+        if i < start:
+            block_layers = ckpt.restore(i, block, prefix, layout.projections, ranks)
+        else:
+            site_stats = cache.load(i, cfg.stats_device or cfg.device) if i in cached else {}
+            block_layers, fresh = _compress_block(block, ref, prefix, layout, method, ranks, streams, stream, cfg,
+                                                  site_stats, cache is not None, timings)
+            if cache is not None and fresh:
+                cache.save(i, fresh)
+        layers.update(block_layers)
         t0 = time.perf_counter()
         if keep_comp:
-            X = [_first(block(x.to(cfg.device), **kw)).to(stream_device) for x, kw in zip(X, kws)]
+            streams.X = [_first(block(x.to(cfg.device), **kw)).to(stream_device) for x, kw in zip(streams.X, streams.kws)]
         if keep_fp:
-            Xf = [_first(ref(x.to(cfg.device), **kw)).to(stream_device) for x, kw in zip(Xf, kws)]
+            streams.Xf = [_first(ref(x.to(cfg.device), **kw)).to(stream_device) for x, kw in zip(streams.Xf, streams.kws)]
         info: dict[str, Any] = {"index": i}
         if keep_comp and keep_fp:
-            cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(X, Xf)]
+            cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+                   for a, b in zip(streams.X, streams.Xf)]
             info["cosine_fp"] = float(torch.stack(cos).mean())
             bar.set_postfix(cos=f"{info['cosine_fp']:.4f}")
         block_diag.append(info)
         del ref
         blocks[i] = block.to(cfg.offload_device)
         timings["calibration"] += time.perf_counter() - t0
-    return CompressionReport(stream=stream if not data_free else "none", tokens=tokens, layers=layers,
-                             blocks=block_diag, timings=timings)
+        if ckpt is not None and i >= start:
+            t0 = time.perf_counter()
+            ckpt.save(i, blocks[i], block_layers)
+            timings["checkpoint"] = timings.get("checkpoint", 0.0) + time.perf_counter() - t0
+    return CompressionReport(stream=stream if not data_free else "none",
+                             tokens=0 if data_free else int(calib_ids.numel()), layers=layers, blocks=block_diag,
+                             timings=timings, resumed_from=start, cached_stats_blocks=len(cached))

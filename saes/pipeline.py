@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     timings["eval_dense"] = time.perf_counter() - t0
 
     dense_params = count_parameters(model)
-    report, rank_alloc = compress(cfg, model, layout, method, calib_ids, device, timings, loaded.identity)
+    report, rank_alloc = compress(cfg, model, layout, method, calib_ids, device, timings, loaded.identity, key)
 
     t0 = time.perf_counter()
     evaluate(cfg, model, tok, eval_ids, device, metrics, label=method.name)
@@ -120,6 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     calibration = {
         "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
         "seed": cfg.calib.seed, "stream": report.stream, "tokens": report.tokens,
+        "stats_cached_blocks": report.cached_stats_blocks, "resumed_from_block": report.resumed_from,
         "tokens_sha256": data_mod.token_digest(calib_ids) if calib_ids is not None else None,
     }
     saved_to = None
@@ -146,6 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "env": env,
     }
     write_record(cfg, path, record, f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}")
+    shutil.rmtree(resume_dir(cfg, key), ignore_errors=True)  # the run is recorded: its checkpoints are done with
     return record
 
 
@@ -281,18 +284,27 @@ def dense_perplexity(cfg: DictConfig, model: nn.Module, identity: str, eval_ids:
     return out
 
 
-def engine_config(cfg: DictConfig, device: torch.device, identity: str) -> EngineConfig:
-    return EngineConfig(device=device, batch_size=cfg.calib.batch_size,
-                        stats_dtype=PRECISIONS[cfg.calib.stats_dtype], stream=cfg.calib.propagate,
-                        stream_device=torch.device(cfg.calib.stream_device) if cfg.calib.stream_device else None,
-                        track_fidelity=cfg.calib.track_fidelity,
-                        cache_dir=Path(cfg.results_dir) / "cache", model_identity=identity)
+def engine_config(cfg: DictConfig, device: torch.device, identity: str, key: str) -> EngineConfig:
+    calib = cfg.calib
+    return EngineConfig(device=device, batch_size=calib.batch_size,
+                        stats_dtype=PRECISIONS[calib.stats_dtype], stream=calib.propagate,
+                        stream_device=torch.device(calib.stream_device) if calib.stream_device else None,
+                        track_fidelity=calib.track_fidelity,
+                        cache_dir=Path(cfg.results_dir) / "cache", model_identity=identity,
+                        stats_device=torch.device(calib.stats_device) if calib.get("stats_device") else None,
+                        reuse_stats=bool(calib.get("reuse_stats", False)),
+                        resume_dir=resume_dir(cfg, key) if cfg.get("resume") else None, resume_key=key)
+
+
+def resume_dir(cfg: DictConfig, key: str) -> Path:
+    """Per-block checkpoints of the run with config key ``key`` (removed once its record is written)."""
+    return Path(cfg.results_dir) / "resume" / key
 
 
 def compress(cfg: DictConfig, model: nn.Module, layout: BlockLayout, method: Method, calib_ids: torch.Tensor | None,
-             device: torch.device, timings: dict[str, float], identity: str) -> tuple[CompressionReport, str]:
+             device: torch.device, timings: dict[str, float], identity: str, key: str) -> tuple[CompressionReport, str]:
     """Prepare the method, plan the ranks, compress in place; returns the report and ``uniform``/``mixed``."""
-    engine_cfg = engine_config(cfg, device, identity)
+    engine_cfg = engine_config(cfg, device, identity, key)
     t0 = time.perf_counter()
     method.prepare(model, layout, calib_ids, engine_cfg)
     ranks = method.allocate(model, layout, float(cfg.ratio), calib_ids, engine_cfg)

@@ -1,0 +1,69 @@
+"""FP-stream statistics computed once per model and calibration set, reused across a sweep.
+
+On the FP stream the inputs of every site come from the *dense* model, so ``H`` and
+``mean|x|`` there depend only on the weights (the model's identity and dtype), the
+calibration token ids, the accumulation dtype, the batch size (summation order), the
+compute device type and the block layout; not on the method or the ratio. They are
+stored per block as ``<cache_dir>/stats/<key>/block_<i>.safetensors`` (tensors named
+``<site>.<statistic>``, token counts in the metadata), written atomically. A hit gives
+bit-identical statistics, so a run with reuse records exactly what a recomputation would.
+Assumes ``Method.prepare`` does not change the dense weights (none does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .resume import atomic_write
+from .stats import SiteStats
+
+log = logging.getLogger(__name__)
+VERSION = 1  # bump when the statistics' definition changes
+CACHED = frozenset({"H", "absmean"})  # what is stored; Delta is identically zero on the FP stream
+
+
+class FPStatsCache:
+    def __init__(self, root: Path, protocol: dict[str, Any]) -> None:
+        blob = json.dumps({"version": VERSION, **protocol}, sort_keys=True, default=str).encode()
+        self.folder = Path(root) / hashlib.sha256(blob).hexdigest()[:16]
+        self.protocol = protocol
+
+    def _path(self, block: int) -> Path:
+        return self.folder / f"block_{block}.safetensors"
+
+    def has(self, block: int, sites: list[str]) -> bool:
+        """Whether every statistic of every site of ``block`` is stored."""
+        from safetensors import safe_open
+
+        path = self._path(block)
+        if not path.is_file():
+            return False
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+        return all(f"{site}.{stat}" in keys for site in sites for stat in CACHED)
+
+    def load(self, block: int, device: torch.device) -> dict[str, SiteStats]:
+        from safetensors import safe_open
+
+        out: dict[str, SiteStats] = {}
+        with safe_open(str(self._path(block)), "pt", device=str(device)) as f:
+            tokens = json.loads(f.metadata()["tokens"])
+            for site, n in tokens.items():
+                out[site] = SiteStats(tokens=n, **{s: f.get_tensor(f"{site}.{s}") for s in CACHED})
+        return out
+
+    def save(self, block: int, stats: dict[str, SiteStats]) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{site}.{s}": getattr(st, s).detach().to("cpu").contiguous() for site, st in stats.items()
+                   for s in CACHED}
+        meta = {"tokens": json.dumps({site: st.tokens for site, st in stats.items()}),
+                "protocol": json.dumps(self.protocol, default=str)}
+        atomic_write(self._path(block), lambda p: save_file(tensors, str(p), metadata=meta))

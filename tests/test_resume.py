@@ -1,0 +1,112 @@
+"""A compression interrupted after block k restarts from block k and ends where an uninterrupted run ends."""
+
+import pytest
+import torch
+
+from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
+from saes.models import tiny_llama
+from saes.resume import PROGRESS, ResumeError
+from saes.saes import SAES
+
+from .conftest import calib_batch, make_cfg
+
+CPU = torch.device("cpu")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CountingSAES(SAES):
+    """SAES that counts its factorisations and can crash at the first layer of a given block."""
+
+    def __init__(self, crash_at_block: int | None = None):
+        super().__init__()
+        self.crash_at, self.calls = crash_at_block, []
+
+    def factorize(self, W, stats, rank, layer=""):
+        if self.crash_at is not None and layer.startswith(f"model.layers.{self.crash_at}."):
+            raise Crash(layer)
+        self.calls.append(layer)
+        return super().factorize(W, stats, rank, layer)
+
+
+def strip(layers):
+    """Per-layer diagnostics without the wall-clock seconds."""
+    return {k: {d: v for d, v in diag.items() if d != "seconds"} for k, diag in layers.items()}
+
+
+def four_blocks():
+    return tiny_llama(num_hidden_layers=4).eval()
+
+
+def run_engine(model, method, resume_dir, key="k", track_fidelity=True):
+    ranks = plan_ranks(model, layout_for(model), 0.4)
+    cfg = EngineConfig(device=CPU, batch_size=2, resume_dir=resume_dir, resume_key=key, track_fidelity=track_fidelity)
+    return compress_model(model, method, ranks, calib_batch(), cfg)
+
+
+def test_a_crash_after_block_k_resumes_at_k_with_the_same_factors(tmp_path):
+    reference = four_blocks()
+    ref_report = run_engine(reference, CountingSAES(), None)
+
+    crashed = four_blocks()
+    with pytest.raises(Crash, match="layers.2.self_attn.q_proj"):
+        run_engine(crashed, CountingSAES(crash_at_block=2), tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["block_0.safetensors", "block_1.safetensors",
+                                                                      PROGRESS]
+
+    resumed, method = four_blocks(), CountingSAES()
+    report = run_engine(resumed, method, tmp_path / "ckpt")
+    assert report.resumed_from == 2
+    assert {c.split(".")[2] for c in method.calls} == {"2", "3"}  # blocks 0 and 1 were restored, not recompressed
+    assert resumed.state_dict().keys() == reference.state_dict().keys()
+    for name, t in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], t), name
+    ids = calib_batch(n=2, seqlen=40, seed=7)
+    with torch.no_grad():
+        assert torch.equal(resumed(ids).logits, reference(ids).logits)
+    assert strip(report.layers) == strip(ref_report.layers)
+    assert report.blocks == ref_report.blocks  # the streams were rebuilt exactly: same per-block fidelity
+
+
+def test_checkpoints_of_another_config_are_refused(tmp_path):
+    with pytest.raises(Crash):
+        run_engine(four_blocks(), CountingSAES(crash_at_block=1), tmp_path / "ckpt", key="config-a")
+    with pytest.raises(ResumeError, match=r"another config.*'key': \('config-a', 'config-b'\)"):
+        run_engine(four_blocks(), CountingSAES(), tmp_path / "ckpt", key="config-b")
+    model = four_blocks()
+    ranks = plan_ranks(model, layout_for(model), 0.2)  # same key, another rank plan
+    with pytest.raises(ResumeError, match="ranks_sha256"):
+        compress_model(model, CountingSAES(), ranks, calib_batch(),
+                       EngineConfig(device=CPU, resume_dir=tmp_path / "ckpt", resume_key="config-a"))
+    (tmp_path / "ckpt" / PROGRESS).write_text("{truncated")
+    with pytest.raises(ResumeError, match="damaged"):
+        run_engine(four_blocks(), CountingSAES(), tmp_path / "ckpt", key="config-a")
+
+
+def test_a_pipeline_run_that_crashed_resumes_records_the_same_and_cleans_up(tmp_path, monkeypatch):
+    from saes import saes as saes_mod
+    from saes.pipeline import run
+
+    whole = run(make_cfg("method=saes", results_dir=tmp_path / "whole"))
+
+    original = saes_mod.SAES.factorize
+
+    def crash_in_block_1(self, W, stats, rank, layer=""):
+        if layer.startswith("model.layers.1."):
+            raise Crash(layer)
+        return original(self, W, stats, rank, layer)
+
+    monkeypatch.setattr(saes_mod.SAES, "factorize", crash_in_block_1)
+    with pytest.raises(Crash):
+        run(make_cfg("method=saes", results_dir=tmp_path / "split"))
+    assert (tmp_path / "split" / "resume" / whole["key"] / "block_0.safetensors").is_file()
+    assert not list((tmp_path / "split").glob("runs/**/*.json"))  # a crash leaves no record
+    monkeypatch.setattr(saes_mod.SAES, "factorize", original)
+    resumed = run(make_cfg("method=saes", results_dir=tmp_path / "split"))
+
+    assert resumed["key"] == whole["key"] and resumed["calibration"]["resumed_from_block"] == 1
+    assert resumed["metrics"] == whole["metrics"]
+    assert strip(resumed["layers"]) == strip(whole["layers"])
+    assert not (tmp_path / "split" / "resume" / whole["key"]).exists()  # removed once the record is written
