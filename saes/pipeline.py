@@ -22,6 +22,7 @@ from . import zeroshot
 from .engine import (BlockLayout, CompressionReport, EngineConfig, check_plan, compress_model, layout_for,
                      needs_calibration, plan_ranks)
 from .evaluate import perplexity
+from .offload import placed
 from .lowrank import check_ratio, count_parameters
 from .method import DTYPES as PRECISIONS
 from .method import Method
@@ -269,17 +270,17 @@ def dense_perplexity(cfg: DictConfig, model: nn.Module, identity: str, eval_ids:
     """Dense perplexity per source, computed once per model, text and protocol (cached as JSON)."""
     ppl_cfg = cfg.eval.ppl
     out: dict[str, dict[str, Any]] = {}
-    model.to(device)
-    for src, ids in eval_ids.items():
-        protocol = dense_protocol(cfg, identity, src, ids, device)
-        cache = dense_ppl_cache(cfg, protocol)
-        if cache.is_file():
-            dense = read_json(cache)
-        else:
-            dense = {**perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
-                                  desc=f"ppl dense {src}").as_dict(), "protocol": protocol}
-            write_json_atomic(cache, dense)
-        out[src] = {"dense": dense["ppl"], "tokens_sha256": protocol["tokens"], "windows": dense["windows"]}
+    with placed(model, device, bool(cfg.get("offload"))):
+        for src, ids in eval_ids.items():
+            protocol = dense_protocol(cfg, identity, src, ids, device)
+            cache = dense_ppl_cache(cfg, protocol)
+            if cache.is_file():
+                dense = read_json(cache)
+            else:
+                dense = {**perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
+                                      desc=f"ppl dense {src}").as_dict(), "protocol": protocol}
+                write_json_atomic(cache, dense)
+            out[src] = {"dense": dense["ppl"], "tokens_sha256": protocol["tokens"], "windows": dense["windows"]}
     model.to("cpu")
     return out
 
@@ -321,14 +322,14 @@ def evaluate(cfg: DictConfig, model: nn.Module, tok: Any, eval_ids: dict[str, to
              metrics: dict[str, Any], label: str) -> None:
     """Every evaluation of a compressed model, into ``metrics`` (shared by compression runs and ``load=``)."""
     ppl_cfg = cfg.eval.ppl
-    model.to(device)
-    for src, ids in eval_ids.items():
-        p = perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
-                       desc=f"ppl {label} {src}")
-        if not math.isfinite(p.ppl):
-            log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
-        metrics["ppl"].setdefault(src, {}).update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens,
-                                                  windows=p.windows)
+    with placed(model, device, bool(cfg.get("offload"))):
+        for src, ids in eval_ids.items():
+            p = perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
+                           desc=f"ppl {label} {src}")
+            if not math.isfinite(p.ppl):
+                log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
+            metrics["ppl"].setdefault(src, {}).update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens,
+                                                      windows=p.windows)
     zeroshot.compressed(cfg, model, tok, metrics)  # eval.zeroshot: accuracies, average, drop vs dense; no-op when off
 
 
