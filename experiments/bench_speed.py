@@ -6,7 +6,7 @@
     python experiments/bench_speed.py --model tiny_llama --ratios 0.5 --prefill 64 --decode 8   # smoke run
 
 Speed does not depend on how the factors were computed, so the compressed models are made by
-plain SVD (data-free, seconds), saved once under ``<results-dir>/bench/models/`` and reused;
+plain SVD (data-free, seconds), saved once under ``<results-dir>/cache/bench_models/`` and reused;
 ``--load`` adds folders written by ``run.py save=true``. Each model is measured in a fresh
 process (``--worker``) so that its peak memory is its own: peak RSS of the process that loads
 the model and runs the benchmark on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         read_manifest(folder)  # a bad folder fails before any measurement
     results = Path(args.results_dir)
     dtype = args.dtype or model_cfg(args.model).dtype
-    folders = [None, *map(str, svd_folders(args.model, args.ratios, results / "bench" / "models").values()),
+    folders = [None, *map(str, svd_folders(args.model, args.ratios, results / "cache" / "bench_models").values()),
                *args.load]
     base = {k: getattr(args, k) for k in ("model", "device", "batch", "prefill", "prompt", "decode", "warmup",
                                           "repeats", "threads")}

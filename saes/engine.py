@@ -33,7 +33,7 @@ from .data import token_digest
 from .method import Method, Stream
 from .resume import BlockCheckpoints
 from .stats import SiteStats, StreamingStats
-from .stats_cache import CACHED, FPStatsCache
+from .stats_cache import CACHED, FREE, FPStatsCache
 
 log = logging.getLogger(__name__)
 
@@ -280,13 +280,13 @@ def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, strea
 
 def _compress_block(block: nn.Module, ref: nn.Module | None, prefix: str, layout: BlockLayout, method: Method,
                     ranks: dict[str, int], streams: _Streams, stream: Stream, cfg: EngineConfig,
-                    cached: dict[str, SiteStats], collect: bool,
+                    cached: dict[str, SiteStats], extra: frozenset[str],
                     timings: dict[str, float]) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats]]:
     """Compress one block group by group, in place; returns its layers' diagnostics and the statistics it computed.
 
-    ``cached``: statistics per site (``self_attn.q_proj``) from the FP-stream cache; ``collect``: also
-    compute what the cache stores, so the next run of another method can reuse it."""
-    needs = method.needs | CACHED if collect else method.needs
+    ``cached``: statistics per site (``self_attn.q_proj``) from the FP-stream cache; ``extra``:
+    statistics to compute beyond the method's needs, for the cache (those that cost next to nothing)."""
+    needs = method.needs | extra
     layers: dict[str, dict[str, Any]] = {}
     fresh: dict[str, SiteStats] = {}
     for group in layout.groups:
@@ -347,7 +347,8 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         log.info("resuming %s: blocks 0..%d restored from %s", method.name, start - 1, ckpt.folder)
     cache = _fp_stats_cache(model, layout, method, stream, calib_ids, cfg)
     sites = [group[0] for group in layout.groups]
-    cached = {i for i in range(start, len(blocks)) if cache is not None and cache.has(i, sites)}
+    wanted = method.needs & CACHED  # what must be in the cache for a hit (Delta is zero on the FP stream)
+    cached = {i for i in range(start, len(blocks)) if cache is not None and cache.has(i, sites, wanted)}
     # the streams are needed unless every block left to compress has cached statistics
     need_streams = not data_free and (cfg.track_fidelity or len(cached) < len(blocks) - start)
     keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
@@ -373,9 +374,9 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         if i < start:
             block_layers = ckpt.restore(i, block, prefix, layout.projections, ranks)
         else:
-            site_stats = cache.load(i, cfg.stats_device or cfg.device) if i in cached else {}
+            site_stats = cache.load(i, wanted, cfg.stats_device or cfg.device) if i in cached else {}
             block_layers, fresh = _compress_block(block, ref, prefix, layout, method, ranks, streams, stream, cfg,
-                                                  site_stats, cache is not None, timings)
+                                                  site_stats, FREE if cache is not None else frozenset(), timings)
             if cache is not None and fresh:
                 cache.save(i, fresh)
         layers.update(block_layers)

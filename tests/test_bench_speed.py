@@ -31,9 +31,9 @@ def test_the_script_measures_dense_and_compressed_and_writes_its_table(tmp_path)
     saved = json.loads((tmp_path / "bench" / "bench_speed-tiny_llama-cpu.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     # the SVD folder is made once and reused
-    folder = next((tmp_path / "bench" / "models").glob("tiny_llama-*/svd-ratio0.5"))
+    folder = next((tmp_path / "cache" / "bench_models").glob("tiny_llama-*/svd-ratio0.5"))
     mtime = folder.stat().st_mtime_ns
-    bench_speed.svd_folders("tiny_llama", [0.5], tmp_path / "bench" / "models")
+    bench_speed.svd_folders("tiny_llama", [0.5], tmp_path / "cache" / "bench_models")
     assert folder.stat().st_mtime_ns == mtime
 
 

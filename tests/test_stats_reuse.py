@@ -44,6 +44,16 @@ def test_a_cache_hit_skips_every_calibration_forward_and_gives_the_same_factors(
     assert other.cached_stats_blocks == 0 and len(list((tmp_path / "stats").iterdir())) == 2
 
 
+def test_a_method_needing_other_statistics_adds_them_to_the_same_block_files(tmp_path):
+    ids = calib_batch()
+    _, first = compress(ASVD(), 0.2, ids, tmp_path)  # stores mean|x| only (H would cost n^2 per token)
+    _, second = compress(SVDLLM(), 0.2, ids, tmp_path)  # misses H: computes it and adds it
+    _, third = compress(ASVD(), 0.4, ids, tmp_path)
+    _, fourth = compress(SVDLLM(), 0.4, ids, tmp_path)
+    assert [r.cached_stats_blocks for r in (first, second, third, fourth)] == [0, 0, 2, 2]
+    assert len(list((tmp_path / "stats").rglob("block_*.safetensors"))) == 2
+
+
 def strip(record):
     layers = {k: {d: v for d, v in diag.items() if d != "seconds"} for k, diag in record["layers"].items()}
     return record["metrics"], layers, record["params"]
