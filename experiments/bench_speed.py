@@ -187,7 +187,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             "folder_mb": (sum(f.stat().st_size for f in Path(spec["folder"]).glob("*.safetensors")) / 2**20
                           if spec["folder"] else None),
             "peak_mb": peak, "rss_at_start_mb": rss_start if device.type == "cpu" else None, **timing,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"cpu x{torch.get_num_threads()}")}
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:

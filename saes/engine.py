@@ -255,6 +255,12 @@ def needs_calibration(method: Method, track_fidelity: bool) -> bool:
     return method.needs_data or track_fidelity
 
 
+def _through(block: nn.Module, xs: list[torch.Tensor], kws: list[dict], device: torch.device,
+             stream_device: torch.device) -> list[torch.Tensor]:
+    """Every batch of a stream through ``block``: the inputs of the next block."""
+    return [_first(block(x.to(device), **kw)).to(stream_device) for x, kw in zip(xs, kws)]
+
+
 @dataclass
 class _Streams:
     X: list[torch.Tensor]  # compressed stream: block inputs per batch
@@ -382,9 +388,9 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         layers.update(block_layers)
         t0 = time.perf_counter()
         if keep_comp:
-            streams.X = [_first(block(x.to(cfg.device), **kw)).to(stream_device) for x, kw in zip(streams.X, streams.kws)]
+            streams.X = _through(block, streams.X, streams.kws, cfg.device, stream_device)
         if keep_fp:
-            streams.Xf = [_first(ref(x.to(cfg.device), **kw)).to(stream_device) for x, kw in zip(streams.Xf, streams.kws)]
+            streams.Xf = _through(ref, streams.Xf, streams.kws, cfg.device, stream_device)
         info: dict[str, Any] = {"index": i}
         if keep_comp and keep_fp:
             cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()

@@ -28,11 +28,13 @@ def test_load_evaluates_the_saved_model_and_records_it_beside_not_over(tmp_path,
     assert rec["loaded_from"]["record_key"] == made["key"] and rec["layers"] == {
         k: {"rank": v["rank"], "in_features": v["n"], "out_features": v["m"], "bias": False}
         for k, v in made["layers"].items()}
-    assert "calibration" not in rec["timings"] and rec["calibration"]["tokens_sha256"] == made["calibration"]["tokens_sha256"]
+    assert "calibration" not in rec["timings"]  # nothing was compressed
+    assert rec["calibration"]["tokens_sha256"] == made["calibration"]["tokens_sha256"]
     for k in ("linears_ratio", "model_compressed", "model_dense", "model_ratio"):
         assert rec["params"][k] == pytest.approx(made["params"][k])
     # fp32 weights: the folder's size is the achieved parameter count, plus a small header
-    assert 4 * made["params"]["model_compressed"] <= rec["params"]["weights_bytes"] < 4 * made["params"]["model_compressed"] + 65536
+    n = made["params"]["model_compressed"]
+    assert 4 * n <= rec["params"]["weights_bytes"] < 4 * n + 65536
 
     runs = sorted(p.name for p in (tmp_path / "runs" / "tiny_llama" / "saes" / "ratio0.4").glob("*.json"))
     assert runs == sorted([f"seed0-{made['key']}.json", f"loaded-{rec['key']}.json"])
@@ -46,7 +48,8 @@ def test_load_evaluates_the_saved_model_and_records_it_beside_not_over(tmp_path,
 def test_load_refuses_another_base_model_or_a_bad_folder_before_any_work(tmp_path, saved):
     _, folder = saved
     before = sorted((tmp_path / "runs").rglob("*.json"))
-    with pytest.raises(CheckpointError, match=r"compressed from base .*'seed', 0\)\].*model=tiny_llama is .*'seed', 1\)\]"):
+    wrong_base = r"compressed from base .*'seed', 0\)\].*model=tiny_llama is .*'seed', 1\)\]"
+    with pytest.raises(CheckpointError, match=wrong_base):
         run(make_cfg(f"load={folder}", "model.tiny.seed=1", results_dir=tmp_path))
     with pytest.raises(ValueError, match="save=true with load"):
         run(make_cfg(f"load={folder}", "save=true", results_dir=tmp_path))
