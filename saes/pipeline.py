@@ -23,6 +23,7 @@ from .engine import (BlockLayout, CompressionReport, EngineConfig, check_plan, c
                      needs_calibration, plan_ranks)
 from .evaluate import perplexity
 from .offload import placed
+from .finetune import check_finetune, lora_finetune
 from .lowrank import check_ratio, count_parameters
 from .method import DTYPES as PRECISIONS
 from .method import Method
@@ -68,6 +69,8 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ValueError(f"unknown text source {src!r}; known: {sorted(data_mod.SOURCES)}")
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
+    if cfg.get("finetune"):
+        check_finetune(cfg.finetune)
     zeroshot.plan(cfg.eval)  # eval.zeroshot: bad input fails here; offline switches set before datasets/lm-eval load
     resolve_device(cfg.device)
 
@@ -110,6 +113,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     dense_params = count_parameters(model)
     report, rank_alloc = compress(cfg, model, layout, method, calib_ids, device, timings, loaded.identity, key)
+    finetuned = None
+    if cfg.get("finetune"):  # SVD-LLM's optional LoRA stage (a dagger in the tables)
+        t0 = time.perf_counter()
+        finetuned = lora_finetune(model, tok, cfg.finetune, device)
+        timings["finetune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     evaluate(cfg, model, tok, eval_ids, device, metrics, label=method.name)
@@ -143,6 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "params": params,
         "timings": timings,
         "memory": peak_memory(),
+        "finetune": finetuned,
         "layers": report.layers,
         "blocks": report.blocks,
         "saved_to": None if saved_to is None else str(saved_to),
