@@ -13,14 +13,15 @@ with only that projection truncated; then a binary search over a perplexity thre
 each projection taking the smallest candidate whose perplexity stays under it, to the
 largest set that fits the global parameter budget. Our choices where the paper is
 silent: the candidates are the kept fractions ``0.1, 0.2, ..., 0.9`` (configurable); the
-sensitivity is measured on the first ``strs.nsamples`` calibration sequences (the
+sensitivity is measured on the first ``strs.nsamples`` calibration sequences, cut to
+their first ``strs.seqlen`` tokens if set (the
 perplexity of the whole model, re-running only the blocks from the truncated
 projection's block onwards on cached dense inputs); the scaling uses the whole
 calibration set's ``mean|x|``; because the candidates are discrete, the budget the search
 leaves unused is handed out afterwards rank by rank, most sensitive projections first,
 without passing their next candidate, so the plan lands within one rank of the target.
 The sensitivity table depends on the model, the calibration tokens, ``alpha``, the
-floor, the candidates and ``nsamples`` only (not the ratio): it is cached under
+floor, the candidates and the sensitivity tokens only (not the ratio): it is cached under
 ``<results_dir>/cache/asvd_strs/`` keyed by all of them and reused across a ratio sweep.
 """
 
@@ -62,6 +63,9 @@ class ASVD(Method):
         strs = dict(strs or {})
         self.candidates = tuple(float(c) for c in strs.get("candidates", [0.1 * k for k in range(1, 10)]))
         self.strs_nsamples = int(strs.get("nsamples", 8))
+        self.strs_seqlen = strs.get("seqlen")  # tokens of each sensitivity sequence (null: the calibration seqlen)
+        if self.strs_seqlen is not None and int(self.strs_seqlen) < 2:
+            raise ValueError(f"method.strs.seqlen must be >= 2 or null; got {self.strs_seqlen}")
         if not self.candidates or any(not 0 < c < 1 for c in self.candidates) or sorted(set(self.candidates)) != list(self.candidates):
             raise ValueError(f"method.strs.candidates must be increasing kept fractions in (0, 1); got {self.candidates}")
         if self.strs_nsamples < 1:
@@ -97,7 +101,7 @@ class ASVD(Method):
     def sensitivity(self, model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor,
                     cfg: EngineConfig) -> dict[str, list[float]]:
         """``table[name][k]``: calibration perplexity with only ``name`` kept at ``candidates[k]`` (cached)."""
-        sens_ids = calib_ids[: self.strs_nsamples]
+        sens_ids = calib_ids[: self.strs_nsamples, : self.strs_seqlen]
         key = {"model": cfg.model_identity, "calib": token_digest(calib_ids), "sens": token_digest(sens_ids),
                "alpha": self.alpha, "floor": self.floor, "candidates": self.candidates,
                "dtype": str(self.compute_dtype), "layers": layout.layers}

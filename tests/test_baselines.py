@@ -154,7 +154,7 @@ def test_strs_ranks_hit_the_budget_within_one_rank_and_follow_sensitivity():
 def test_asvd_strs_end_to_end_keeps_the_global_target(tmp_path):
     from tests.conftest import make_cfg
     from saes.pipeline import run
-    cfg = make_cfg("method=asvd_strs", "ratio=0.4", "method.strs.nsamples=2", results_dir=tmp_path)
+    cfg = make_cfg("method=asvd_strs", "ratio=0.4", "method.strs.nsamples=2", "method.strs.seqlen=32", results_dir=tmp_path)
     rec = run(cfg)
     assert rec["params"]["rank_alloc"] == "mixed"
     ranks = {k: d["rank"] for k, d in rec["layers"].items()}
@@ -164,7 +164,7 @@ def test_asvd_strs_end_to_end_keeps_the_global_target(tmp_path):
     used = sum(d["rank"] * (d["m"] + d["n"]) for d in rec["layers"].values())
     assert used <= budget and budget - used < max(d["m"] + d["n"] for d in rec["layers"].values())
     assert list((tmp_path / "cache" / "asvd_strs").glob("*.json"))  # the table is cached ...
-    cfg2 = make_cfg("method=asvd_strs", "ratio=0.2", "method.strs.nsamples=2", results_dir=tmp_path)
+    cfg2 = make_cfg("method=asvd_strs", "ratio=0.2", "method.strs.nsamples=2", "method.strs.seqlen=32", results_dir=tmp_path)
     rec2 = run(cfg2)  # ... and reused for another ratio
     assert rec2["timings"]["prepare"] < rec["timings"]["prepare"]
 
