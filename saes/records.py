@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload",
                 "calib.reuse_stats")  # how a run is carried out, not what it computes (dotted: nested keys)
-ABSENT_IF_NULL = ("load", "calib.stats_device")  # added after records existed: null hashes as if absent
+ABSENT_IF_NULL = ("load", "calib.stats_device", "method.strs.seqlen")  # added after records existed: null hashes as if absent
 SCHEMA_VERSION = 1
 
 
