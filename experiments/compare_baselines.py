@@ -125,10 +125,13 @@ def render(cells: dict[tuple[str, float], dict | None], methods: list[str], rati
         alloc = any_rec["params"].get("rank_alloc", "uniform") if any_rec else "-"
         ppl = [_fmt(r["metrics"]["ppl"][src]["compressed"]) if r else "missing" for r in row]
         secs = [f"{sum(r['timings'].get(k, 0.0) for k in ('prepare', 'calibration', 'factorisation')):.0f}"
+                f"{' (c)' if r['calibration'].get('stats_cached_blocks') else ''} [{r['env'].get('torch_threads', '?')}t]"
                 if r else "-" for r in row]
         lines.append(f"| {label} | {stream} | {alloc} | " + " | ".join(ppl) + " | " + " | ".join(secs) + " |")
     lines += ["", "compress s = method pre-pass (Fisher / sensitivity / importance) + calibration forwards and "
-              "statistics + factorisation, from each record's timings.",
+              "statistics + factorisation, from each record's timings; [Nt] = torch threads of that run; "
+              "(c) = FP-stream statistics read from the cache (calib.reuse_stats), so their calibration time is "
+              "missing from the figure.",
               "records: " + ", ".join(f"{k[0]}@{k[1]}:{r['key']}" for k, r in cells.items() if r)]
     return "\n".join(lines)
 
