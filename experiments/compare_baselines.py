@@ -86,35 +86,26 @@ def main() -> None:
     print(f"written: {out}")
 
 
-def _protocol(rec: dict) -> tuple:
-    src = next(iter(rec["metrics"]["ppl"]))
-    ppl = rec["metrics"]["ppl"][src]
-    return (rec["model"]["identity"], src, ppl["tokens_sha256"], ppl["windows"], rec["config"]["eval"]["ppl"]["seqlen"])
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
-
-
 def render(cells: dict[tuple[str, float], dict | None], methods: list[str], ratios: list[float]) -> str:
     """Markdown: PPL per method and ratio, then compression time (pre-pass + calibration + factorisation)."""
     recs = [r for r in cells.values() if r is not None]
     if not recs:
         return "no records yet"
+    if str(ROOT) not in sys.path:  # run as a script: the experiments package lives at the repository root
+        sys.path.insert(0, str(ROOT))
+    from experiments.tables import check_protocol, fnum
+
     first = recs[0]
     src = next(iter(first["metrics"]["ppl"]))
     calibs = {r["calibration"]["tokens_sha256"] for r in recs} - {None}
-    protocols = {_protocol(r) for r in recs}
+    _, warnings = check_protocol(recs, allow_mixed=True)  # an ad-hoc grid: differences are listed, not refused
     cal = next(r["calibration"] for r in recs if r["calibration"]["tokens_sha256"])
     lines = [f"Model {first['config']['model']['name']} ({first['model']['identity'][:28]}...). "
              f"Calibration: {cal['source']}, {cal['nsamples']} x {cal['seqlen']} tokens, sha256 "
              f"{', '.join(sorted(h[:12] for h in calibs))}. Perplexity on {src}: "
              f"{first['metrics']['ppl'][src]['windows']} windows x {first['config']['eval']['ppl']['seqlen']} tokens; "
              f"dense {first['metrics']['ppl'][src]['dense']:.3f}.", ""]
-    if len(calibs) > 1:
-        lines.insert(0, "**WARNING: these runs used different calibration tokens.**\n")
-    if len(protocols) > 1:
-        lines.insert(0, "**WARNING: these runs used different evaluation protocols.**\n")
+    lines[:0] = [w + "\n" for w in warnings]
     head = "| method | stream | ranks | " + " | ".join(f"PPL @{r}" for r in ratios) + " | " + \
         " | ".join(f"compress s @{r}" for r in ratios) + " |"
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
@@ -123,7 +114,7 @@ def render(cells: dict[tuple[str, float], dict | None], methods: list[str], rati
         any_rec = next((r for r in row if r is not None), None)
         stream = any_rec["calibration"]["stream"] if any_rec else "-"
         alloc = any_rec["params"].get("rank_alloc", "uniform") if any_rec else "-"
-        ppl = [_fmt(r["metrics"]["ppl"][src]["compressed"]) if r else "missing" for r in row]
+        ppl = [fnum(r["metrics"]["ppl"][src]["compressed"]) if r else "missing" for r in row]
         secs = [f"{sum(r['timings'].get(k, 0.0) for k in ('prepare', 'calibration', 'factorisation')):.0f}"
                 f"{' (c)' if r['calibration'].get('stats_cached_blocks') else ''} [{r['env'].get('torch_threads', '?')}t]"
                 if r else "-" for r in row]

@@ -1,0 +1,359 @@
+"""The experiment layer: experiment and scale configs, table and figure builders, the RER curve.
+
+Builders are tested on synthetic records written where ``run.py`` would write them (one run left
+missing, one with other calibration tokens, one with another library version); the experiments
+themselves run as dry sweeps on the tiny random model (every job of a sweep's rows, in process,
+and one sweep through ``run.py -m``), with a small local text and one zero-shot task.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra.utils import instantiate
+
+from experiments import figures, tables
+from experiments.rer_curve import run_curve
+from saes.method import Method
+from saes.pipeline import run, summary
+from saes.records import config_key
+
+from .conftest import CONF, ROOT
+
+EXPERIMENTS = {"table1": 32, "table1_lora": 4, "ablation": 20, "aces_bounds": 12, "cost": 4}
+TINY = ["model=tiny_llama", "logger=none"]
+TASKS = ["arc_easy", "piqa", "mathqa"]
+
+
+# ----------------------------------------------------------------------------------------- synthetic records
+def synthetic_record(config: dict[str, Any], ppl: float, acc: dict[str, float] | None = None, *,
+                     dense_ppl: float = 10.0, dense_acc: dict[str, float] | None = None,
+                     calib_sha: str = "c" * 64, eval_sha: str = "e" * 64, torch_version: str = "2.13.0+cpu",
+                     betas: dict[str, float] | None = None, cosines: list[float] | None = None,
+                     timings: dict[str, float] | None = None, cached_blocks: int = 0) -> dict[str, Any]:
+    """A minimal record with the fields the pipeline writes and the builders read."""
+    src = config["eval"]["ppl"]["sources"][0]
+    metrics: dict[str, Any] = {"ppl": {src: {"dense": dense_ppl, "tokens_sha256": eval_sha, "windows": 3,
+                                             "compressed": ppl, "compressed_nll": math.log(ppl), "tokens": 381}},
+                               "ppl_skipped": {}}
+    if acc is not None:
+        dense_acc = dense_acc or {t: 0.5 for t in acc}
+        metrics["zeroshot"] = {
+            "lm_eval_version": "0.4.13", "data": "local", "limit": 4, "num_fewshot": 0, "average_metric": "acc",
+            "average_metrics": {t: "acc" for t in acc}, "missing": {"mathqa": "no offline copy"},
+            "tasks": {t: {"dense": {"acc": dense_acc[t]}, "compressed": {"acc": a}, "n": 4, "n_total": 100,
+                          "split": "test", "data": "local:x"} for t, a in acc.items()}}
+    layers = {f"model.layers.{i}.self_attn.k_proj": {"m": 32, "n": 64, "rank": 8, "beta": b}
+              for i, b in enumerate((betas or {}).values())}
+    return {
+        "schema": 1, "key": config_key(config), "created": "2026-01-01T00:00:00+0000", "config": config,
+        "model": {"identity": "tiny:seed0", "model_type": "llama"},
+        "calibration": {"source": config["calib"]["source"], "nsamples": config["calib"]["nsamples"],
+                        "seqlen": config["calib"]["seqlen"], "seed": 0, "stream": "compressed", "tokens": 256,
+                        "stats_cached_blocks": cached_blocks, "resumed_from_block": 0, "tokens_sha256": calib_sha},
+        "metrics": metrics,
+        "params": {"linears_dense": 100, "linears_compressed": 80, "linears_ratio": 0.2, "model_dense": 200,
+                   "model_compressed": 180, "model_ratio": 0.1,
+                   "rank_alloc": "mixed" if config["method"].get("rank_alloc") in ("strs", "adacr") else "uniform"},
+        "timings": timings or {"load": 1.0, "data": 1.0, "eval_dense": 1.0, "prepare": 0.0, "calibration": 2.0,
+                               "factorisation": 3.0, "eval_compressed": 1.0, "total": 9.0},
+        "memory": {"peak_rss_mb": 1000.0}, "finetune": {"steps": 1} if config.get("finetune") else None,
+        "layers": layers, "blocks": [{"index": i, "cosine_fp": c} for i, c in enumerate(cosines or [0.99, 0.98])],
+        "saved_to": None,
+        "env": {"versions": {"torch": torch_version, "transformers": "5.23.0", "lm-eval": "0.4.13"},
+                "git_commit": "0" * 40, "git_dirty": False, "python": "3.11", "platform": "linux",
+                "torch_threads": 1, "cuda": None},
+    }
+
+
+def write(job: tables.Job, rec: dict[str, Any]) -> None:
+    job.path.parent.mkdir(parents=True, exist_ok=True)
+    job.path.write_text(json.dumps(rec))
+
+
+PPL = {"svd": 1e6, "fwsvd": 5e4, "asvd": 300.0, "asvd_strs": 200.0, "svdllm": 40.0, "svdllm_update": 35.0,
+       "adasvd": 30.0, "saes": 20.0}
+
+
+def fill_table1(results: Path, skip: tuple[str, float] | None = ("adasvd", 0.4), **kw: Any) -> list[tables.Job]:
+    """Synthetic records for every table1 / table1_lora job except ``skip``; PPL grows with the ratio."""
+    js = tables.jobs("table1", TINY, results) + tables.jobs("table1_lora", TINY, results)
+    for j in js:
+        if skip and (j.row, j.ratio) == skip:
+            continue
+        base = PPL[j.config["method"]["name"]] * (0.5 if j.config.get("finetune") else 1.0)
+        write(j, synthetic_record(j.config, base * (1 + j.ratio), {"arc_easy": 0.4, "piqa": 0.6},
+                                  betas={"0": 0.25, "1": 0.75}, **kw))
+    return tables.jobs("table1", TINY, results) + tables.jobs("table1_lora", TINY, results)
+
+
+def row_cells(md: str, ratio: str, method: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 2 and cells[0] == ratio and cells[1] == method:
+            return cells
+    raise AssertionError(f"no row {ratio} / {method}")
+
+
+# -------------------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("experiment,n_jobs", EXPERIMENTS.items())
+def test_every_experiment_composes_and_its_sweep_expands(experiment, n_jobs):
+    cfg = tables.compose([f"experiment={experiment}"], hydra=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.callbacks.peak_memory._target_ == "experiments.callbacks.ResetPeakMemory"
+    overrides, scale = tables.sweep_overrides(experiment)
+    assert scale == "cpu" and len(overrides) == n_jobs
+    configs = [tables.compose(o) for o in overrides]
+    assert len({config_key(tables.to_dict(c)) for c in configs}) == n_jobs  # every job is a distinct run
+    for c in configs:
+        assert isinstance(instantiate(c.method), Method)
+        assert (c.calib.nsamples, c.calib.seqlen, c.eval.ppl.max_windows, c.eval.zeroshot.limit) == (32, 512, 16, 100)
+        if experiment == "cost":
+            assert not c.calib.reuse_stats and not c.resume and not c.calib.track_fidelity and c.ratio == 0.2
+            assert not c.eval.zeroshot.get("tasks")
+        else:
+            assert c.calib.track_fidelity and "piqa" in c.eval.zeroshot.tasks
+
+
+def test_a_run_shared_by_experiments_has_one_key_and_variants_match_their_override_forms():
+    key = lambda *o: config_key(tables.to_dict(tables.compose(o)))  # noqa: E731
+    saes = key("experiment=table1", "method=saes", "ratio=0.2")
+    assert saes == key("experiment=ablation", "+experiment/variant=aces", "ratio=0.2")
+    assert saes == key("experiment=aces_bounds", "+experiment/bounds=b025_075", "method.aces.space=beta")
+    assert key("experiment=aces_bounds", "+experiment/bounds=b0_1", "method.aces.space=alpha") != saes
+    for variant, alpha in (("beta0", "0.0"), ("cealc", "1.0"), ("beta075", "3.0")):
+        assert key("experiment=ablation", f"+experiment/variant={variant}", "ratio=0.4") == key(
+            "experiment=ablation", "method.aces.enabled=false", f"method.alpha={alpha}", "ratio=0.4")
+    assert key("experiment=table1_lora", "method=svdllm", "ratio=0.6") == key(
+        "experiment=table1", "method=svdllm", "finetune=lora", "ratio=0.6")
+
+
+def test_scale_presets_leave_the_default_config_alone_and_paper_is_the_papers_protocol():
+    default = tables.to_dict(tables.compose([]))
+    assert "scale" not in default and "experiment" not in default
+    with_cpu = tables.to_dict(tables.compose(["scale=cpu"]))
+    assert with_cpu["calib"] == default["calib"] and with_cpu["eval"]["ppl"] == default["eval"]["ppl"]
+    assert config_key(tables.to_dict(tables.compose(["scale=paper", "eval=zeroshot"]))) == \
+        config_key(tables.to_dict(tables.compose(["calib=wikitext2", "eval=paper"])))
+    paper = tables.compose(["experiment=table1", "scale=paper", "model=llama7b"])  # the command line wins
+    assert (paper.calib.nsamples, paper.calib.seqlen, paper.eval.zeroshot.limit) == (128, 2048, None)
+    assert list(paper.eval.ppl.sources) == ["wikitext2", "ptb", "c4"]
+    assert sorted(p.stem for p in (CONF / "scale").glob("*.yaml")) == ["cpu", "paper", "tiny"]
+
+
+def test_peak_memory_is_reset_between_jobs_of_a_sweep():
+    import resource
+
+    from experiments.callbacks import ResetPeakMemory
+
+    block = b"\x01" * (300 * 2**20)  # 300 MB written, then freed
+    del block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ResetPeakMemory().on_job_start(config=None)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert after < before - 200 * 1024  # KiB: the earlier peak no longer counts
+
+
+# -------------------------------------------------------------------------------------------------- builders
+def test_table1_shows_every_recorded_number_and_a_missing_run_as_missing(tmp_path):
+    js = fill_table1(tmp_path)
+    doc = tables.build_table1(tables.Context(tmp_path, TINY))
+    assert not doc.refused
+    md = doc.markdown()
+    assert row_cells(md, "0.4", "AdaSVD*")[2:] == ["missing"] * 5
+    assert "Runs recorded: 35 of 36" in md and "method=adasvd ratio=0.4" in md
+    saes = row_cells(md, "0.2", "SAES-SVD")
+    assert saes[2:] == ["24.00", "0.400", "0.600", "0.500", "0.0%"]
+    assert row_cells(md, "0.0", "dense")[2] == "10.00"
+    assert row_cells(md, "0.2", "SVD-LLM†")[2] == "24.00"  # fine-tuned: its own row, with a dagger
+    assert row_cells(md, "0.8", "ASVD (STRS)*")[2] == "360.00"
+    # beside the paper: gap closed = (48 - 24) / (48 - 10) for SVD-LLM without LoRA (Table 6's SVD-LLM)
+    assert f"{100 * (48 - 24) / (48 - 10):.1f}%" in md
+    assert "Beside Table 1 (LLaMA-7B" in md and "Beside Table 6 (LLaMA-3-8B" in md
+    assert "7.17" in md  # the paper's SAES-SVD at 0.2, from results/reference
+    assert "ratio 0.2: ours Ours < SVD-LLM; paper Ours < SVD-LLM (same order)" in md
+    assert all(j.record is not None for j in js if (j.row, j.ratio) != ("adasvd", 0.4))
+    tex = doc.latex()
+    assert "\\begin{tabular}" in tex and "SVD-LLM$^\\dagger$" in tex and "\\%" in tex
+
+
+def test_other_calibration_tokens_refuse_the_table_or_are_named_with_allow_mixed(tmp_path):
+    js = fill_table1(tmp_path)
+    odd = next(j for j in js if j.row == "svdllm" and j.ratio == 0.6)
+    rec = copy.deepcopy(odd.record)
+    rec["calibration"]["tokens_sha256"] = "d" * 64
+    write(odd, rec)
+    doc = tables.build_table1(tables.Context(tmp_path, TINY))
+    assert doc.refused and "calibration differs" in doc.markdown() and "24.00" not in doc.markdown()
+    assert tables.main([*TINY, "--results-dir", str(tmp_path), "--no-figures"]) == 1
+    mixed = tables.build_table1(tables.Context(tmp_path, TINY, allow_mixed=True)).markdown()
+    assert "WARNING (mixed protocol): calibration differs" in mixed and rec["key"] in mixed and "24.00" in mixed
+
+
+def test_a_different_library_version_is_named_but_not_refused(tmp_path):
+    js = fill_table1(tmp_path)
+    odd = next(j for j in js if j.row == "saes" and j.ratio == 0.8)
+    write(odd, synthetic_record(odd.config, 99.0, {"arc_easy": 0.4, "piqa": 0.6}, torch_version="2.99.0"))
+    doc = tables.build_table1(tables.Context(tmp_path, TINY))
+    assert not doc.refused
+    assert "Note: torch differs: 2.13.0+cpu" in doc.markdown() and "2.99.0" in doc.markdown()
+
+
+def test_protocol_check_passes_data_free_runs_and_refuses_other_eval_windows():
+    cfg = tables.to_dict(tables.compose(TINY))
+    a, b = synthetic_record(cfg, 20.0), synthetic_record(cfg, 30.0, calib_sha=None)  # b: a data-free method
+    shared, warnings = tables.check_protocol([a, b])
+    assert not warnings and "calibration" in shared
+    b["metrics"]["ppl"]["wiki_books"]["windows"] = 16
+    with pytest.raises(tables.ProtocolMismatch, match="perplexity wiki_books differs"):
+        tables.check_protocol([a, b])
+
+
+def test_ablation_bounds_and_cost_tables_from_synthetic_records(tmp_path):
+    for j in tables.jobs("ablation", TINY, tmp_path):
+        m = j.config["method"]
+        ppl = 20.0 if m["aces"]["enabled"] else 40.0 - 20 * tables.beta_of(m["alpha"])
+        write(j, synthetic_record(j.config, ppl, {"arc_easy": 0.4, "piqa": 0.6, "hellaswag": 0.3, "winogrande": 0.5}))
+    md = tables.build_ablation(tables.Context(tmp_path, TINY)).markdown()
+    assert row_cells(md, "0.2", "β = 0 (neither CEALC nor ACES)")[4] == "40.00"
+    assert row_cells(md, "0.2", "CEALC, fixed β = 0.50")[4:] == ["30.00", "0.450", "0.450", "25.0%"]
+    assert row_cells(md, "0.6", "SAES-SVD")[-1] == "50.0%"
+    assert "| LLaMA2-7B | 0.2 | yes | yes | 7.37 | 63.03 |" in md  # Table 3 beside ours
+
+    bounds = tables.jobs("aces_bounds", TINY, tmp_path)
+    for j in bounds:
+        lo, hi = j.config["method"]["aces"]["beta_min"], j.config["method"]["aces"]["beta_max"]
+        if j.config["method"]["aces"]["space"] == "alpha":
+            lo, hi = tables.beta_of(lo), tables.beta_of(hi)
+        write(j, synthetic_record(j.config, 20.0, {"piqa": 0.6}, betas={"0": lo, "1": (lo + hi) / 2, "2": hi}))
+    md = tables.build_aces_bounds(tables.Context(tmp_path, TINY)).markdown()
+    assert "| (0, 1) | alpha | [0.000, 0.500] | 20.00 |" in md and "| 2 of 3 | 8.96 | 58.47 |" in md
+
+    for j in tables.jobs("cost", TINY, tmp_path):
+        t = {"load": 1.0, "prepare": 0.0, "calibration": 10.0, "factorisation": 5.0, "total": 30.0}
+        if j.config.get("finetune"):
+            t["finetune"] = 100.0
+        write(j, synthetic_record(j.config, 20.0, timings=t, cached_blocks=2 if j.row == "saes" else 0))
+    md = tables.build_cost(tables.Context(tmp_path, TINY)).markdown()
+    assert "| SVD-LLM† | 10.0 | 0.0 | 5.0 | 100.0 | 115.0 | 30.0 | 1000 | yes |" in md
+    assert "| SAES-SVD | 10.0 | 0.0 | 5.0 | 0 | 15.0 | 30.0 | 1000 | no (cached statistics or resumed blocks) |" in md
+    assert f"{15 / 115:.2f} x SVD-LLM†'s" in md and "the paper: 0.12 x" in md
+
+
+def test_figures_leave_out_what_is_missing_and_are_written(tmp_path):
+    js = fill_table1(tmp_path, skip=("saes", 0.6))
+    xs, ys, lost = figures.series(js, "saes", lambda r: tables.ppl_of(r, "wiki_books"))
+    assert xs == [0.2, 0.4, 0.8] and lost == [0.6] and ys == [24.0, 28.0, 36.0]
+    _, written = tables.build_all(tmp_path, TINY)
+    pngs = {p.name for p in written if p.suffix == ".png"}
+    assert pngs == {"fig1a_cosine.png", "fig1b_ppl_vs_ratio.png", "fig1c_rer_vs_beta.png",
+                    "fig1d_fixed_vs_adaptive.png", "fig4_speed_memory.png", "fig6_aces_beta.png"}
+    for p in written:
+        assert p.parent.name == "tiny_llama-cpu" and p.stat().st_size > 0  # not the committed SmolLM2 folder
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_tables_are_the_papers_numbers():
+    t1 = tables.reference("table1_llama7b.csv")
+    assert tables.ref_value(t1, "Ours", "ppl_wikitext2", "0.2") == "7.17"
+    assert tables.ref_value(t1, "Ours", "ppl_wikitext2", "0.4") == "10.42"
+    assert tables.ref_value(t1, "SVD-LLM", "drop", "0.6") == "39.9"
+    assert tables.ref_value(t1, "Baseline", "acc_average", "0.0") == "0.52"
+    assert tables.ref_value(tables.reference("table4_aces_bounds.csv"), "Ours", "acc_average4", setting="0.25-0.75") == "63.03"
+    assert tables.ref_value(tables.reference("table11_cost.csv"), "Ours", "hours_total") == "0.5"
+    assert tables.ref_value(tables.reference("table6_llama3_8b.csv"), "SVD-LLM", "ppl_wikitext2", "0.8") == "6971.65"
+    for f in (ROOT / "results" / "reference").glob("*.csv"):
+        rows = tables.reference(f.name)
+        assert rows and all(r["source"].startswith("Table ") and r["model"] and r["unit"] for r in rows)
+        assert all(tables.as_float(r["value"]) is not None for r in rows)
+
+
+# -------------------------------------------------------------------------------- dry sweeps on the tiny model
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """Enough plain text for the tiny model's calibration and evaluation (seconds, not wiki_books' minute)."""
+    rng = random.Random(0)
+    words = [w for w in "the a model layer rank energy error block weight beta alpha value stream token".split()]
+    paras = [" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(400)]
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """Zero-shot tasks from the local copies, converted into a fresh cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SAES_CACHE", str(tmp_path_factory.mktemp("saes-cache")))
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        mp.setenv(var, "1")
+    yield
+    mp.undo()
+
+
+def dry(text: Path, experiment: str = "ablation") -> list[str]:
+    """Overrides for a dry run at ratio 0.2: the tiny preset, a local text; table1 scores one zero-shot task
+    (four examples), the other accuracy experiments none (the same code path, already covered); cost has none."""
+    tasks = {"table1": ["eval.zeroshot.tasks=[arc_easy]"], "table1_lora": ["eval.zeroshot.tasks=[arc_easy]"],
+             "cost": []}.get(experiment, ["eval.zeroshot.tasks=[]"])
+    return [*TINY, "scale=tiny", "calib.source=local", f"calib.path={text}", "eval.ppl.sources=[local]",
+            f"eval.ppl.path={text}", *tasks, "ratio=0.2"]
+
+
+def test_dry_sweep_of_every_experiment_runs_and_fills_its_tables(tmp_path, text_file, offline):
+    """Every row of every experiment, at ratio 0.2, through the pipeline on the tiny model (zero-shot in table1).
+
+    LoRA jobs get a smaller fine-tuning set than the experiment's (seconds instead of ten): their records
+    then have another key, and the tables must show exactly those runs as missing."""
+    small_lora = ["finetune.source=local", f"finetune.path={text_file}", "finetune.nsamples=2",
+                  "finetune.seqlen=32", "finetune.epochs=1", "finetune.batch_size=2"]
+    overrides = {e: dry(text_file, e) for e in EXPERIMENTS}
+    for experiment in EXPERIMENTS:
+        for j in tables.jobs(experiment, overrides[experiment], tmp_path):
+            lora = small_lora if j.config.get("finetune") else []
+            rec = run(tables.compose([*j.overrides, *lora, f"results_dir={tmp_path}"]))
+            assert summary(rec) and (lora or rec["key"] == config_key(j.config))  # found where the tables look
+    md = {}
+    for build, experiment, recorded in ((tables.build_table1, "table1", "8 of 9"), (tables.build_ablation, "ablation", "5 of 5"),
+                                        (tables.build_aces_bounds, "aces_bounds", "12 of 12"), (tables.build_cost, "cost", "2 of 4")):
+        doc = build(tables.Context(tmp_path, overrides[experiment]))
+        md[experiment] = doc.markdown()
+        assert not doc.refused and f"Runs recorded: {recorded}." in md[experiment]
+    assert row_cells(md["table1"], "0.2", "SVD-LLM†")[2:] == ["missing"] * 4
+    assert row_cells(md["table1"], "0.2", "SAES-SVD")[2:4] != ["missing"] * 2
+    assert "| SVD-LLM† | missing |" in md["cost"] and "| SAES-SVD† | missing |" in md["cost"]
+    ctx = tables.Context(tmp_path, overrides["table1"])
+    saes = next(j for j in ctx.jobs("table1") if j.row == "saes")
+    assert len(saes.record["blocks"]) == 2 and all("cosine_fp" in b for b in saes.record["blocks"])
+    assert saes.record["metrics"]["zeroshot"]["tasks"]["arc_easy"]["n"] == 4
+
+    # the RER curve replays that SAES run up to block 1's k_proj: ACES's beta and the retained energy there
+    # are the ones the run recorded
+    path, out = run_curve(["experiment=table1", "method=saes", *overrides["table1"], f"results_dir={tmp_path}"],
+                          layer=1, proj="self_attn.k_proj", points=11)
+    layer = saes.record["layers"][out["layer"]]
+    assert out["recorded_beta"] == pytest.approx(layer["beta"]) and out["aces"]["beta"] == pytest.approx(layer["beta"])
+    assert out["aces"]["rer_at_beta"] == pytest.approx(layer["rer"], rel=1e-9)
+    assert len(out["rer"]) == 11 and all(0 < r <= 1 for r in out["rer"])
+    assert figures.curves_for(ctx, ctx.jobs("table1")) and path.is_file()
+
+
+def test_a_sweep_through_run_py_writes_the_records_the_tables_read(tmp_path, text_file):
+    cmd = [sys.executable, "run.py", "experiment=ablation", *dry(text_file), f"results_dir={tmp_path}",
+           f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "SAES_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    js = tables.jobs("ablation", dry(text_file), tmp_path)
+    assert len(js) == 5 and all(j.record is not None for j in js)
+    assert {j.row for j in js} == {"saes:beta=0.000", "saes:beta=0.250", "saes:beta=0.500", "saes:beta=0.750", "saes"}
