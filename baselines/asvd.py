@@ -43,7 +43,7 @@ from saes.linalg import check_finite, truncated_svd
 from saes.lowrank import rank_for_ratio
 from saes.method import Factors, Method
 from saes.records import read_json, write_json_atomic
-from saes.stats import SiteStats
+from saes.stats import SiteStats, StreamingStats
 
 log = logging.getLogger(__name__)
 RANK_ALLOCS = ("uniform", "strs")
@@ -122,8 +122,8 @@ def _absmean_and_block_inputs(model: nn.Module, layout: BlockLayout, calib_ids: 
     """Dense ``mean|x|`` at every projection (whole calibration set) and each block's input (sensitivity set)."""
     blocks = model.get_submodule(layout.layers)
     names = list(plan_ranks(model, layout, 0.5))
-    sums = {name: torch.zeros(model.get_submodule(name).in_features, dtype=torch.float64) for name in names}
-    count = [0]
+    acc = {name: StreamingStats(model.get_submodule(name).in_features, {"absmean"}, dtype=torch.float64)
+           for name in names}
     inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
     hooks = []
     record_inputs = [False]
@@ -131,7 +131,7 @@ def _absmean_and_block_inputs(model: nn.Module, layout: BlockLayout, calib_ids: 
     for name in names:
         def absmean(_m: nn.Module, args: tuple, name: str = name) -> None:
             if not record_inputs[0]:
-                sums[name] += args[0].detach().reshape(-1, args[0].shape[-1]).double().abs().sum(0).cpu()
+                acc[name].update(args[0].detach())
 
         hooks.append(model.get_submodule(name).register_forward_pre_hook(absmean))
     for i, block in enumerate(blocks):
@@ -143,16 +143,14 @@ def _absmean_and_block_inputs(model: nn.Module, layout: BlockLayout, calib_ids: 
     try:
         model.to(cfg.device)
         for start in range(0, calib_ids.shape[0], cfg.batch_size):
-            batch = calib_ids[start:start + cfg.batch_size]
-            model(input_ids=batch.to(cfg.device), use_cache=False)
-            count[0] += batch.numel()
+            model(input_ids=calib_ids[start:start + cfg.batch_size].to(cfg.device), use_cache=False)
         record_inputs[0] = True
         for start in range(0, sens_ids.shape[0], cfg.batch_size):
             model(input_ids=sens_ids[start:start + cfg.batch_size].to(cfg.device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return {k: v / count[0] for k, v in sums.items()}, [torch.cat(x) for x in inputs]
+    return {k: a.finalize(k).absmean for k, a in acc.items()}, [torch.cat(x) for x in inputs]
 
 
 @torch.no_grad()

@@ -30,14 +30,10 @@ def run_one(overrides: list[str], results_dir: str) -> dict:
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     # the record path is derived from the resolved config: ask the pipeline's own function
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
+    from experiments.tables import resolved
     from saes.records import read_json, record_path
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*overrides, f"results_dir={results_dir}"])
-    return read_json(record_path(results_dir, OmegaConf.to_container(cfg, resolve=True)))
+    return read_json(record_path(results_dir, resolved([*overrides, f"results_dir={results_dir}"])))
 
 
 def main() -> None:

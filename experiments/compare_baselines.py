@@ -37,15 +37,11 @@ def overrides_for(label: str, ratio: float, extra: list[str], results_dir: str) 
 
 def record_for(overrides: list[str]) -> dict | None:
     """The record ``run.py`` would write for these overrides, or None if it does not exist (yet)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
+    from experiments.tables import resolved
     from saes.records import read_json, record_path
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    path = record_path(resolved["results_dir"], resolved)
+    config = resolved(overrides)
+    path = record_path(config["results_dir"], config)
     return read_json(path) if path.is_file() else None
 
 

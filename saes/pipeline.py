@@ -203,9 +203,10 @@ def run_loaded(cfg: DictConfig, t_start: float) -> dict[str, Any]:
     timings["data"] = time.perf_counter() - t0
     metrics: dict[str, Any] = {"ppl": {}, "ppl_skipped": skipped}
     for src, ids in eval_ids.items():  # the dense perplexity only if a compression run cached it
-        cache = dense_ppl_cache(cfg, dense_protocol(cfg, identity, src, ids, device))
+        protocol = dense_protocol(cfg, identity, src, ids, device)
+        cache = dense_ppl_cache(cfg, protocol)
         metrics["ppl"][src] = {"dense": read_json(cache)["ppl"] if cache.is_file() else None,
-                               "tokens_sha256": data_mod.token_digest(ids)}
+                               "tokens_sha256": protocol["tokens"]}
     t0 = time.perf_counter()
     evaluate(cfg, model, tok, eval_ids, device, metrics, label=f"{method_cfg['name']} (loaded)")
     timings["eval_compressed"] = time.perf_counter() - t0
