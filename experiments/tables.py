@@ -468,14 +468,18 @@ def header(js: Sequence[Job], experiments: Sequence[str], ctx: Context, shared: 
     """The lines every document opens with: what made it, on what, and what is missing."""
     model, scale = js[0].config["model"]["name"], js[0].scale
     missing = [j for j in js if j.record is None]
+
+    def missing_id(j: Job) -> str:  # the sweep's own overrides, named by experiment when several share a table
+        own = " ".join(j.overrides[:j.overrides.index(f"experiment={j.experiment}")])
+        return f"{j.experiment}: {own}" if len(experiments) > 1 else own
+
     lines = [f"Ours: **{model}**, scale preset **{scale}** (`conf/scale/{scale}.yaml`). Made by "
              + ", ".join(f"`{c}`" for c in commands(experiments, ctx.overrides))
              + "; rebuilt from the records by `python -m experiments.tables`. These are our numbers on this model, "
              "not the paper's on LLaMA: compare shapes (ordering, gaps closed), not values.",
              f"Runs recorded: {len(js) - len(missing)} of {len(js)}."
              + (" None yet: run the command above." if len(missing) == len(js) else
-                " Missing: " + "; ".join(" ".join(o for o in j.overrides[:j.overrides.index(f"experiment={j.experiment}")])
-                                         for j in missing) + "." if missing else "")]
+                " Missing: " + "; ".join(map(missing_id, missing)) + "." if missing else "")]
     if shared:
         lines.append("Protocol shared by every record: " + "; ".join(f"{k}: {v}" for k, v in shared.items()) + ".")
     return warnings + lines
