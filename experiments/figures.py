@@ -36,8 +36,8 @@ def _subtitle(js: Sequence["Job"]) -> str:
 
 def _missing(ax: Any, what: str) -> None:
     ax.text(0.5, 0.5, f"missing:\n{what}", ha="center", va="center", transform=ax.transAxes, color="firebrick")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    # hide this panel's ticks only: set_*ticks([]) would empty every panel sharing the axis
+    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -262,6 +262,19 @@ def test_figures_leave_out_what_is_missing_and_are_written(tmp_path):
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_missing_panel_keeps_the_shared_axis_ticks_of_the_drawn_one():
+    import matplotlib.pyplot as plt
+
+    fig, (drawn, empty) = plt.subplots(1, 2, sharey=True)
+    drawn.plot([0, 1, 2], [0.2, 0.5, 0.9])
+    figures._missing(empty, "nothing")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in drawn.get_yticklabels() if t.get_visible()]
+    assert len(drawn.get_yticks()) > 1 and any(labels)  # the drawn panel's values stay readable
+    assert not any(t.get_visible() and t.get_text() for t in empty.get_yticklabels())
+    plt.close(fig)
+
+
 def test_reference_tables_are_the_papers_numbers():
     t1 = tables.reference("table1_llama7b.csv")
     assert tables.ref_value(t1, "Ours", "ppl_wikitext2", "0.2") == "7.17"
