@@ -27,6 +27,7 @@ from .lowrank import LowRankLinear, set_submodule
 
 log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
+OWNER = "owner.json"  # {"host", "pid"} of the process compressing into the folder
 
 
 class ResumeError(ValueError):
@@ -65,6 +66,24 @@ class BlockCheckpoints:
                 raise ResumeError(f"{self.folder} holds checkpoints of another config (saved vs this run: {diff}); "
                                   "refusing to mix them: delete the folder or point resume elsewhere")
             self.layers = progress["blocks"]
+        self._claim()
+
+    def _claim(self) -> None:
+        """Refuse a folder that a live process on this host is writing (two jobs of one config at once: the
+        first would delete the checkpoints the second is restoring); a dead or foreign owner is taken over."""
+        import socket
+
+        path, host = self.folder / OWNER, socket.gethostname()
+        try:
+            owner = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            owner = {}
+        pid = owner.get("pid")
+        if owner.get("host") == host and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+            raise ResumeError(f"{self.folder} is being written by process {pid} on {host}, which is compressing "
+                              "the same config now; wait for its record instead of running it twice")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: p.write_text(json.dumps({"host": host, "pid": os.getpid()})))
 
     @property
     def done(self) -> int:
@@ -104,3 +123,13 @@ class BlockCheckpoints:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

@@ -5,7 +5,7 @@ import torch
 
 from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
 from saes.models import tiny_llama
-from saes.resume import PROGRESS, ResumeError
+from saes.resume import OWNER, PROGRESS, ResumeError
 from saes.saes import SAES
 
 from .conftest import calib_batch, make_cfg
@@ -54,7 +54,7 @@ def test_a_crash_after_block_k_resumes_at_k_with_the_same_factors(tmp_path):
     with pytest.raises(Crash, match="layers.2.self_attn.q_proj"):
         run_engine(crashed, CountingSAES(crash_at_block=2), tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["block_0.safetensors", "block_1.safetensors",
-                                                                      PROGRESS]
+                                                                      OWNER, PROGRESS]
 
     resumed, method = four_blocks(), CountingSAES()
     report = run_engine(resumed, method, tmp_path / "ckpt")
@@ -83,6 +83,31 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
     (tmp_path / "ckpt" / PROGRESS).write_text("{truncated")
     with pytest.raises(ResumeError, match="damaged"):
         run_engine(four_blocks(), CountingSAES(), tmp_path / "ckpt", key="config-a")
+
+
+def test_a_folder_a_live_process_is_writing_is_refused_and_a_dead_owner_is_taken_over(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with pytest.raises(Crash):  # a crashed run leaves its checkpoints, owned by this process
+        run_engine(four_blocks(), CountingSAES(crash_at_block=2), tmp_path / "ckpt", key="config-a")
+    assert json.loads((tmp_path / "ckpt" / PROGRESS).read_text())["key"] == "config-a"
+    folder, host = tmp_path / "ckpt", socket.gethostname()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # another live process on this host is compressing the same config: refused before any work
+        (folder / OWNER).write_text(json.dumps({"host": host, "pid": other.pid}))
+        with pytest.raises(ResumeError, match=f"process {other.pid} on .*same config"):
+            run_engine(four_blocks(), CountingSAES(), folder, key="config-a")
+        assert (folder / "block_0.safetensors").is_file()  # its checkpoints are left alone
+    finally:
+        other.kill()
+        other.wait()
+    # the same process, now dead: the folder is taken over and the run resumes to completion
+    method = CountingSAES()
+    run_engine(four_blocks(), method, folder, key="config-a")
+    assert method.calls and all(c.startswith(("model.layers.2.", "model.layers.3.")) for c in method.calls)
 
 
 def test_a_pipeline_run_that_crashed_resumes_records_the_same_and_cleans_up(tmp_path, monkeypatch):
