@@ -23,6 +23,7 @@ from .engine import (BlockLayout, CompressionReport, EngineConfig, check_plan, c
                      needs_calibration, plan_ranks)
 from .evaluate import perplexity
 from .offload import placed
+from .resume import claim
 from .finetune import check_finetune, lora_finetune
 from .lowrank import check_ratio, count_parameters
 from .method import DTYPES as PRECISIONS
@@ -88,6 +89,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     done = existing_record(path, cfg.force)
     if done is not None:
         return done
+    if cfg.get("resume"):  # another live process compressing this config: refuse before loading anything
+        claim(resume_dir(cfg, key))
 
     device = resolve_device(cfg.device)
     timings: dict[str, float] = {}

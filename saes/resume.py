@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,24 +67,7 @@ class BlockCheckpoints:
                 raise ResumeError(f"{self.folder} holds checkpoints of another config (saved vs this run: {diff}); "
                                   "refusing to mix them: delete the folder or point resume elsewhere")
             self.layers = progress["blocks"]
-        self._claim()
-
-    def _claim(self) -> None:
-        """Refuse a folder that a live process on this host is writing (two jobs of one config at once: the
-        first would delete the checkpoints the second is restoring); a dead or foreign owner is taken over."""
-        import socket
-
-        path, host = self.folder / OWNER, socket.gethostname()
-        try:
-            owner = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            owner = {}
-        pid = owner.get("pid")
-        if owner.get("host") == host and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
-            raise ResumeError(f"{self.folder} is being written by process {pid} on {host}, which is compressing "
-                              "the same config now; wait for its record instead of running it twice")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: p.write_text(json.dumps({"host": host, "pid": os.getpid()})))
+        claim(self.folder)
 
     @property
     def done(self) -> int:
@@ -125,11 +109,30 @@ class BlockCheckpoints:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+
+def claim(folder: Path) -> None:
+    """Own ``folder`` for this process, or refuse it if a live process on this host is writing it (two jobs of
+    one config at once: the first would delete the checkpoints the second is restoring). A dead owner, or one
+    on another host (a requeued job), is taken over. The pipeline claims before loading the model, the
+    engine again when it opens the checkpoints; a second claim by the same process is a no-op."""
+    path, host = Path(folder) / OWNER, socket.gethostname()
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        owner = {}
+    pid = owner.get("pid")
+    if owner.get("host") == host and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+        raise ResumeError(f"{folder} is being written by process {pid} on {host}, which is compressing "
+                          "the same config now; wait for its record instead of running it twice")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: p.write_text(json.dumps({"host": host, "pid": os.getpid()})))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        return True
+        pass
     return True

@@ -110,6 +110,33 @@ def test_a_folder_a_live_process_is_writing_is_refused_and_a_dead_owner_is_taken
     assert method.calls and all(c.startswith(("model.layers.2.", "model.layers.3.")) for c in method.calls)
 
 
+def test_a_pipeline_run_of_a_config_a_live_process_is_compressing_stops_before_loading_the_model(tmp_path,
+                                                                                                  monkeypatch):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from saes import pipeline
+    from saes.records import config_key
+
+    cfg = make_cfg("method=saes", results_dir=tmp_path)
+    folder = pipeline.resume_dir(cfg, config_key(OmegaConf.to_container(cfg, resolve=True)))
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("the model was loaded"))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(ResumeError, match=f"process {other.pid} on .*same config"):
+            pipeline.run(cfg)
+    finally:
+        other.kill()
+        other.wait()
+    assert not list(tmp_path.glob("runs/**/*.json"))
+
+
 def test_a_pipeline_run_that_crashed_resumes_records_the_same_and_cleans_up(tmp_path, monkeypatch):
     from saes import saes as saes_mod
     from saes.pipeline import run
