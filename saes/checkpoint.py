@@ -1,12 +1,18 @@
 """Save a compressed model as a Hugging Face-style folder, and rebuild it exactly.
 
-A folder holds ``model.safetensors`` (sharded with an index when large), ``config.json``
-(the base architecture, unchanged), the tokenizer, and ``lowrank_manifest.json``: every
-low-rank layer (dotted name, rank, shapes, bias) plus what made it (method, ratio,
-calibration protocol, git commit). No pickles. :func:`load_compressed` builds the base
-skeleton on the meta device (buffers such as rotary frequencies stay real), swaps in
-``LowRankLinear`` modules from the manifest, checks every tensor's name and shape, and
-assigns the weights.
+A folder holds ``model.safetensors`` (sharded with an index when large), ``config.json``,
+the tokenizer, ``lowrank_manifest.json``: every low-rank layer (dotted name, rank, shapes,
+bias) plus what made it (method, ratio, calibration protocol, git commit), and
+``modeling_saes_lowrank.py`` (from :mod:`saes.hf_portable`), the code transformers runs for
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` without this project.
+``config.json`` is the base architecture's, with ``model_type: "saes_lowrank"``, ``auto_map``,
+``architectures`` and the ``lowrank_*`` keys added (:func:`portable_config`). No pickles.
+
+:func:`load_compressed` never runs the folder's code: it rebuilds the base config from
+``config.json`` (:func:`base_config`), builds the base skeleton on the meta device (buffers such
+as rotary frequencies stay real), swaps in ``LowRankLinear`` modules from the manifest, checks
+every tensor's name and shape, and assigns the weights. Folders saved before the portable files
+existed (a plain base ``config.json``) load the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from .lowrank import LowRankLinear, set_submodule
 
 MANIFEST = "lowrank_manifest.json"
 FORMAT_VERSION = 1
+PORTABLE_MODULE = "modeling_saes_lowrank"  # the copy of saes/hf_portable.py in a saved folder
+PORTABLE_MODEL_TYPE = "saes_lowrank"
+PORTABLE_KEYS = ("auto_map", "lowrank_base_model_type", "lowrank_base_architecture", "lowrank_layers")
 
 
 class CheckpointError(ValueError):
@@ -48,6 +57,11 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, proven
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        arch = type(model).__name__
+        (tmp / f"{PORTABLE_MODULE}.py").write_text(portable_source(config["model_type"], arch))
+        (tmp / "config.json").write_text(json.dumps(portable_config(config, arch, layers), indent=2, sort_keys=True)
+                                         + "\n")
         manifest = {"format": FORMAT_VERSION, "model_type": model.config.model_type,
                     "parameters": sum(p.numel() for p in model.parameters()), "layers": layers, **provenance}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
@@ -58,6 +72,51 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, proven
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def portable_source(base_model_type: str, base_architecture: str) -> str:
+    """``saes/hf_portable.py`` with its ``BASE_*`` constants set to this base model (checked, not guessed)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if base_model_type not in CONFIG_MAPPING_NAMES or not hasattr(transformers, base_architecture):
+        raise CheckpointError(f"{base_architecture} (model_type {base_model_type!r}) is not a transformers "
+                              "architecture: the folder could not be loaded without this project")
+    text = (Path(__file__).with_name("hf_portable.py")).read_text()
+    for key, value in (("BASE_MODEL_TYPE", base_model_type), ("BASE_ARCHITECTURE", base_architecture)):
+        lines = [line for line in text.splitlines() if line.startswith(f"{key} = ")]
+        if len(lines) != 1:
+            raise RuntimeError(f"saes/hf_portable.py must define {key} on exactly one line")
+        text = text.replace(lines[0], f"{key} = {json.dumps(value)}  # written by saes.checkpoint", 1)
+    return text
+
+
+def portable_config(config: dict[str, Any], base_architecture: str, layers: dict[str, dict[str, Any]]
+                    ) -> dict[str, Any]:
+    """The base ``config.json`` as the portable model's: its own model type and classes, plus the layer table."""
+    return {**config, "model_type": PORTABLE_MODEL_TYPE, "architectures": ["SaesLowRankForCausalLM"],
+            "auto_map": {"AutoConfig": f"{PORTABLE_MODULE}.SaesLowRankConfig",
+                         "AutoModelForCausalLM": f"{PORTABLE_MODULE}.SaesLowRankForCausalLM"},
+            "lowrank_base_model_type": config["model_type"], "lowrank_base_architecture": base_architecture,
+            "lowrank_layers": layers}
+
+
+def base_config(folder: str | Path) -> Any:
+    """The base architecture's config from ``folder/config.json``, without running the folder's code."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    config = json.loads(path.read_text())
+    if config.get("model_type") != PORTABLE_MODEL_TYPE:
+        return AutoConfig.from_pretrained(folder)  # a folder saved before the portable files
+    base = {k: v for k, v in config.items() if k not in PORTABLE_KEYS}
+    base["model_type"], base["architectures"] = config["lowrank_base_model_type"], [config["lowrank_base_architecture"]]
+    if base["model_type"] not in CONFIG_MAPPING:
+        raise CheckpointError(f"{path}: unknown base model_type {base['model_type']!r}")
+    return CONFIG_MAPPING[base["model_type"]].from_dict(base, name_or_path=str(folder))
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -91,11 +150,11 @@ def _state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def load_compressed(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Rebuild ``(model, tokenizer, manifest)`` from a folder written by :func:`save_compressed`."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
     manifest = read_manifest(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = base_config(folder)
     if config.model_type != manifest["model_type"]:
         raise CheckpointError(f"config.json says model_type={config.model_type!r}, the manifest "
                               f"{manifest['model_type']!r}: the folder mixes two architectures")
@@ -127,4 +186,4 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None) -> tup
         model.tie_weights()
     if dtype is not None:
         model.to(dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(folder), manifest
+    return model.eval(), AutoTokenizer.from_pretrained(folder, config=config), manifest  # no remote-code prompt

@@ -1,0 +1,72 @@
+"""Low-rank causal LM loadable with transformers alone (``trust_remote_code=True``), no SAES harness needed.
+
+This file is the source of ``modeling_saes_lowrank.py``, which ``saes.checkpoint.save_compressed``
+writes into every saved folder, with the two ``BASE_*`` lines below set to the base model's
+architecture. It imports only torch and transformers. ``config.json`` then has
+``model_type: "saes_lowrank"``, ``auto_map`` naming the two classes of this file,
+``lowrank_base_model_type`` / ``lowrank_base_architecture`` (the same values), and
+``lowrank_layers``: dotted projection name -> ``{rank, in_features, out_features, bias}``.
+
+:class:`SaesLowRankForCausalLM` is the base architecture's own ``*ForCausalLM`` class in which
+every listed projection ``y = W x + b`` is ``y = A (B x) + b`` (``B: [rank, in]``, ``A: [out, rank]``),
+with the parameter names of ``saes.lowrank.LowRankLinear`` (``<name>.B.weight``, ``<name>.A.weight``,
+``<name>.A.bias``): the saved safetensors load unchanged. Because the model type is not a built-in
+one, loading without ``trust_remote_code=True`` fails with transformers' own error instead of
+building the dense base model with random projections.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+BASE_MODEL_TYPE = "llama"  # set on save: the base config's model_type
+BASE_ARCHITECTURE = "LlamaForCausalLM"  # set on save: the base model's *ForCausalLM class in transformers
+MODEL_TYPE = "saes_lowrank"
+
+
+class SaesLowRankConfig(CONFIG_MAPPING[BASE_MODEL_TYPE]):  # type: ignore[misc]
+    """The base architecture's config; ``lowrank_layers`` and the ``lowrank_base_*`` keys ride along as extras."""
+
+    model_type = MODEL_TYPE
+
+
+class LowRankLinear(nn.Module):
+    """``y = A (B x) + bias``: ``B`` (in -> rank) then ``A`` (rank -> out), as in ``saes.lowrank``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.B = nn.Linear(in_features, rank, bias=False)
+        self.A = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A(self.B(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SaesLowRankForCausalLM(getattr(transformers, BASE_ARCHITECTURE)):  # type: ignore[misc]
+    """The base ``*ForCausalLM`` with the projections of ``config.lowrank_layers`` factorised."""
+
+    config_class = SaesLowRankConfig
+
+    def __init__(self, config: SaesLowRankConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        layers: dict[str, dict[str, Any]] = getattr(config, "lowrank_layers", None) or {}
+        if not layers:
+            raise ValueError("config.json has no lowrank_layers: not a folder saved by the SAES harness")
+        for name, spec in layers.items():
+            parent, _, child = name.rpartition(".")
+            dense = self.get_submodule(name)
+            if (getattr(dense, "in_features", None), getattr(dense, "out_features", None)) != \
+                    (spec["in_features"], spec["out_features"]):
+                raise ValueError(f"lowrank_layers[{name!r}] is {spec['out_features']}x{spec['in_features']}, "
+                                 f"the {BASE_ARCHITECTURE} module there is {type(dense).__name__} of another shape")
+            setattr(self.get_submodule(parent) if parent else self, child,
+                    LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"]))
