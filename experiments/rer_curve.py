@@ -112,7 +112,7 @@ def run_curve(overrides: list[str], layer: int | None, proj: str, points: int) -
     device = resolve_device(cfg.device)
     calib = cfg.calib
     ids = data_mod.calibration_ids(loaded.tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed,
-                                   calib.get("path"))
+                                   calib.get("path"), calib.get("split"))
     probe = CurveProbe(method, target, points)
     ecfg = dataclasses.replace(engine_config(cfg, device, loaded.identity, key), resume_dir=None, reuse_stats=False)
     t0 = time.perf_counter()

@@ -8,8 +8,11 @@ Sources:
     are not clean under this calibration source (their passages are in it).
   * ``wikitext2``, ``ptb``, ``c4``: the papers' hub datasets with their real loaders
     (need network or a populated Hugging Face cache).
-  * ``local``: a UTF-8 text file (``path``), paragraphs separated by blank lines,
-    split into calibration/evaluation parts like ``wiki_books``.
+  * ``local``: a UTF-8 text file (``path``), paragraphs separated by blank lines, used
+    whole (``split: whole``, the default: point calibration at a train file and
+    evaluation at a test file, the papers' protocol from local copies), or divided
+    into calibration/evaluation parts by passage hash like ``wiki_books``
+    (``split: hash``).
 
 Perplexity text is joined and tokenised once (papers' protocol); calibration
 draws ``nsamples`` distinct, non-overlapping windows of ``seqlen`` tokens from the
@@ -26,6 +29,7 @@ import logging
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,6 +61,23 @@ def hub_offline() -> bool:
     return not _hub_reachable()
 
 
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def set_offline_switches() -> None:
+    """Offline mode for huggingface_hub and datasets, also for copies already imported (they read it at import).
+
+    Once the hub is decided unreachable, nothing may try it: huggingface_hub contacts the hub on its own
+    (e.g. for its user-agent registry) even for ``local_files_only`` loads, unless switched offline."""
+    for var in OFFLINE_SWITCHES:
+        os.environ[var] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        cfg = sys.modules["datasets"].config
+        cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
+
+
 @lru_cache(maxsize=1)
 def _hub_reachable() -> bool:
     try:
@@ -67,11 +88,8 @@ def _hub_reachable() -> bool:
 
 
 def _hub_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
-    if hub_offline():
-        raise DataUnavailable(
-            f"{name} is a Hugging Face hub dataset and the hub is offline or unreachable here; "
-            "use the offline source (calib.source=wiki_books) or a local file (source=local, path=...)"
-        )
+    if hub_offline():  # the caller names the config key to change (calibration or evaluation)
+        raise DataUnavailable(f"{name} is a Hugging Face hub dataset and the hub is offline or unreachable here")
     import datasets
 
     try:
@@ -127,13 +145,27 @@ def _wiki_books(split: Split) -> Text:
     return Text(hash_split(wiki_books_documents(), split), "\n\n")
 
 
-def _local(split: Split, path: str | None = None) -> Text:
+SPLIT_MODES = ("whole", "hash")  # how a local file becomes text: all of it, or the hash part of the split asked
+
+
+def check_local(path: str | None, mode: str | None, key: str) -> Path:
+    """The local text file of config group ``key`` (``calib`` or ``eval.ppl``), or a named error: before any load."""
+    if mode not in (None, *SPLIT_MODES):
+        raise DataUnavailable(f"{key}.split must be one of {SPLIT_MODES} (or null: whole); got {mode!r}")
     if not path:
-        raise DataUnavailable("source=local needs path=/some/file.txt")
+        raise DataUnavailable(f"the local text source of {key} needs a file: set {key}.path=/some/file.txt")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataUnavailable(f"local text file {p} does not exist")
-    paragraphs = [x.strip() for x in p.read_text(encoding="utf-8").split("\n\n")]
+        raise DataUnavailable(f"{key}.path={path!r}: no such file")
+    if not p.read_text(encoding="utf-8").strip():
+        raise DataUnavailable(f"{key}.path={path!r} is empty: it has no text to {'calibrate' if key == 'calib' else 'evaluate'} on")
+    return p
+
+
+def _local(split: Split, path: str | None = None, mode: str | None = None, key: str = "calib") -> Text:
+    paragraphs = [x.strip() for x in check_local(path, mode, key).read_text(encoding="utf-8").split("\n\n")]
+    if (mode or "whole") == "whole":
+        return Text([x for x in paragraphs if x], "\n\n")
     return Text(hash_split(paragraphs, split), "\n\n")
 
 
@@ -144,12 +176,23 @@ SOURCES: dict[str, Callable[..., Text]] = {
     "c4": _c4,
     "local": _local,
 }
+HUB_SOURCES = ("wikitext2", "ptb", "c4")
 
 
-def load_text(source: str, split: Split, path: str | None = None) -> Text:
+def split_mode(source: str, mode: str | None) -> str:
+    """How the text of ``source`` was chosen, for the record: ``whole``/``hash`` (local), ``hash`` (wiki_books),
+    ``dataset`` (the hub dataset's own train/test splits)."""
+    if source == "local":
+        return mode or "whole"
+    return "hash" if source == "wiki_books" else "dataset"
+
+
+def load_text(source: str, split: Split, path: str | None = None, mode: str | None = None,
+              key: str = "calib") -> Text:
+    """The text of ``source``'s ``split`` part; ``path``/``mode`` for ``local`` (``key`` names its config group)."""
     if source not in SOURCES:
         raise DataUnavailable(f"unknown text source {source!r}; known: {sorted(SOURCES)}")
-    return SOURCES[source](split, path) if source == "local" else SOURCES[source](split)
+    return SOURCES[source](split, path, mode, key) if source == "local" else SOURCES[source](split)
 
 
 # -------------------------------------------------------------------------- tokens
@@ -164,16 +207,16 @@ def token_digest(ids: torch.Tensor) -> str:
 
 
 def calibration_ids(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int,
-                    path: str | None = None) -> torch.Tensor:
+                    path: str | None = None, mode: str | None = None, key: str = "calib") -> torch.Tensor:
     """``[nsamples, seqlen]`` distinct non-overlapping windows of the calibration split."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"calibration needs nsamples >= 1 and seqlen >= 2; got {nsamples}, {seqlen}")
-    ids = tokenize(tokenizer, load_text(source, "calib", path))
+    ids = tokenize(tokenizer, load_text(source, "calib", path, mode, key))
     slots = ids.numel() // seqlen
     if slots < nsamples:
         raise DataUnavailable(
             f"calibration source {source!r} has {ids.numel()} tokens: room for {slots} windows of {seqlen}, "
-            f"{nsamples} asked; lower calib.nsamples or calib.seqlen"
+            f"{nsamples} asked; lower {key}.nsamples or {key}.seqlen, or give more text"
         )
     chosen = random.Random(seed).sample(range(slots), nsamples)
     return torch.stack([ids[s * seqlen:(s + 1) * seqlen] for s in chosen])

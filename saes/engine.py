@@ -31,7 +31,7 @@ from .linalg import FactorizationError, check_finite
 from .lowrank import LowRankLinear, rank_for_ratio, set_submodule
 from .data import token_digest
 from .method import Method, Stream
-from .resume import BlockCheckpoints
+from .resume import BlockCheckpoints, owned
 from .stats import SiteStats, StreamingStats
 from .stats_cache import CACHED, FREE, FPStatsCache
 
@@ -347,64 +347,65 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         raise ValueError(f"method {method.name!r} needs calibration data")
     if stream == "fp" and needs_delta:
         log.warning("%s needs Delta but runs on the FP stream: Delta is identically zero", method.name)
-    ckpt = BlockCheckpoints(cfg.resume_dir, cfg.resume_key, method.name, stream, ranks) if cfg.resume_dir else None
-    start = ckpt.done if ckpt is not None else 0
-    if start:
-        log.info("resuming %s: blocks 0..%d restored from %s", method.name, start - 1, ckpt.folder)
-    cache = _fp_stats_cache(model, layout, method, stream, calib_ids, cfg)
-    sites = [group[0] for group in layout.groups]
-    wanted = method.needs & CACHED  # what must be in the cache for a hit (Delta is zero on the FP stream)
-    cached = {i for i in range(start, len(blocks)) if cache is not None and cache.has(i, sites, wanted)}
-    # the streams are needed unless every block left to compress has cached statistics
-    need_streams = not data_free and (cfg.track_fidelity or len(cached) < len(blocks) - start)
-    keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
-    keep_fp = need_streams and (stream == "fp" or needs_delta or cfg.track_fidelity)
-    stream_device = cfg.stream_device or cfg.device
-    timings = {"calibration": 0.0, "factorisation": 0.0}
+    with owned(cfg.resume_dir):  # a failure gives the folder up (its finished blocks stay)
+        ckpt = BlockCheckpoints(cfg.resume_dir, cfg.resume_key, method.name, stream, ranks) if cfg.resume_dir else None
+        start = ckpt.done if ckpt is not None else 0
+        if start:
+            log.info("resuming %s: blocks 0..%d restored from %s", method.name, start - 1, ckpt.folder)
+        cache = _fp_stats_cache(model, layout, method, stream, calib_ids, cfg)
+        sites = [group[0] for group in layout.groups]
+        wanted = method.needs & CACHED  # what must be in the cache for a hit (Delta is zero on the FP stream)
+        cached = {i for i in range(start, len(blocks)) if cache is not None and cache.has(i, sites, wanted)}
+        # the streams are needed unless every block left to compress has cached statistics
+        need_streams = not data_free and (cfg.track_fidelity or len(cached) < len(blocks) - start)
+        keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
+        keep_fp = need_streams and (stream == "fp" or needs_delta or cfg.track_fidelity)
+        stream_device = cfg.stream_device or cfg.device
+        timings = {"calibration": 0.0, "factorisation": 0.0}
 
-    streams = _Streams([], [], [])
-    if need_streams:
-        t0 = time.perf_counter()
-        first, streams.kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, stream_device)
-        streams.X = first if keep_comp else []
-        streams.Xf = [x.clone() for x in first] if (keep_fp and keep_comp) else (first if keep_fp else [])
-        timings["calibration"] += time.perf_counter() - t0
-
-    layers: dict[str, dict[str, Any]] = {}
-    block_diag: list[dict[str, Any]] = []
-    bar = tqdm(range(len(blocks)), desc=f"compress[{method.name}]", unit="block")
-    for i in bar:
-        block = blocks[i].to(cfg.device)
-        ref = copy.deepcopy(block) if keep_fp else None  # original weights: the FP stream's block
-        prefix = f"{layout.layers}.{i}"
-        if i < start:
-            block_layers = ckpt.restore(i, block, prefix, layout.projections, ranks)
-        else:
-            site_stats = cache.load(i, wanted, cfg.stats_device or cfg.device) if i in cached else {}
-            block_layers, fresh = _compress_block(block, ref, prefix, layout, method, ranks, streams, stream, cfg,
-                                                  site_stats, FREE if cache is not None else frozenset(), timings)
-            if cache is not None and fresh:
-                cache.save(i, fresh)
-        layers.update(block_layers)
-        t0 = time.perf_counter()
-        if keep_comp:
-            streams.X = _through(block, streams.X, streams.kws, cfg.device, stream_device)
-        if keep_fp:
-            streams.Xf = _through(ref, streams.Xf, streams.kws, cfg.device, stream_device)
-        info: dict[str, Any] = {"index": i}
-        if keep_comp and keep_fp:
-            cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
-                   for a, b in zip(streams.X, streams.Xf)]
-            info["cosine_fp"] = float(torch.stack(cos).mean())
-            bar.set_postfix(cos=f"{info['cosine_fp']:.4f}")
-        block_diag.append(info)
-        del ref
-        blocks[i] = block.to(cfg.offload_device)
-        timings["calibration"] += time.perf_counter() - t0
-        if ckpt is not None and i >= start:
+        streams = _Streams([], [], [])
+        if need_streams:
             t0 = time.perf_counter()
-            ckpt.save(i, blocks[i], block_layers)
-            timings["checkpoint"] = timings.get("checkpoint", 0.0) + time.perf_counter() - t0
-    return CompressionReport(stream=stream if not data_free else "none",
-                             tokens=0 if data_free else int(calib_ids.numel()), layers=layers, blocks=block_diag,
-                             timings=timings, resumed_from=start, cached_stats_blocks=len(cached))
+            first, streams.kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, stream_device)
+            streams.X = first if keep_comp else []
+            streams.Xf = [x.clone() for x in first] if (keep_fp and keep_comp) else (first if keep_fp else [])
+            timings["calibration"] += time.perf_counter() - t0
+
+        layers: dict[str, dict[str, Any]] = {}
+        block_diag: list[dict[str, Any]] = []
+        bar = tqdm(range(len(blocks)), desc=f"compress[{method.name}]", unit="block")
+        for i in bar:
+            block = blocks[i].to(cfg.device)
+            ref = copy.deepcopy(block) if keep_fp else None  # original weights: the FP stream's block
+            prefix = f"{layout.layers}.{i}"
+            if i < start:
+                block_layers = ckpt.restore(i, block, prefix, layout.projections, ranks)
+            else:
+                site_stats = cache.load(i, wanted, cfg.stats_device or cfg.device) if i in cached else {}
+                block_layers, fresh = _compress_block(block, ref, prefix, layout, method, ranks, streams, stream, cfg,
+                                                      site_stats, FREE if cache is not None else frozenset(), timings)
+                if cache is not None and fresh:
+                    cache.save(i, fresh)
+            layers.update(block_layers)
+            t0 = time.perf_counter()
+            if keep_comp:
+                streams.X = _through(block, streams.X, streams.kws, cfg.device, stream_device)
+            if keep_fp:
+                streams.Xf = _through(ref, streams.Xf, streams.kws, cfg.device, stream_device)
+            info: dict[str, Any] = {"index": i}
+            if keep_comp and keep_fp:
+                cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+                       for a, b in zip(streams.X, streams.Xf)]
+                info["cosine_fp"] = float(torch.stack(cos).mean())
+                bar.set_postfix(cos=f"{info['cosine_fp']:.4f}")
+            block_diag.append(info)
+            del ref
+            blocks[i] = block.to(cfg.offload_device)
+            timings["calibration"] += time.perf_counter() - t0
+            if ckpt is not None and i >= start:
+                t0 = time.perf_counter()
+                ckpt.save(i, blocks[i], block_layers)
+                timings["checkpoint"] = timings.get("checkpoint", 0.0) + time.perf_counter() - t0
+        return CompressionReport(stream=stream if not data_free else "none",
+                                 tokens=0 if data_free else int(calib_ids.numel()), layers=layers, blocks=block_diag,
+                                 timings=timings, resumed_from=start, cached_stats_blocks=len(cached))

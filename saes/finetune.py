@@ -40,6 +40,11 @@ def check_finetune(ft: DictConfig) -> None:
                          f"batch_size={ft.batch_size}, lr={ft.lr}")
     if ft.source not in data_mod.SOURCES:
         raise ValueError(f"unknown finetune.source {ft.source!r}; known: {sorted(data_mod.SOURCES)}")
+    if ft.source == "local":
+        try:
+            data_mod.check_local(ft.get("path"), ft.get("split"), "finetune")
+        except data_mod.DataUnavailable as exc:
+            raise ValueError(str(exc)) from None
 
 
 def _factor_names(model: nn.Module, which: str) -> list[str]:
@@ -52,7 +57,8 @@ def lora_finetune(model: nn.Module, tokenizer: Any, ft: DictConfig, device: torc
 
     if not _factor_names(model, "A"):
         raise ValueError("finetune=lora needs a compressed model (no LowRankLinear layers found)")
-    ids = data_mod.calibration_ids(tokenizer, ft.source, ft.nsamples, ft.seqlen, ft.seed, ft.get("path"))
+    ids = data_mod.calibration_ids(tokenizer, ft.source, ft.nsamples, ft.seqlen, ft.seed, ft.get("path"),
+                                   ft.get("split"), "finetune")
     phases = [("A",), ("B",)] if ft.mode == "sequential" else [("A", "B")]
     report: dict[str, Any] = {"tokens_sha256": data_mod.token_digest(ids), "phases": []}
     model.to(device)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import hub_offline, set_offline_switches
 from .packages import packaged_file
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAES_CACHE", Path.home() / ".cache" / "saes-svd"))
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: Any) -> torch.device:
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:<i>``; anything else is refused here,
+    before the model loads (the engine and the evaluation run on these two kinds only)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailable(f"device={device!r} asked for CUDA but none is available; use device=auto or cpu")
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; use device=auto, cpu, cuda or cuda:<index>")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelUnavailable(f"device={device!r} asked for CUDA but none is available; use device=auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelUnavailable(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
 
 
@@ -128,20 +139,74 @@ def tiny_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
-def tiny_llama(hidden_size: int = 64, intermediate_size: int = 160, num_hidden_layers: int = 2,
-               num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 258,
-               seed: int = 0, **extra: Any) -> nn.Module:
-    """A random LLaMA built in code (grouped-query attention when kv heads < heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(hidden_size: int = 64, intermediate_size: int = 160, num_hidden_layers: int = 2,
+                num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 258,
+                **extra: Any) -> Any:
+    """The ``LlamaConfig`` of :func:`tiny_llama` (grouped-query attention when kv heads < heads)."""
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
-                      num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-                      num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
-                      max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257,
-                      **extra)
+    return LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                       num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                       num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
+                       max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257,
+                       **extra)
+
+
+def tiny_llama(seed: int = 0, **params: Any) -> nn.Module:
+    """A random LLaMA built in code from :func:`tiny_config`'s parameters, seeded."""
+    from transformers import LlamaForCausalLM
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(tiny_config(**params))
+
+
+def _hub_unavailable(hub_id: str, exc: Exception | None = None) -> ModelUnavailable:
+    why = f": {exc}" if exc is not None else ""
+    return ModelUnavailable(f"model {hub_id} is on the Hugging Face hub, the hub is unreachable here (or switched off "
+                            f"by HF_HUB_OFFLINE) and the model is not in the local Hugging Face cache{why}. "
+                            "Use model.path=/local/dir or the embedded model (model=smollm2_135m)")
+
+
+def model_config(cfg: Any) -> Any:
+    """The Hugging Face config of the model ``cfg`` names, without its weights (for checks before loading).
+
+    Offline (the same 2-second decision the text sources use) a hub model's config comes from the local
+    cache or not at all: no connection timeouts.
+    """
+    from transformers import AutoConfig
+
+    if cfg.get("path"):
+        where = Path(cfg.path).expanduser().resolve()
+        if not (where / "config.json").is_file():
+            raise ModelUnavailable(f"model.path={cfg.path!r} is not a Hugging Face model folder (no config.json)")
+        return AutoConfig.from_pretrained(str(where))
+    if cfg.source == "tiny":
+        params = {k: v for k, v in dict(cfg.get("tiny") or {}).items() if k != "seed"}
+        return tiny_config(**params)
+    if cfg.source == "gguf":
+        # The dequantised folder (made once, then cached) holds the config: reading it from the GGUF takes seconds.
+        where, _ = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))
+        return AutoConfig.from_pretrained(str(where))
+    if cfg.source == "hub":
+        offline = hub_offline()
+        if offline:
+            set_offline_switches()
+        try:
+            return AutoConfig.from_pretrained(cfg.hub_id, revision=cfg.get("revision"), local_files_only=offline)
+        except OSError as exc:
+            if offline:
+                raise _hub_unavailable(cfg.hub_id, exc) from exc
+            raise ModelUnavailable(f"could not read the config of {cfg.hub_id}: {exc}") from exc
+    raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {cfg.source!r}")
+
+
+def skeleton(config: Any) -> nn.Module:
+    """The causal LM of ``config`` on the meta device: every module and shape, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(cfg: Any) -> LoadedModel:
@@ -164,11 +229,16 @@ def load_model(cfg: Any) -> LoadedModel:
         where, _ = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))
     else:  # hub (model_identity refused any other source)
         where = cfg.hub_id
+    local_only = source == "hub" and hub_offline()  # offline: the local cache or an error at once, no timeouts
+    if local_only:
+        set_offline_switches()
     try:
-        tok = AutoTokenizer.from_pretrained(str(where), revision=cfg.get("revision"))
+        tok = AutoTokenizer.from_pretrained(str(where), revision=cfg.get("revision"), local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, revision=cfg.get("revision"),
-                                                     low_cpu_mem_usage=True)
+                                                     low_cpu_mem_usage=True, local_files_only=local_only)
     except OSError as exc:
+        if local_only:
+            raise _hub_unavailable(cfg.hub_id, exc) from exc
         raise ModelUnavailable(
             f"could not load model {where!s} ({source}): {exc}. Offline, use model.path=/local/dir "
             "or the embedded model (model=smollm2_135m)"

@@ -23,12 +23,12 @@ from .engine import (BlockLayout, CompressionReport, EngineConfig, check_plan, c
                      needs_calibration, plan_ranks)
 from .evaluate import perplexity
 from .offload import placed
-from .resume import claim
+from .resume import owned, release
 from .finetune import check_finetune, lora_finetune
-from .lowrank import check_ratio, count_parameters
+from .lowrank import check_ratio, count_parameters, rank_for_ratio
 from .method import DTYPES as PRECISIONS
 from .method import Method
-from .models import DTYPES, load_model, model_identity, resolve_device
+from .models import DTYPES, load_model, model_config, model_identity, resolve_device, skeleton
 from .checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
 from .records import (SCHEMA_VERSION, config_key, environment, flatten, read_json, record_path, run_stem, wandb_run,
                       write_json_atomic)
@@ -39,14 +39,15 @@ log = logging.getLogger(__name__)
 def validate(cfg: DictConfig) -> Method:
     """Cheap checks of everything a run needs, before loading anything heavy."""
     check_ratio(cfg.ratio)
+    check_int("seed", cfg.seed)
+    check_int("calib.seed", cfg.calib.seed)
     if cfg.calib.propagate not in (None, "fp", "compressed"):
         raise ValueError(f"calib.propagate must be null, fp or compressed; got {cfg.calib.propagate!r}")
     if cfg.calib.stats_dtype not in PRECISIONS:
         raise ValueError(f"calib.stats_dtype must be one of {sorted(PRECISIONS)}; got {cfg.calib.stats_dtype!r}")
     if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2 or cfg.calib.batch_size < 1:
         raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
-    if cfg.calib.source not in data_mod.SOURCES:
-        raise ValueError(f"unknown text source {cfg.calib.source!r}; known: {sorted(data_mod.SOURCES)}")
+    check_text(cfg.calib, "calib", cfg.calib.source)
     validate_eval(cfg)
     try:
         method = instantiate(cfg.method)
@@ -65,15 +66,49 @@ def validate_eval(cfg: DictConfig) -> None:
     ppl = cfg.eval.ppl
     if ppl.seqlen < 2 or (ppl.max_windows is not None and ppl.max_windows < 1):
         raise ValueError(f"eval.ppl.seqlen must be >= 2 and eval.ppl.max_windows >= 1 or null; got {ppl.seqlen}, {ppl.max_windows}")
+    check_int("eval.ppl.batch_size", ppl.batch_size, minimum=1)
     for src in ppl.sources:
-        if src not in data_mod.SOURCES:
-            raise ValueError(f"unknown text source {src!r}; known: {sorted(data_mod.SOURCES)}")
+        check_text(ppl, "eval.ppl", src)
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
     if cfg.get("finetune"):
         check_finetune(cfg.finetune)
     zeroshot.plan(cfg.eval)  # eval.zeroshot: bad input fails here; offline switches set before datasets/lm-eval load
     resolve_device(cfg.device)
+
+
+def check_int(key: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` of config key ``key`` as an int (not a bool, not a string), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        need = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        raise ValueError(f"{key} must be {need}; got {value!r}")
+    return value
+
+
+def check_text(group: DictConfig, key: str, source: str) -> None:
+    """A text source named under config group ``key`` (``calib``, ``eval.ppl``) exists and, if local, is readable."""
+    if source not in data_mod.SOURCES:
+        raise ValueError(f"unknown text source {source!r} in {key}; known: {sorted(data_mod.SOURCES)}")
+    mode = group.get("split")
+    if source == "local":
+        try:
+            data_mod.check_local(group.get("path"), mode, key)
+        except data_mod.DataUnavailable as exc:  # bad config, not a missing resource: the same error as the rest
+            raise ValueError(str(exc)) from None
+    elif mode is not None:
+        raise ValueError(f"{key}.split={mode!r} applies to {key}.source=local only (a local file used whole or "
+                         f"divided by hash); {source} has its own parts")
+
+
+def check_ranks_before_loading(cfg: DictConfig) -> None:
+    """The uniform rank plan of ``ratio`` from the model's config alone (shapes on the meta device): a ratio
+    that rounds a rank to 0 is refused before the weights load, the dense evaluation and any pre-pass. The
+    uniform plan's total is every method's budget, so it must exist whatever the allocation."""
+    plan_ranks_for(skeleton(model_config(cfg.model)), float(cfg.ratio))
+
+
+def plan_ranks_for(model: nn.Module, ratio: float) -> dict[str, int]:
+    return plan_ranks(model, layout_for(model), ratio)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -86,12 +121,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(resolved, dict)
     key = config_key(resolved)
     path = record_path(cfg.results_dir, resolved)
-    done = existing_record(path, cfg.force)
+    done = existing_record(path, cfg.force, bool(cfg.save))
     if done is not None:
         return done
-    if cfg.get("resume"):  # another live process compressing this config: refuse before loading anything
-        claim(resume_dir(cfg, key))
+    check_ranks_before_loading(cfg)
+    # Another live process compressing this config is refused before anything loads; a failure from here on
+    # gives the claim up (finished blocks stay for the rerun).
+    folder = resume_dir(cfg, key) if cfg.get("resume") else None
+    with owned(folder):
+        record = compress_and_evaluate(cfg, method, resolved, key, path, t_start)
+    if folder is not None:
+        release(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # the run is recorded: its checkpoints are done with
+    return record
 
+
+def compress_and_evaluate(cfg: DictConfig, method: Method, resolved: dict[str, Any], key: str, path: Path,
+                          t_start: float) -> dict[str, Any]:
+    """Load, evaluate dense, compress, evaluate compressed, write the record (which it returns)."""
     device = resolve_device(cfg.device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -103,8 +150,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     calib_ids = None
     if needs_calibration(method, cfg.calib.track_fidelity):
-        calib_ids = data_mod.calibration_ids(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
-                                             cfg.calib.seed, cfg.calib.get("path"))
+        try:
+            calib_ids = data_mod.calibration_ids(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
+                                                 cfg.calib.seed, cfg.calib.get("path"), cfg.calib.get("split"))
+        except data_mod.DataUnavailable as exc:
+            if cfg.calib.source not in data_mod.HUB_SOURCES:
+                raise
+            raise data_mod.DataUnavailable(f"{exc}. Calibrate on the offline text (calib.source=wiki_books) or a "
+                                           "local file (calib.source=local calib.path=/some/train.txt)") from exc
     eval_ids, skipped = eval_tokens(cfg, tok)
     timings["data"] = time.perf_counter() - t0
 
@@ -132,7 +185,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     env = environment()
     calibration = {
         "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
-        "seed": cfg.calib.seed, "stream": report.stream, "tokens": report.tokens,
+        "seed": cfg.calib.seed, "split": data_mod.split_mode(cfg.calib.source, cfg.calib.get("split")),
+        "stream": report.stream, "tokens": report.tokens,
         "stats_cached_blocks": report.cached_stats_blocks, "resumed_from_block": report.resumed_from,
         "tokens_sha256": data_mod.token_digest(calib_ids) if calib_ids is not None else None,
     }
@@ -161,7 +215,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "env": env,
     }
     write_record(cfg, path, record, f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}")
-    shutil.rmtree(resume_dir(cfg, key), ignore_errors=True)  # the run is recorded: its checkpoints are done with
     return record
 
 
@@ -180,6 +233,7 @@ def run_loaded(cfg: DictConfig, t_start: float) -> dict[str, Any]:
     lacking = [k for k in ("base", "method", "ratio") if manifest.get(k) is None]
     if lacking:
         raise CheckpointError(f"{folder / MANIFEST} lacks {lacking}: it was not written by run.py save=true")
+    check_manifest_ratio(folder, manifest)
     identity = model_identity(cfg.model)
     if manifest["base"] != identity:
         raise CheckpointError(f"{folder} was compressed from base {manifest['base']!r}, but model={cfg.model.name} "
@@ -242,11 +296,38 @@ def run_loaded(cfg: DictConfig, t_start: float) -> dict[str, Any]:
     return record
 
 
-def existing_record(path: Path, force: bool) -> dict[str, Any] | None:
-    """The finished run's record, unless ``force`` (then None: run again)."""
+def check_manifest_ratio(folder: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's ratio must be the one its layers were planned with: the record is filed and tabled under
+    it. Every plan keeps at most the uniform plan's parameters and misses them by less than one rank of one
+    projection (the budget rule shared by every allocator); a ratio its layers do not meet is refused."""
+    ratio = check_ratio(manifest["ratio"])
+    shapes = [(d["out_features"], d["in_features"], d["rank"]) for d in manifest["layers"].values()]
+    if not shapes:
+        raise CheckpointError(f"{folder / MANIFEST} lists no low-rank layer")
+    kept = sum(r * (m + n) for m, n, r in shapes)
+    budget = sum(rank_for_ratio(m, n, ratio) * (m + n) for m, n, _ in shapes)
+    if not budget - max(m + n for m, n, _ in shapes) < kept <= budget:
+        removed = 1 - kept / sum(m * n for m, n, _ in shapes)
+        raise CheckpointError(f"{folder / MANIFEST} says ratio {ratio}, but its layers remove {removed:.4f} of the "
+                              f"projections' parameters (kept {kept:,}; a plan at ratio {ratio} keeps at most "
+                              f"{budget:,}, within one rank of it): the manifest was edited or does not belong "
+                              "to these weights")
+
+
+def existing_record(path: Path, force: bool, save: bool = False) -> dict[str, Any] | None:
+    """The finished run's record, unless ``force`` (then None: run again).
+
+    ``save=true`` on a recorded run whose model was not saved is refused (never exit 0 without doing what was
+    asked): compressing again is the user's call, ``force=true``."""
     if not path.is_file() or force:
         return None
     record = read_json(path)
+    if save:
+        saved = record.get("saved_to")
+        if not saved or not (Path(saved) / MANIFEST).is_file():
+            raise ValueError(f"save=true, but this config's run is recorded ({path}) without a saved model "
+                             f"(saved_to: {saved}); add force=true to compress it again and save it")
+        log.info("the model is saved already: %s", saved)
     log.info("already done, skipping (force=true to rerun): %s", path)
     print(summary(record))
     return record
@@ -256,14 +337,18 @@ def eval_tokens(cfg: DictConfig, tok: Any) -> tuple[dict[str, torch.Tensor], dic
     """Token ids of every perplexity source that can be loaded here, and why the others were skipped."""
     eval_ids: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
-    for src in cfg.eval.ppl.sources:
+    ppl = cfg.eval.ppl
+    for src in ppl.sources:
         try:
-            eval_ids[src] = data_mod.tokenize(tok, data_mod.load_text(src, "eval", cfg.eval.ppl.get("path")))
+            eval_ids[src] = data_mod.tokenize(tok, data_mod.load_text(src, "eval", ppl.get("path"), ppl.get("split"),
+                                                                      "eval.ppl"))
         except data_mod.DataUnavailable as exc:
             log.warning("perplexity on %s skipped: %s", src, exc)
             skipped[src] = str(exc)
-    if not eval_ids and cfg.eval.ppl.sources:
-        raise data_mod.DataUnavailable(f"no perplexity source could be loaded: {skipped}")
+    if not eval_ids and ppl.sources:
+        raise data_mod.DataUnavailable(
+            f"no perplexity source could be loaded: {skipped}. Evaluate on the offline text "
+            "(eval.ppl.sources=[wiki_books]) or a local file (eval.ppl.sources=[local] eval.ppl.path=/some/test.txt)")
     return eval_ids, skipped
 
 

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload",
                 "calib.reuse_stats")  # how a run is carried out, not what it computes (dotted: nested keys)
-ABSENT_IF_NULL = ("load", "calib.stats_device", "method.strs.seqlen")  # added after records existed: null hashes as if absent
+ABSENT_IF_NULL = ("load", "calib.stats_device", "method.strs.seqlen", "calib.split", "eval.ppl.split",
+                  "finetune.split")  # added after records existed: null hashes as if absent
 SCHEMA_VERSION = 1
 
 
@@ -113,6 +114,12 @@ def wandb_run(logger_cfg: dict[str, Any], config: dict[str, Any], name: str, out
         yield None
         return
     run = None
+    if mode == "offline":
+        # Offline must mean no connection at all. W&B's mode argument alone still lets its Python-side error
+        # reporting resolve and contact an external host (seen with a socket guard and strace); its switches are
+        # read from the environment, so they are set here, where this process has asked for offline.
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ["WANDB_ERROR_REPORTING"] = "false"
     try:
         import wandb
 

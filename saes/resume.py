@@ -11,6 +11,7 @@ The pipeline removes the folder once the run's record is written.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,8 +19,9 @@ import os
 import shutil
 import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -67,7 +69,6 @@ class BlockCheckpoints:
                 raise ResumeError(f"{self.folder} holds checkpoints of another config (saved vs this run: {diff}); "
                                   "refusing to mix them: delete the folder or point resume elsewhere")
             self.layers = progress["blocks"]
-        claim(self.folder)
 
     @property
     def done(self) -> int:
@@ -110,29 +111,74 @@ class BlockCheckpoints:
 
 
 
+_HELD: dict[Path, int] = {}  # folders this process owns -> the open, locked descriptor of their OWNER file
+
+
 def claim(folder: Path) -> None:
-    """Own ``folder`` for this process, or refuse it if a live process on this host is writing it (two jobs of
-    one config at once: the first would delete the checkpoints the second is restoring). A dead owner, or one
-    on another host (a requeued job), is taken over. The pipeline claims before loading the model, the
-    engine again when it opens the checkpoints; a second claim by the same process is a no-op."""
-    path, host = Path(folder) / OWNER, socket.gethostname()
-    try:
-        owner = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        owner = {}
-    pid = owner.get("pid")
-    if owner.get("host") == host and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
-        raise ResumeError(f"{folder} is being written by process {pid} on {host}, which is compressing "
-                          "the same config now; wait for its record instead of running it twice")
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: p.write_text(json.dumps({"host": host, "pid": os.getpid()})))
+    """Own ``folder`` for this process, or refuse it if another live process holds it (two jobs of one config
+    at once: the first would delete the checkpoints the second is restoring).
+
+    Ownership is an exclusive ``flock`` on ``<folder>/owner.json``, taken without waiting: atomic (two
+    processes claiming at the same instant cannot both win) and released by the kernel when the owner exits,
+    however it exits, so a crashed or killed owner never blocks a rerun and a recycled PID means nothing. The
+    file's text (host, pid) only names the owner in the refusal. The pipeline claims before loading the model,
+    the engine again when it opens the checkpoints; a second claim by the same process is a no-op.
+    """
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / OWNER
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                owner = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                owner = {}
+            raise ResumeError(f"{folder} is being written by process {owner.get('pid', '?')} on "
+                              f"{owner.get('host', '?')}, which is compressing the same config now; wait for its "
+                              "record instead of running it twice") from None
+        try:  # the file may have been released and removed between our open and our lock: lock the live one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+    _HELD[folder] = fd
 
 
-def _alive(pid: int) -> bool:
+def release(folder: Path) -> None:
+    """Give up ``folder`` (a no-op if this process does not own it); remove it if it holds no checkpoint.
+
+    Called when a run fails after its claim: its finished blocks stay for the rerun, the claim does not.
+    """
+    folder = Path(folder).resolve()
+    fd = _HELD.pop(folder, None)
+    if fd is None:
+        return
+    (folder / OWNER).unlink(missing_ok=True)  # while still locked: a waiting claimer re-opens the new file
+    os.close(fd)
+    if not any(folder.glob("block_*.safetensors")) and not (folder / PROGRESS).exists():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def owned(folder: Path | None) -> Iterator[None]:
+    """Claim ``folder`` for the ``with`` body (nothing if ``None``); if the body raises, release it (its
+    checkpoints stay for the rerun). On success the claim is kept: the caller releases when it is done."""
+    if folder is None:
+        yield
+        return
+    claim(folder)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        pass
-    return True
+        yield
+    except BaseException:
+        release(folder)
+        raise

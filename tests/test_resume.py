@@ -1,11 +1,20 @@
 """A compression interrupted after block k restarts from block k and ends where an uninterrupted run ends."""
 
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
 from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
 from saes.models import tiny_llama
-from saes.resume import OWNER, PROGRESS, ResumeError
+from saes.resume import OWNER, PROGRESS, ResumeError, claim, release
 from saes.saes import SAES
 
 from .conftest import calib_batch, make_cfg
@@ -53,8 +62,9 @@ def test_a_crash_after_block_k_resumes_at_k_with_the_same_factors(tmp_path):
     crashed = four_blocks()
     with pytest.raises(Crash, match="layers.2.self_attn.q_proj"):
         run_engine(crashed, CountingSAES(crash_at_block=2), tmp_path / "ckpt")
+    # the finished blocks stay for the rerun; the crashed run's claim does not
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["block_0.safetensors", "block_1.safetensors",
-                                                                      OWNER, PROGRESS]
+                                                                      PROGRESS]
 
     resumed, method = four_blocks(), CountingSAES()
     report = run_engine(resumed, method, tmp_path / "ckpt")
@@ -85,38 +95,73 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
         run_engine(four_blocks(), CountingSAES(), tmp_path / "ckpt", key="config-a")
 
 
-def test_a_folder_a_live_process_is_writing_is_refused_and_a_dead_owner_is_taken_over(tmp_path):
-    import json
-    import socket
-    import subprocess
-    import sys
+def hold_claim(folder: Path) -> subprocess.Popen:
+    """Another process that claims ``folder`` and keeps it until killed (returns once it holds the claim)."""
+    code = (f"import sys, time; from saes.resume import claim; claim({str(folder)!r}); "
+            "print('claimed', flush=True); time.sleep(120)")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert other.stdout is not None and other.stdout.readline().strip() == "claimed"
+    return other
 
-    with pytest.raises(Crash):  # a crashed run leaves its checkpoints, owned by this process
+
+def test_a_folder_a_live_process_is_writing_is_refused_and_a_dead_owner_is_taken_over(tmp_path):
+    with pytest.raises(Crash):  # a crashed run leaves its checkpoints and gives up its claim
         run_engine(four_blocks(), CountingSAES(crash_at_block=2), tmp_path / "ckpt", key="config-a")
-    assert json.loads((tmp_path / "ckpt" / PROGRESS).read_text())["key"] == "config-a"
-    folder, host = tmp_path / "ckpt", socket.gethostname()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:  # another live process on this host is compressing the same config: refused before any work
-        (folder / OWNER).write_text(json.dumps({"host": host, "pid": other.pid}))
+    folder = tmp_path / "ckpt"
+    assert json.loads((folder / PROGRESS).read_text())["key"] == "config-a"
+    other = hold_claim(folder)
+    try:  # another live process is compressing the same config: refused before any work
         with pytest.raises(ResumeError, match=f"process {other.pid} on .*same config"):
             run_engine(four_blocks(), CountingSAES(), folder, key="config-a")
         assert (folder / "block_0.safetensors").is_file()  # its checkpoints are left alone
     finally:
         other.kill()
         other.wait()
-    # the same process, now dead: the folder is taken over and the run resumes to completion
+    # the owner was killed (no clean exit): its claim died with it; the folder is taken over and the run resumes
     method = CountingSAES()
     run_engine(four_blocks(), method, folder, key="config-a")
     assert method.calls and all(c.startswith(("model.layers.2.", "model.layers.3.")) for c in method.calls)
 
 
+def test_a_stale_owner_file_naming_a_live_pid_does_not_block_a_run(tmp_path):
+    """Ownership is the lock, not the text: a leftover owner.json naming any live PID (a recycled one) is free."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))
+    claim(folder)
+    release(folder)
+    assert not folder.exists()  # nothing was checkpointed: the released folder is removed
+
+
+def _claim_at_once(folder: str, barrier: Any, won: Any) -> None:
+    barrier.wait()
+    try:
+        claim(Path(folder))
+        won.put(os.getpid())
+    except ResumeError:
+        pass
+    barrier.wait()  # hold the claim until both have tried
+
+
+def test_two_processes_claiming_at_the_same_instant_never_both_win(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(30):
+        barrier, won = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_claim_at_once, args=(str(tmp_path / f"f{trial}"), barrier, won))
+                 for _ in range(2)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(30)
+            assert proc.exitcode == 0
+        winners = []
+        while not won.empty():
+            winners.append(won.get())
+        assert len(winners) == 1, f"trial {trial}: {len(winners)} processes own one folder"
+
+
 def test_a_pipeline_run_of_a_config_a_live_process_is_compressing_stops_before_loading_the_model(tmp_path,
                                                                                                   monkeypatch):
-    import json
-    import socket
-    import subprocess
-    import sys
-
     from omegaconf import OmegaConf
 
     from saes import pipeline
@@ -124,17 +169,37 @@ def test_a_pipeline_run_of_a_config_a_live_process_is_compressing_stops_before_l
 
     cfg = make_cfg("method=saes", results_dir=tmp_path)
     folder = pipeline.resume_dir(cfg, config_key(OmegaConf.to_container(cfg, resolve=True)))
-    folder.mkdir(parents=True)
     monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("the model was loaded"))
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = hold_claim(folder)
     try:
-        (folder / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
         with pytest.raises(ResumeError, match=f"process {other.pid} on .*same config"):
             pipeline.run(cfg)
     finally:
         other.kill()
         other.wait()
     assert not list(tmp_path.glob("runs/**/*.json"))
+
+
+def test_a_run_that_fails_before_compressing_leaves_no_claim_behind(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from saes import pipeline
+    from saes.records import config_key
+
+    cfg = make_cfg("method=saes", results_dir=tmp_path)
+    folder = pipeline.resume_dir(cfg, config_key(OmegaConf.to_container(cfg, resolve=True)))
+
+    def fail(*_: Any) -> None:
+        assert (folder / OWNER).is_file()  # claimed while it runs
+        raise RuntimeError("model load failed")
+
+    monkeypatch.setattr(pipeline, "load_model", fail)
+    with pytest.raises(RuntimeError, match="model load failed"):
+        pipeline.run(cfg)
+    assert not folder.exists()
+    other = hold_claim(folder)  # and another process can take the config at once
+    other.kill()
+    other.wait()
 
 
 def test_a_pipeline_run_that_crashed_resumes_records_the_same_and_cleans_up(tmp_path, monkeypatch):
