@@ -43,24 +43,64 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class BlockStages:
+    """How a pre-norm decoder block goes on from the input of ``o_proj`` to its output, as module names.
+
+    With ``z`` the input of ``o_proj`` and ``x`` the block's input::
+
+        h = x + attn_out_norm(o_proj(z))          # attn_out_norm absent: identity
+        u = mlp_in_norm(h)                        # input of gate_proj/up_proj
+        d = act(gate_proj(u)) * up_proj(u)        # input of down_proj
+        y = h + mlp_out_norm(down_proj(d))        # the block's output
+
+    The engine uses this to compute each group's input from the previous group's intermediate,
+    so a block costs one forward on each stream (the inputs of ``q,k,v`` and ``o`` still come from
+    the block's own forward, stopped at the site: the attention is not rewritten here). A layout
+    without stages is compressed by re-running the block per group (the reference path).
+    """
+
+    mlp_in_norm: str
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    act: str = "mlp.act_fn"
+
+    def _norm(self, block: nn.Module, name: str | None, x: torch.Tensor) -> torch.Tensor:
+        return x if name is None else block.get_submodule(name)(x)
+
+    def mlp_input(self, block: nn.Module, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, u)`` from the block input ``x`` and the ``o_proj`` input ``z``."""
+        h = x + self._norm(block, self.attn_out_norm, block.self_attn.o_proj(z))
+        return h, block.get_submodule(self.mlp_in_norm)(h)
+
+    def down_input(self, block: nn.Module, u: torch.Tensor) -> torch.Tensor:
+        return block.get_submodule(self.act)(block.mlp.gate_proj(u)) * block.mlp.up_proj(u)
+
+    def output(self, block: nn.Module, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return h + self._norm(block, self.mlp_out_norm, block.mlp.down_proj(d))
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     layers: str  # dotted path from the causal LM to the ModuleList of decoder blocks
     groups: tuple[tuple[str, ...], ...]  # true-sequential groups; members of a group share one input
+    stages: BlockStages | None = None  # the block after o_proj's input (q,k,v / o / gate,up / down groups only)
 
     @property
     def projections(self) -> tuple[str, ...]:
         return tuple(name for group in self.groups for name in group)
 
 
-_LLAMA_LIKE = BlockLayout(
-    layers="model.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
 )
+_LLAMA_LIKE = BlockLayout("model.layers", _LLAMA_GROUPS, BlockStages(mlp_in_norm="post_attention_layernorm"))
+# Gemma 3 normalises the attention and MLP outputs before each residual sum (sandwich norms).
+_GEMMA3 = BlockLayout("model.layers", _LLAMA_GROUPS, BlockStages(
+    mlp_in_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+    mlp_out_norm="post_feedforward_layernorm"))
 
 # The only architecture-specific names in the project: ``config.model_type`` -> layout.
 LAYOUTS: dict[str, BlockLayout] = {
@@ -68,7 +108,7 @@ LAYOUTS: dict[str, BlockLayout] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma3_text": _GEMMA3,
 }
 
 
@@ -129,6 +169,7 @@ class EngineConfig:
     reuse_stats: bool = False  # FP-stream statistics from/to <cache_dir>/stats (needs cache_dir and model_identity)
     resume_dir: Path | None = None  # per-block checkpoints: a rerun restarts after the last finished block
     resume_key: str = ""  # the run's config key: checkpoints of another key are refused
+    rerun: bool = False  # the reference path: re-run the block per group (layouts without stages always do)
 
 
 @dataclass
@@ -284,11 +325,35 @@ def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, strea
         "stats_device": (cfg.stats_device or cfg.device).type, "layers": layout.layers, "groups": layout.groups})
 
 
-def _compress_block(block: nn.Module, ref: nn.Module | None, prefix: str, layout: BlockLayout, method: Method,
-                    ranks: dict[str, int], streams: _Streams, stream: Stream, cfg: EngineConfig,
-                    cached: dict[str, SiteStats], extra: frozenset[str],
-                    timings: dict[str, float]) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats]]:
-    """Compress one block group by group, in place; returns its layers' diagnostics and the statistics it computed.
+def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: Method, ranks: dict[str, int],
+                     stats: SiteStats, timings: dict[str, float], layers: dict[str, dict[str, Any]]) -> None:
+    """Replace each projection of ``group`` by the method's factors (checked before they become a layer)."""
+    for name in group:
+        full = f"{prefix}.{name}"
+        t0 = time.perf_counter()
+        dense: nn.Linear = block.get_submodule(name)
+        W = dense.weight.to(method.compute_dtype)
+        m, n = W.shape
+        try:
+            f = method.factorize(W, stats, ranks[full], layer=full)
+            if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
+                raise FactorizationError(f"{method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
+            check_finite(A=f.A, B=f.B)
+        except FactorizationError as exc:
+            raise FactorizationError(f"{full}: {exc}") from exc
+        dt = dense.weight.dtype
+        set_submodule(block, name, LowRankLinear.from_factors(f.A.to(dt), f.B.to(dt), dense.bias))
+        seconds = time.perf_counter() - t0
+        timings["factorisation"] += seconds
+        layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}
+
+
+def _compress_block_rerun(block: nn.Module, ref: nn.Module | None, prefix: str, layout: BlockLayout, method: Method,
+                          ranks: dict[str, int], streams: _Streams, stream: Stream, cfg: EngineConfig,
+                          cached: dict[str, SiteStats], extra: frozenset[str],
+                          timings: dict[str, float]) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats]]:
+    """The reference path: compress one block group by group, re-running the block (and ``ref``, the original)
+    from its input up to each group's input site; returns its layers' diagnostics and the statistics it computed.
 
     ``cached``: statistics per site (``self_attn.q_proj``) from the FP-stream cache; ``extra``:
     statistics to compute beyond the method's needs, for the cache (those that cost next to nothing)."""
@@ -308,25 +373,116 @@ def _compress_block(block: nn.Module, ref: nn.Module | None, prefix: str, layout
                                                    f"{prefix}.{site}")
             stats = _only(stats, method.needs).to(method.compute_dtype, cfg.device)
         timings["calibration"] += time.perf_counter() - t0
-        for name in group:
-            full = f"{prefix}.{name}"
-            t0 = time.perf_counter()
-            dense: nn.Linear = block.get_submodule(name)
-            W = dense.weight.to(method.compute_dtype)
-            m, n = W.shape
-            try:
-                f = method.factorize(W, stats, ranks[full], layer=full)
-                if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
-                    raise FactorizationError(f"{method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
-                check_finite(A=f.A, B=f.B)
-            except FactorizationError as exc:
-                raise FactorizationError(f"{full}: {exc}") from exc
-            dt = dense.weight.dtype
-            set_submodule(block, name, LowRankLinear.from_factors(f.A.to(dt), f.B.to(dt), dense.bias))
-            seconds = time.perf_counter() - t0
-            timings["factorisation"] += seconds
-            layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}
+        _factorize_group(block, group, prefix, method, ranks, stats, timings, layers)
     return layers, fresh
+
+
+@torch.no_grad()
+def _forward_capturing(block: nn.Module, x: torch.Tensor, kw: dict, sites: list[str],
+                       seen: Any) -> torch.Tensor:
+    """The block's output for input ``x``; ``seen(site, input)`` gets the input of each of ``sites`` on the way."""
+    handles = [block.get_submodule(site).register_forward_pre_hook(lambda _m, args, site=site: seen(site, args[0]))
+               for site in sites]
+    try:
+        return _first(block(x, **kw))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def _compress_block_staged(block: nn.Module, prefix: str, layout: BlockLayout, method: Method,
+                           ranks: dict[str, int], streams: _Streams, stream: Stream, cfg: EngineConfig,
+                           cached: dict[str, SiteStats], extra: frozenset[str], timings: dict[str, float],
+                           keep_comp: bool, keep_fp: bool) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats],
+                                                                     list[torch.Tensor], list[torch.Tensor]]:
+    """One block at about one forward per stream; returns (layers, fresh statistics, next X, next X^f).
+
+    1. The block is still dense: one forward of it over ``X^f`` gives the FP stream's next input and, through
+       hooks, every site's FP input, accumulated at once on the FP stream, or kept to pair with the compressed
+       inputs for ``Delta`` (SAES-SVD).
+    2. FP stream: every group is factorised from those statistics (nothing depends on the order). Compressed
+       stream, true sequential: the ``q,k,v`` and ``o`` inputs come from the block's forward stopped at the site
+       (``q,k,v`` already compressed for ``o``); ``gate,up``, ``down`` and the block output follow from the
+       previous intermediate by :class:`BlockStages`, the same operations the block's forward performs.
+    Equals :func:`_compress_block_rerun` (tests compare them)."""
+    stages = layout.stages
+    assert stages is not None
+    dev, stream_dev, stats_dev = cfg.device, cfg.stream_device or cfg.device, cfg.stats_device or cfg.device
+    sites = [group[0] for group in layout.groups]
+    needs = method.needs | extra
+    with_delta = "Delta" in needs and stream == "compressed"
+    wanted = needs if with_delta else needs - {"Delta"}
+    todo = [site for site in sites if method.needs and site not in cached]  # statistics computed here
+    new_acc = lambda site: StreamingStats(block.get_submodule(site).in_features, wanted,  # noqa: E731
+                                          dtype=cfg.stats_dtype, device=stats_dev)
+    layers: dict[str, dict[str, Any]] = {}
+    fresh: dict[str, SiteStats] = {}
+
+    t0 = time.perf_counter()
+    fp_acc = {site: new_acc(site) for site in todo} if stream == "fp" else {}
+    fp_in: dict[str, list[torch.Tensor]] = {site: [] for site in todo} if with_delta else {}
+
+    def seen_fp(site: str, x: torch.Tensor) -> None:
+        if site in fp_acc:
+            fp_acc[site].update(x)
+        if site in fp_in:
+            fp_in[site].append(x.to(stream_dev))
+
+    Xf_next: list[torch.Tensor] = []
+    if fp_acc or fp_in or keep_fp:
+        for xf, kw in zip(streams.Xf, streams.kws):
+            y = _forward_capturing(block, xf.to(dev), kw, list(fp_acc or fp_in), seen_fp)
+            if keep_fp:
+                Xf_next.append(y.to(stream_dev))
+    timings["calibration"] += time.perf_counter() - t0
+
+    def statistics(site: str, acc: StreamingStats | None) -> SiteStats:
+        if not method.needs:
+            return SiteStats(tokens=0)
+        if site in cached:
+            stats = cached[site]
+        else:
+            assert acc is not None
+            stats = fresh[site] = acc.finalize(f"{prefix}.{site}")
+        return _only(stats, method.needs).to(method.compute_dtype, dev)
+
+    if stream == "fp" or not method.needs:
+        for site, group in zip(sites, layout.groups):
+            _factorize_group(block, group, prefix, method, ranks, statistics(site, fp_acc.get(site)), timings, layers)
+        t0 = time.perf_counter()
+        X_next = _through(block, streams.X, streams.kws, dev, stream_dev) if keep_comp else []
+        timings["calibration"] += time.perf_counter() - t0
+        return layers, fresh, X_next, Xf_next
+
+    def group_step(gi: int, inputs: Any) -> None:
+        """Accumulate group ``gi``'s statistics over the batches ``inputs`` yields, then factorise the group."""
+        t0 = time.perf_counter()
+        acc = new_acc(sites[gi])
+        for b, x in enumerate(inputs):
+            acc.update(x, fp_in[sites[gi]][b].to(dev) if with_delta else None)
+        fp_in.pop(sites[gi], None)
+        stats = statistics(sites[gi], acc)
+        timings["calibration"] += time.perf_counter() - t0
+        _factorize_group(block, layout.groups[gi], prefix, method, ranks, stats, timings, layers)
+
+    X, kws = streams.X, streams.kws
+    group_step(0, (_site_input(block, sites[0], x.to(dev), kw) for x, kw in zip(X, kws)))
+    z = [_site_input(block, sites[1], x.to(dev), kw).to(stream_dev) for x, kw in zip(X, kws)]
+    group_step(1, (zb.to(dev) for zb in z))
+    hu = [stages.mlp_input(block, x.to(dev), zb.to(dev)) for x, zb in zip(X, z)]
+    del z
+    h = [hb.to(stream_dev) for hb, _ in hu]
+    u = [ub.to(stream_dev) for _, ub in hu]
+    del hu
+    group_step(2, (ub.to(dev) for ub in u))
+    d = [stages.down_input(block, ub.to(dev)).to(stream_dev) for ub in u]
+    del u
+    group_step(3, (db.to(dev) for db in d))
+    t0 = time.perf_counter()
+    X_next = [stages.output(block, hb.to(dev), db.to(dev)).to(stream_dev) for hb, db in zip(h, d)]
+    timings["calibration"] += time.perf_counter() - t0
+    return layers, fresh, X_next, Xf_next
 
 
 @torch.no_grad()
@@ -376,22 +532,35 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         bar = tqdm(range(len(blocks)), desc=f"compress[{method.name}]", unit="block")
         for i in bar:
             block = blocks[i].to(cfg.device)
-            ref = copy.deepcopy(block) if keep_fp else None  # original weights: the FP stream's block
             prefix = f"{layout.layers}.{i}"
+            staged = layout.stages is not None and not cfg.rerun
             if i < start:
+                t0 = time.perf_counter()
+                Xf_next = _through(block, streams.Xf, streams.kws, cfg.device, stream_device) if keep_fp else []
                 block_layers = ckpt.restore(i, block, prefix, layout.projections, ranks)
+                X_next = _through(block, streams.X, streams.kws, cfg.device, stream_device) if keep_comp else []
+                timings["calibration"] += time.perf_counter() - t0
             else:
                 site_stats = cache.load(i, wanted, cfg.stats_device or cfg.device) if i in cached else {}
-                block_layers, fresh = _compress_block(block, ref, prefix, layout, method, ranks, streams, stream, cfg,
-                                                      site_stats, FREE if cache is not None else frozenset(), timings)
+                extra = FREE if cache is not None else frozenset()
+                if staged:
+                    block_layers, fresh, X_next, Xf_next = _compress_block_staged(
+                        block, prefix, layout, method, ranks, streams, stream, cfg, site_stats, extra, timings,
+                        keep_comp, keep_fp)
+                else:
+                    ref = copy.deepcopy(block) if keep_fp else None  # original weights: the FP stream's block
+                    block_layers, fresh = _compress_block_rerun(block, ref, prefix, layout, method, ranks, streams,
+                                                                stream, cfg, site_stats, extra, timings)
+                    t0 = time.perf_counter()
+                    X_next = _through(block, streams.X, streams.kws, cfg.device, stream_device) if keep_comp else []
+                    Xf_next = _through(ref, streams.Xf, streams.kws, cfg.device, stream_device) if keep_fp else []
+                    timings["calibration"] += time.perf_counter() - t0
+                    del ref
                 if cache is not None and fresh:
                     cache.save(i, fresh)
             layers.update(block_layers)
             t0 = time.perf_counter()
-            if keep_comp:
-                streams.X = _through(block, streams.X, streams.kws, cfg.device, stream_device)
-            if keep_fp:
-                streams.Xf = _through(ref, streams.Xf, streams.kws, cfg.device, stream_device)
+            streams.X, streams.Xf = X_next, Xf_next
             info: dict[str, Any] = {"index": i}
             if keep_comp and keep_fp:
                 cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
@@ -399,7 +568,6 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
                 info["cosine_fp"] = float(torch.stack(cos).mean())
                 bar.set_postfix(cos=f"{info['cosine_fp']:.4f}")
             block_diag.append(info)
-            del ref
             blocks[i] = block.to(cfg.offload_device)
             timings["calibration"] += time.perf_counter() - t0
             if ckpt is not None and i >= start:

@@ -1,0 +1,115 @@
+"""The staged engine path (one forward per stream and block) equals the reference path that re-runs the block
+per group: the same statistics, the same factors, the same streams (issue 12)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from baselines.asvd import ASVD
+from baselines.svd import SVD
+from baselines.svdllm import SVDLLM
+from saes.engine import LAYOUTS, EngineConfig, compress_model, layout_for, plan_ranks
+from saes.method import Method
+from saes.models import tiny_llama
+from saes.saes import SAES
+from saes.stats import SiteStats
+
+from .conftest import calib_batch
+
+CPU = torch.device("cpu")
+
+
+def tiny(arch: str) -> torch.nn.Module:
+    if arch == "llama":
+        return tiny_llama(num_hidden_layers=3).eval()
+    cfg = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=258,
+                                        max_position_embeddings=512, sliding_window=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+class Recorder(Method):
+    """Wraps a method and keeps every statistic the engine hands it, by layer."""
+
+    def __init__(self, inner: Method) -> None:
+        super().__init__(inner.name, "float64")
+        self.inner, self.needs, self.stream, self.seen = inner, inner.needs, inner.stream, {}
+
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = ""):
+        self.seen[layer] = stats
+        return self.inner.factorize(W, stats, rank, layer)
+
+
+def run(arch: str, method: Method, rerun: bool, **cfg: object):
+    model = tiny(arch)
+    ranks = plan_ranks(model, layout_for(model), 0.4)
+    rec = Recorder(method)
+    report = compress_model(model, rec, ranks, calib_batch(n=6, seqlen=24), EngineConfig(device=CPU, batch_size=4,
+                                                                                        rerun=rerun, **cfg))
+    return model, rec, report
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("make,fidelity", [(SAES, False), (SAES, True), (lambda: SVDLLM("svdllm"), False),
+                                           (lambda: SVDLLM("svdllm"), True), (lambda: ASVD("asvd"), False),
+                                           (lambda: SVD("svd"), True)])
+def test_staged_equals_rerun(arch, make, fidelity):
+    """Statistics (H, Delta, mean|x|) at every site, the factors and the recorded cosines are identical."""
+    staged_model, staged, staged_report = run(arch, make(), rerun=False, track_fidelity=fidelity)
+    ref_model, ref, ref_report = run(arch, make(), rerun=True, track_fidelity=fidelity)
+    assert staged.seen.keys() == ref.seen.keys()
+    for layer, want in ref.seen.items():
+        got = staged.seen[layer]
+        assert got.tokens == want.tokens, layer
+        for name in ("H", "Delta", "absmean"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None) == (b is None), (layer, name)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=f"{layer} {name}")
+    for (name, p), (_, q) in zip(staged_model.state_dict().items(), ref_model.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    cosines = [[b.get("cosine_fp", -1.0) for b in report.blocks] for report in (staged_report, ref_report)]
+    assert cosines[0] == pytest.approx(cosines[1], rel=1e-6)
+    if fidelity:  # both streams kept: a cosine per block, below 1 once the first block is compressed
+        assert all(c < 1 for c in cosines[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_stages_reproduce_the_block_forward(arch):
+    """``BlockStages`` continues from the ``o_proj`` input exactly as the block's own forward does."""
+    model = tiny(arch)
+    layout = layout_for(model)
+    block = model.get_submodule(layout.layers)[1]  # block 1 of gemma3 here: a sliding-window layer
+    call: dict = {}
+    grab = block.register_forward_pre_hook(lambda _m, args, kw: call.update(x=args[0], kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=calib_batch(n=2, seqlen=24), use_cache=False)
+    grab.remove()
+    captured = {}
+    handles = [block.get_submodule(site).register_forward_pre_hook(
+        lambda _m, args, site=site: captured.__setitem__(site, args[0])) for site in
+        ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")]
+    with torch.no_grad():
+        y = block(call["x"], **call["kw"])
+        y = y[0] if isinstance(y, tuple) else y
+        h, u = layout.stages.mlp_input(block, call["x"], captured["self_attn.o_proj"])
+        d = layout.stages.down_input(block, u)
+        out = layout.stages.output(block, h, d)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(u, captured["mlp.gate_proj"]) and torch.equal(d, captured["mlp.down_proj"])
+    assert torch.equal(out, y)
+
+
+def test_every_layout_with_the_four_llama_groups_has_stages():
+    for model_type, layout in LAYOUTS.items():
+        assert layout.stages is not None, model_type
+        assert [g[0] for g in layout.groups] == ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                                 "mlp.down_proj"]
