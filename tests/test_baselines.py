@@ -170,13 +170,19 @@ def test_asvd_strs_end_to_end_keeps_the_global_target(tmp_path):
 
 
 def test_fwsvd_and_svdllm_update_run_end_to_end(tmp_path):
+    """Both run through the pipeline on calibration data and give a finite perplexity near the dense one."""
+    import math
     from tests.conftest import make_cfg
     from saes.pipeline import run
     for m in ("fwsvd", "svdllm_update"):
         rec = run(make_cfg(f"method={m}", "ratio=0.4", results_dir=tmp_path))
         assert rec["calibration"]["tokens_sha256"] is not None
-        ppl = rec["metrics"]["ppl"]["wiki_books"] if "wiki_books" in rec["metrics"]["ppl"] else next(iter(rec["metrics"]["ppl"].values()))
-        assert ppl["compressed"] > 0
+        ppl = rec["metrics"]["ppl"]["wiki_books"]
+        dense, compressed = ppl["dense"], ppl["compressed"]
+        # The tiny model is random (PPL ~ its 258-token vocabulary): truncation may even lower its PPL a little,
+        # so "above dense" is no property here; a finite value within a small factor of the dense one is.
+        assert math.isfinite(dense) and math.isfinite(compressed), (m, ppl)
+        assert 0.9 * dense < compressed < 1.5 * dense, (m, ppl)
 
 
 # ---- the optional LoRA stage ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import math
 import socket
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -54,15 +55,29 @@ def test_too_little_text_is_a_clear_error(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("source", ["wikitext2", "ptb", "c4"])
 def test_hub_sources_offline_fail_fast_without_touching_the_network(monkeypatch, source):
+    """With HF_HUB_OFFLINE=1 a hub source raises the offline error and never opens a connection or resolves a name."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    attempts: list[str] = []
 
-    def no_network(*args, **kwargs):
-        raise AssertionError("network access attempted")
+    def recorder(name: str) -> Callable[..., Any]:
+        def attempt(*args: Any, **kwargs: Any) -> Any:
+            attempts.append(f"{name}{args!r}")
+            raise OSError(f"test: {name} is disabled")
+        return attempt
 
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    with pytest.raises(data.DataUnavailable, match="hub"):
-        data.load_text(source, "eval")
+    monkeypatch.setattr(socket, "create_connection", recorder("socket.create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", recorder("socket.getaddrinfo"))
+    monkeypatch.setattr(socket.socket, "connect", recorder("socket.connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", recorder("socket.connect_ex"))
+    # a reachability probe cached by an earlier test would hide an attempt; clear it before and after
+    probe_cache_clear = getattr(getattr(data, "_hub_reachable", None), "cache_clear", lambda: None)
+    probe_cache_clear()
+    try:
+        with pytest.raises(data.DataUnavailable, match="hub is offline or unreachable"):
+            data.load_text(source, "eval")
+    finally:
+        probe_cache_clear()
+    assert attempts == []
 
 
 class Uniform(nn.Module):

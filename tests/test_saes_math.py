@@ -141,25 +141,37 @@ def test_aces_picks_the_minimiser_of_its_surrogate_on_a_fine_grid():
     assert true_tail_ratio(W + beta * D, 2) <= min(true) + 0.02
 
 
+def true_tail_energy(G: torch.Tensor, r: int) -> float:
+    """Energy of ``G`` beyond its best rank-``r`` approximation: the sum of its discarded squared singular values."""
+    return float(torch.linalg.svdvals(G).square()[r:].sum())
+
+
 def test_aces_energy_objective_minimises_the_tail_energy():
-    W, H, Delta, _ = interior_layer()
+    """With objective=energy, ACES's beta minimises the true tail energy of G(beta) = S + beta D (from svdvals)."""
+    W, H, Delta, D = interior_layer()  # H = I: S = W and G(beta) = W + beta D
     coef = aces_coefficients(*whitened_targets(W, damped_cholesky(H, 0.0), Delta), 2)
+    assert coef.surrogate(0.0, "energy") == pytest.approx(true_tail_energy(W, 2), rel=1e-12)  # exact at beta = 0
     beta = aces_select_beta(W, H, Delta, 2, 0.0, 1.0, "energy")
-    assert beta == pytest.approx(-coef.b / coef.c)
     grid = torch.linspace(0, 1, 2001, dtype=F64).tolist()
-    assert coef.surrogate(beta, "energy") <= min(coef.surrogate(b, "energy") for b in grid) + 1e-12
+    tails = [true_tail_energy(W + b * D, 2) for b in grid]
+    best = min(range(len(grid)), key=tails.__getitem__)
+    assert 0.2 < grid[best] < 0.8, "the test layer must have an interior optimum"
+    assert abs(beta - grid[best]) < 1e-3
+    assert true_tail_energy(W + beta * D, 2) <= tails[best] + 1e-6
 
 
 def test_aces_respects_bounds_cap_and_shrink():
+    """Bounds clip, cap limits and shrink scales every candidate before the surrogate picks one."""
     W, H, Delta, _ = interior_layer()
     free = aces_select_beta(W, H, Delta, 2)
+    assert free == pytest.approx(0.4975, abs=1e-3)  # the surrogate falls on [0, free] and rises after it
     assert aces_select_beta(W, H, Delta, 2, beta_min=0.6, beta_max=0.9) == pytest.approx(0.6)
     assert aces_select_beta(W, H, Delta, 2, beta_min=0.0, beta_max=0.3) == pytest.approx(0.3)
     assert aces_select_beta(W, H, Delta, 2, cap=0.2) == pytest.approx(0.2)
-    shrunk = aces_select_beta(W, H, Delta, 2, beta_max=0.6, shrink=0.5)
-    assert shrunk <= 0.3 + 1e-12
-    candidates = {0.0, 0.6, min(free, 0.6)}
-    assert any(abs(shrunk - 0.5 * c) < 1e-12 for c in candidates)
+    # shrunk candidates {0, 0.5 * 0.6, 0.5 * free}: the largest, 0.3, is lowest on the falling part
+    assert aces_select_beta(W, H, Delta, 2, beta_max=0.6, shrink=0.5) == pytest.approx(0.3, abs=1e-12)
+    # shrunk candidates {0, 0.9, 0.9 * free}: 0.9 is past the minimum, 0.9 * free is nearest to it
+    assert aces_select_beta(W, H, Delta, 2, shrink=0.9) == pytest.approx(0.9 * free, abs=1e-12)
     for bad in (dict(beta_min=0.8, beta_max=0.2), dict(cap=1.0), dict(shrink=0.0), dict(objective="tail")):
         with pytest.raises(ValueError):
             aces_select_beta(W, H, Delta, 2, **bad)
@@ -173,7 +185,12 @@ def test_aces_without_upstream_error_keeps_the_lower_bound():
 
 
 def test_select_beta_scores_every_candidate_after_the_guardrails():
+    """With cap and shrink active, the winner and its reported score are those of the guardrailed beta."""
     W, H, Delta, _ = interior_layer()
     coef = aces_coefficients(*whitened_targets(W, damped_cholesky(H, 0.0), Delta), 2)
-    beta, score = select_beta(coef, 0.0, 1.0, "ratio", None, 1.0)
-    assert score == pytest.approx(coef.surrogate(beta, "ratio"))
+    beta, score = select_beta(coef, 0.0, 1.0, "ratio", cap=0.3, shrink=0.5)
+    # candidates 0, 1 and the interior minimum (about 0.5) become 0, 0.15 and 0.15; 0.15 scores lower than 0
+    assert beta == pytest.approx(0.15, abs=1e-12)
+    assert score == pytest.approx(coef.surrogate(0.15, "ratio"), rel=1e-12)
+    assert score < coef.surrogate(0.0, "ratio")
+    assert score > 10 * coef.surrogate(aces_select_beta(W, H, Delta, 2), "ratio")  # not the unguarded minimum's
