@@ -39,10 +39,10 @@ def test_local_text_file_source(tmp_path, tokenizer):
     paragraphs = [f"Paragraph {i} talks about topic {i * 7}." * 5 for i in range(200)]
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(paragraphs + paragraphs[:20]))  # duplicates are dropped
-    calib, ev = data.load_text("local", "calib", str(path)), data.load_text("local", "eval", str(path))
+    calib, ev = data.load_text("local", "calib", str(path), "hash"), data.load_text("local", "eval", str(path), "hash")
     assert len(calib.docs) + len(ev.docs) == 200 and not set(calib.docs) & set(ev.docs)
     assert data.calibration_ids(tokenizer, "local", 4, 32, 0, str(path)).shape == (4, 32)
-    with pytest.raises(data.DataUnavailable, match="does not exist"):
+    with pytest.raises(data.DataUnavailable, match="no such file"):
         data.load_text("local", "calib", str(tmp_path / "missing.txt"))
 
 
