@@ -155,8 +155,8 @@ def main() -> None:
     fact: dict[str, Any] = {}
     for name, (m, n) in shapes.items():
         W = (torch.randn(m, n, generator=g, dtype=torch.float64) * 0.02).to(device)
-        X = torch.randn(4 * n, n, generator=g, dtype=torch.float64).to(device)  # full-rank activations
-        Xc = X + 0.05 * torch.randn(4 * n, n, generator=g, dtype=torch.float64).to(device)
+        X = torch.randn(n + 64, n, generator=g, dtype=torch.float64).to(device)  # full-rank activations
+        Xc = X + 0.05 * torch.randn(n + 64, n, generator=g, dtype=torch.float64).to(device)
         stats = SiteStats(tokens=X.shape[0], H=Xc.mT @ Xc / X.shape[0], Delta=(X - Xc).mT @ Xc / X.shape[0])
         del X, Xc
         rank = int((1 - 0.4) * m * n / (m + n))

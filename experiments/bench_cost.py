@@ -3,6 +3,7 @@
     python -m experiments.bench_cost                          # SmolLM2-135M, saes + svdllm at 0.2, this CPU
     python -m experiments.bench_cost --methods saes svdllm asvd --ratio 0.4 --reference
     python -m experiments.bench_cost --overrides device=cuda  # on a GPU
+    python -m experiments.bench_cost --skip-compression --zeroshot-batch 1 8 32   # lm-eval's batch size
 
 Run it alone (two torch processes on two cores slow each other several-fold). The model is loaded once;
 each method compresses a fresh copy of it under the run's calibration protocol (no statistics cache, no
@@ -97,6 +98,32 @@ def ppl_timed(model: torch.nn.Module, ids: torch.Tensor, cfg: Any, device: torch
     return out
 
 
+def zeroshot_timed(model: torch.nn.Module, tok: Any, tasks: list[str], limit: int, batch_sizes: list[int],
+                   device: torch.device) -> dict[str, Any]:
+    """lm-eval's wall time on ``tasks`` (first ``limit`` examples each) at each batch size; the scores must not
+    depend on the batch size (checked)."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    from saes import zeroshot
+
+    plan = zeroshot.plan(OmegaConf.create({"zeroshot": {"tasks": tasks, "limit": limit, "offline": True}}))
+    assert plan is not None
+    out: dict[str, Any] = {"tasks": tasks, "limit": limit}
+    scores = {}
+    model.to(device)
+    for bs in batch_sizes:
+        t0 = time.perf_counter()
+        got, _ = zeroshot.accuracy(model, tok, replace(plan, batch_size=bs))
+        out[f"zeroshot_bs{bs}_s"] = time.perf_counter() - t0
+        scores[bs] = {k: round(v["metrics"]["acc"], 6) for k, v in got.items()}
+        print(f"zero-shot batch {bs}: {out[f'zeroshot_bs{bs}_s']:.1f} s {scores[bs]}", flush=True)
+    model.to("cpu")
+    out["scores_equal"] = all(v == scores[batch_sizes[0]] for v in scores.values())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["saes", "svdllm"])
@@ -104,6 +131,11 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="also time the reference path (the before)")
     ap.add_argument("--ppl-batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--zeroshot-batch", type=int, nargs="*", default=[],
+                    help="also time lm-eval on the dense model at these batch sizes")
+    ap.add_argument("--zeroshot-tasks", nargs="+", default=["hellaswag", "arc_easy", "piqa"])
+    ap.add_argument("--zeroshot-limit", type=int, default=50)
+    ap.add_argument("--skip-compression", action="store_true", help="only the dense forward (and --zeroshot-batch)")
     ap.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides (model=..., calib.nsamples=...)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     args = ap.parse_args()
@@ -120,6 +152,15 @@ def main() -> None:
                                                          cfg.eval.ppl.get("split"), "eval.ppl"))
     dense_forward(base, ids[: calib.batch_size], calib.batch_size, device)  # warm-up
     dense = dense_forward(base, ids, calib.batch_size, device)
+    if args.zeroshot_batch:
+        zs = zeroshot_timed(base, tok, args.zeroshot_tasks, args.zeroshot_limit, args.zeroshot_batch, device)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"zeroshot-{cfg.model.name}-{device.type}.json"
+        path.write_text(json.dumps({"threads": args.threads, **zs, "env": environment()}, indent=1) + "\n")
+        print(f"written: {path}")
+    if args.skip_compression:
+        return
     rows: list[dict[str, Any]] = [{"method": "dense", "path": "-", **ppl_timed(base, eval_ids, cfg, device,
                                                                                  args.ppl_batch)}]
     for name in args.methods:
