@@ -66,3 +66,15 @@ def test_rank_above_the_smaller_dimension_is_refused():
 
     with pytest.raises(FactorizationError, match="exceeds"):
         truncated_svd(torch.randn(4, 6, dtype=torch.float64), 5)
+
+
+def test_an_eigensolver_failure_falls_back_to_the_full_svd(monkeypatch):
+    G = spectrum_matrix(48, 64, 1e2)
+    reference = truncated_svd(G, 12, gram=False)
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("eigh: the algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    got = truncated_svd(G, 12)
+    assert torch.equal(got.S, reference.S) and torch.equal(got.Vh, reference.Vh)

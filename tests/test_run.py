@@ -110,6 +110,7 @@ def test_a_failing_svd_stops_the_run_naming_the_layer_and_leaves_no_record(tmp_p
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "svd", no_convergence)
+    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)  # the Gram path fails too, then the SVD it falls back to
     with pytest.raises(FactorizationError, match=r"model\.layers\.0\.self_attn\.q_proj.*did not converge"):
         run(make_cfg("method=saes", results_dir=tmp_path))
     assert not records(tmp_path)
