@@ -47,12 +47,16 @@ class StreamingStats:
         self._H = zeros(n, n) if "H" in needs else None
         self._D = zeros(n, n) if "Delta" in needs else None
         self._abs = zeros(n) if "absmean" in needs else None
+        k = max(2, min(8, n // 384)) if n >= 256 else 1  # block rows of H: wide enough for efficient products
+        edges = [round(i * n / k) for i in range(k + 1)]
+        self._slabs = list(zip(edges[:-1], edges[1:]))
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Add a batch: ``x`` on the method's stream, ``x_fp`` on the FP stream (for Delta)."""
         x = x.reshape(-1, self.n).to(device=self.device, dtype=self.dtype)  # (N, n)
         if self._H is not None:
-            self._H.addmm_(x.mT, x)
+            for lo, hi in self._slabs:  # the upper block triangle of x^T x, by block rows (symmetry: ~40 % fewer flops)
+                self._H[lo:hi, lo:].addmm_(x[:, lo:hi].mT, x[:, lo:])
         if self._D is not None:
             if x_fp is None:
                 raise StatisticsError("Delta needs the FP-stream input of the same tokens")
@@ -65,8 +69,13 @@ class StreamingStats:
     def finalize(self, where: str = "") -> SiteStats:
         if self.tokens == 0:
             raise StatisticsError(f"no tokens reached input site {where}")
+        H = None
+        if self._H is not None:  # mirror the upper off-diagonal blocks into the lower ones
+            H = self._H.clone()
+            for lo, hi in self._slabs:
+                H[hi:, lo:hi] = H[lo:hi, hi:].mT
         out = {name: None if t is None else t / self.tokens
-               for name, t in (("H", self._H), ("Delta", self._D), ("absmean", self._abs))}
+               for name, t in (("H", H), ("Delta", self._D), ("absmean", self._abs))}
         for name, t in out.items():
             if t is not None and not torch.isfinite(t).all():
                 raise StatisticsError(

@@ -27,7 +27,7 @@ from .resume import atomic_write
 from .stats import SiteStats
 
 log = logging.getLogger(__name__)
-VERSION = 1  # bump when the statistics' definition changes
+VERSION = 2  # bump when the statistics' definition or summation changes (2: H by its upper block triangle)
 CACHED = frozenset({"H", "absmean"})  # what can be stored; Delta is identically zero on the FP stream
 FREE = frozenset({"absmean"})  # computed and stored whatever the method needs: it costs next to nothing
 

@@ -57,3 +57,18 @@ def test_only_the_requested_statistics_are_kept():
     assert stats.H is None and stats.Delta is None and stats.absmean.shape == (4,)
     with pytest.raises(StatisticsError, match="unknown statistics"):
         StreamingStats(4, {"fisher"})
+
+
+@pytest.mark.parametrize("n", [64, 300, 576, 1000, 3100])
+def test_h_by_upper_block_rows_is_the_symmetric_full_product(n):
+    """H accumulates only its upper block triangle (fewer flops) and is mirrored at the end: exactly
+    symmetric, and equal to the full x^T x / N over all batches."""
+    g = torch.Generator().manual_seed(n)
+    batches = [torch.randn(40, n, generator=g) for _ in range(3)]
+    acc = StreamingStats(n, {"H"}, dtype=torch.float64)
+    for x in batches:
+        acc.update(x)
+    H = acc.finalize().H
+    x = torch.cat(batches).double()
+    assert torch.equal(H, H.mT)
+    torch.testing.assert_close(H, x.mT @ x / x.shape[0], rtol=1e-12, atol=1e-12)
