@@ -32,6 +32,15 @@ class SiteStats:
         return SiteStats(tokens=self.tokens, H=cast(self.H), Delta=cast(self.Delta), absmean=cast(self.absmean))
 
 
+def block_rows(n: int) -> list[tuple[int, int]]:
+    """The block rows ``[lo, hi)`` in which ``H`` (``n x n``) is accumulated: only the upper block triangle is
+    computed, ``(k + 1) / 2k`` of the full product's flops for ``k`` rows, each wide enough (about 384
+    columns) to keep the products efficient; tiny sites use one block."""
+    k = max(2, min(8, n // 384)) if n >= 256 else 1
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class StreamingStats:
     """Accumulates the statistics in ``needs`` (``H``, ``Delta``, ``absmean``) batch by batch."""
 
@@ -47,9 +56,7 @@ class StreamingStats:
         self._H = zeros(n, n) if "H" in needs else None
         self._D = zeros(n, n) if "Delta" in needs else None
         self._abs = zeros(n) if "absmean" in needs else None
-        k = max(2, min(8, n // 384)) if n >= 256 else 1  # block rows of H: wide enough for efficient products
-        edges = [round(i * n / k) for i in range(k + 1)]
-        self._slabs = list(zip(edges[:-1], edges[1:]))
+        self._slabs = block_rows(n)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Add a batch: ``x`` on the method's stream, ``x_fp`` on the FP stream (for Delta)."""
