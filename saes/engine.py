@@ -334,15 +334,16 @@ def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, meth
         dense: nn.Linear = block.get_submodule(name)
         W = dense.weight.to(method.compute_dtype)
         m, n = W.shape
+        dt = dense.weight.dtype
         try:
             f = method.factorize(W, stats, ranks[full], layer=full)
             if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
                 raise FactorizationError(f"{method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
-            check_finite(A=f.A, B=f.B)
+            A, B = f.A.to(dt), f.B.to(dt)
+            check_finite(A=A, B=B)  # in the model's dtype: float64-finite factors can overflow in fp16/fp32
         except FactorizationError as exc:
             raise FactorizationError(f"{full}: {exc}") from exc
-        dt = dense.weight.dtype
-        set_submodule(block, name, LowRankLinear.from_factors(f.A.to(dt), f.B.to(dt), dense.bias))
+        set_submodule(block, name, LowRankLinear.from_factors(A, B, dense.bias))
         seconds = time.perf_counter() - t0
         timings["factorisation"] += seconds
         layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}

@@ -161,6 +161,22 @@ def test_bad_factors_never_become_a_layer(tiny_gqa):
         assert torch.equal(now.weight, weights[name])
 
 
+def test_factors_that_overflow_the_model_dtype_never_become_a_layer(tiny_gqa):
+    """Factors finite in float64 but not in the model's float32 (1e60) are refused, not installed as inf."""
+    class Huge(Method):
+        def __init__(self):
+            super().__init__("huge", "float64")
+
+        def factorize(self, W, stats, rank, layer=""):
+            return Factors(torch.full((W.shape[0], rank), 1e60, dtype=W.dtype),
+                           torch.full((rank, W.shape[1]), 1e-60, dtype=W.dtype))
+
+    ranks = plan_ranks(tiny_gqa, layout_for(tiny_gqa), 0.2)
+    with pytest.raises(FactorizationError, match=r"model\.layers\.0\.self_attn\.q_proj: A has non-finite"):
+        compress_model(tiny_gqa, Huge(), ranks, None, EngineConfig(device=CPU))
+    assert type(tiny_gqa.get_submodule("model.layers.0.self_attn.q_proj")) is nn.Linear
+
+
 def test_saes_on_the_fp_stream_sees_zero_delta_and_keeps_the_lower_bound(tiny_gqa):
     ranks = plan_ranks(tiny_gqa, layout_for(tiny_gqa), 0.4)
     report = compress_model(tiny_gqa, SAES(), ranks, calib_batch(), EngineConfig(device=CPU, stream="fp"))
