@@ -162,6 +162,22 @@ def check_local(path: str | None, mode: str | None, key: str) -> Path:
     return p
 
 
+def check_source(group: Any, key: str, source: str) -> None:
+    """Config group ``key`` (``calib``, ``eval.ppl``, ``finetune``) names a known text source and, if local, a
+    readable file; ``split`` only for local. A ``ValueError`` (bad config) naming the key, before any load."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown text source {source!r} in {key}; known: {sorted(SOURCES)}")
+    mode = group.get("split")
+    if source == "local":
+        try:
+            check_local(group.get("path"), mode, key)
+        except DataUnavailable as exc:
+            raise ValueError(str(exc)) from None
+    elif mode is not None:
+        raise ValueError(f"{key}.split={mode!r} applies to {key}.source=local only (a local file used whole or "
+                         f"divided by hash); {source} has its own parts")
+
+
 def _local(split: Split, path: str | None = None, mode: str | None = None, key: str = "calib") -> Text:
     paragraphs = [x.strip() for x in check_local(path, mode, key).read_text(encoding="utf-8").split("\n\n")]
     if (mode or "whole") == "whole":

@@ -38,13 +38,7 @@ def check_finetune(ft: DictConfig) -> None:
         raise ValueError("finetune needs r, epochs, nsamples, batch_size >= 1, seqlen >= 2 and lr > 0; got "
                          f"r={ft.r}, epochs={ft.epochs}, nsamples={ft.nsamples}, seqlen={ft.seqlen}, "
                          f"batch_size={ft.batch_size}, lr={ft.lr}")
-    if ft.source not in data_mod.SOURCES:
-        raise ValueError(f"unknown finetune.source {ft.source!r}; known: {sorted(data_mod.SOURCES)}")
-    if ft.source == "local":
-        try:
-            data_mod.check_local(ft.get("path"), ft.get("split"), "finetune")
-        except data_mod.DataUnavailable as exc:
-            raise ValueError(str(exc)) from None
+    data_mod.check_source(ft, "finetune", ft.source)
 
 
 def _factor_names(model: nn.Module, which: str) -> list[str]:

@@ -47,7 +47,7 @@ def validate(cfg: DictConfig) -> Method:
         raise ValueError(f"calib.stats_dtype must be one of {sorted(PRECISIONS)}; got {cfg.calib.stats_dtype!r}")
     if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2 or cfg.calib.batch_size < 1:
         raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
-    check_text(cfg.calib, "calib", cfg.calib.source)
+    data_mod.check_source(cfg.calib, "calib", cfg.calib.source)
     validate_eval(cfg)
     try:
         method = instantiate(cfg.method)
@@ -68,7 +68,7 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ValueError(f"eval.ppl.seqlen must be >= 2 and eval.ppl.max_windows >= 1 or null; got {ppl.seqlen}, {ppl.max_windows}")
     check_int("eval.ppl.batch_size", ppl.batch_size, minimum=1)
     for src in ppl.sources:
-        check_text(ppl, "eval.ppl", src)
+        data_mod.check_source(ppl, "eval.ppl", src)
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
     if cfg.get("finetune"):
@@ -83,21 +83,6 @@ def check_int(key: str, value: Any, minimum: int | None = None) -> int:
         need = "an integer" + (f" >= {minimum}" if minimum is not None else "")
         raise ValueError(f"{key} must be {need}; got {value!r}")
     return value
-
-
-def check_text(group: DictConfig, key: str, source: str) -> None:
-    """A text source named under config group ``key`` (``calib``, ``eval.ppl``) exists and, if local, is readable."""
-    if source not in data_mod.SOURCES:
-        raise ValueError(f"unknown text source {source!r} in {key}; known: {sorted(data_mod.SOURCES)}")
-    mode = group.get("split")
-    if source == "local":
-        try:
-            data_mod.check_local(group.get("path"), mode, key)
-        except data_mod.DataUnavailable as exc:  # bad config, not a missing resource: the same error as the rest
-            raise ValueError(str(exc)) from None
-    elif mode is not None:
-        raise ValueError(f"{key}.split={mode!r} applies to {key}.source=local only (a local file used whole or "
-                         f"divided by hash); {source} has its own parts")
 
 
 def check_ranks_before_loading(cfg: DictConfig) -> None:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .data import OFFLINE_SWITCHES, DataUnavailable, hub_offline, set_offline_switches
+from .data import DataUnavailable, hub_offline, set_offline_switches
 from .models import cache_root
 from .packages import packaged_file
 from .records import config_key, read_json, write_json_atomic

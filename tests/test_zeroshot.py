@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from saes import zeroshot
+from saes import data, zeroshot
 from saes.models import tiny_llama
 from saes.pipeline import run, summary
 
@@ -33,7 +33,7 @@ def offline_cache(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setenv("SAES_CACHE", str(tmp_path_factory.mktemp("saes-cache")))
-    for var in zeroshot.OFFLINE_SWITCHES:
+    for var in data.OFFLINE_SWITCHES:
         mp.setenv(var, "1")
     mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
