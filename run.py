@@ -14,7 +14,7 @@ reruns), mirrored to W&B (``logger.mode=offline`` by default, ``online`` to sync
 import hydra
 from omegaconf import DictConfig
 
-from saes.pipeline import run
+from saes.runs.pipeline import run
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -1,1 +1,1 @@
-"""Baseline compression methods, each behind :class:`saes.method.Method`."""
+"""Baseline compression methods, each behind :class:`saes.core.method.Method`."""

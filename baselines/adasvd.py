@@ -107,12 +107,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saes.engine import BlockLayout, EngineConfig, capture_block_inputs, plan_ranks
-from saes.linalg import check_damping, check_finite, damped_cholesky, truncated_svd
-from saes.lowrank import check_ratio
-from saes.method import Factors, Method
+from saes.core.linalg import check_damping, check_finite, damped_cholesky, truncated_svd
+from saes.core.lowrank import check_ratio
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats
+from saes.engine.config import EngineConfig
+from saes.engine.layout import BlockLayout, plan_ranks
+from saes.engine.propagate import capture_block_inputs
 from saes.saes import whitened_targets
-from saes.stats import SiteStats
 
 RANK_ALLOC = ("adacr", "uniform")
 

@@ -37,13 +37,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saes.data import token_digest
-from saes.engine import BlockLayout, EngineConfig, plan_ranks
-from saes.linalg import check_finite, truncated_svd
-from saes.lowrank import rank_for_ratio
-from saes.method import Factors, Method
-from saes.records import read_json, write_json_atomic
-from saes.stats import SiteStats, StreamingStats
+from saes.core.linalg import check_finite, truncated_svd
+from saes.core.lowrank import rank_for_ratio
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats, StreamingStats
+from saes.engine.config import EngineConfig
+from saes.engine.layout import BlockLayout, plan_ranks
+from saes.inputs.data import token_digest
+from saes.runs.records import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 RANK_ALLOCS = ("uniform", "strs")

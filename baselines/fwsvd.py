@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saes.engine import BlockLayout, EngineConfig, plan_ranks
-from saes.linalg import check_finite, truncated_svd
-from saes.method import Factors, Method
-from saes.stats import SiteStats
+from saes.core.linalg import check_finite, truncated_svd
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats
+from saes.engine.config import EngineConfig
+from saes.engine.layout import BlockLayout, plan_ranks
 
 log = logging.getLogger(__name__)
 

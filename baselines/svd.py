@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from saes.linalg import truncated_svd
-from saes.method import Factors, Method
-from saes.stats import SiteStats
+from saes.core.linalg import truncated_svd
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats
 
 
 class SVD(Method):

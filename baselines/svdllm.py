@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from saes.linalg import check_damping, damped_cholesky
-from saes.method import Factors, Method
+from saes.core.linalg import check_damping, damped_cholesky
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats
 from saes.saes import factor_target, whitened_targets
-from saes.stats import SiteStats
 
 
 class SVDLLM(Method):

@@ -10,7 +10,7 @@ Measures, on one block of ``--hidden`` / ``--intermediate`` / ``--heads`` (LLaMA
   staged and by the reference re-run path, with a method whose factorisation costs nothing (so the time is
   the passes' alone);
 * each factorisation path per projection shape (4096 x 4096, 11008 x 4096, 4096 x 11008): float64 and
-  float32 ``torch.linalg.svd``, and the Gram eigendecomposition in float64 (``saes.linalg.truncated_svd``);
+  float32 ``torch.linalg.svd``, and the Gram eigendecomposition in float64 (``saes.core.linalg.truncated_svd``);
   and the whole SAES-SVD and SVD-LLM factorisation of each shape (Cholesky, whitening, ACES, CEALC);
 * peak memory of the staged SAES-SVD pass (process RSS on a CPU, ``max_memory_allocated`` on a GPU).
 
@@ -30,12 +30,14 @@ from typing import Any, Callable
 import torch
 
 from baselines.svdllm import SVDLLM
-from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
-from saes.linalg import truncated_svd
-from saes.method import Factors, Method
-from saes.records import environment
+from saes.core.linalg import truncated_svd
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats
+from saes.engine.config import EngineConfig
+from saes.engine.layout import layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.runs.records import environment
 from saes.saes import SAES
-from saes.stats import SiteStats
 
 from .callbacks import reset_peak_rss
 

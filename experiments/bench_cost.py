@@ -28,13 +28,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from saes import data as data_mod
-from saes.engine import EngineConfig, check_plan, compress_model, layout_for, plan_ranks
-from saes.evaluate import perplexity
-from saes.linalg import full_svd
-from saes.method import DTYPES as PRECISIONS
-from saes.models import load_model, resolve_device
-from saes.records import environment
+from saes.core.linalg import full_svd
+from saes.core.method import DTYPES as PRECISIONS
+from saes.engine.config import EngineConfig
+from saes.engine.layout import check_plan, layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.evaluation.perplexity import perplexity
+from saes.inputs import data as data_mod
+from saes.inputs.models import load_model, resolve_device
+from saes.runs.records import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +108,7 @@ def zeroshot_timed(model: torch.nn.Module, tok: Any, tasks: list[str], limit: in
 
     from omegaconf import OmegaConf
 
-    from saes import zeroshot
+    from saes.evaluation import zeroshot
 
     plan = zeroshot.plan(OmegaConf.create({"zeroshot": {"tasks": tasks, "limit": limit, "offline": True}}))
     assert plan is not None

@@ -36,12 +36,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from saes.inputs.models import DTYPES, load_model, resolve_device  # noqa: E402
+from saes.runs.checkpoint import load_compressed, read_manifest, save_compressed  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from saes.checkpoint import load_compressed, read_manifest, save_compressed  # noqa: E402
-from saes.models import DTYPES, load_model, resolve_device  # noqa: E402
 
 
 def model_cfg(name: str, dtype: str | None = None) -> Any:
@@ -56,7 +57,9 @@ def model_cfg(name: str, dtype: str | None = None) -> Any:
 def svd_folders(name: str, ratios: list[float], out: Path) -> dict[float, Path]:
     """SVD-compressed copies of model ``name`` at each ratio, saved once (keyed by the model's identity)."""
     from baselines.svd import SVD
-    from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
+    from saes.engine.config import EngineConfig
+    from saes.engine.layout import layout_for, plan_ranks
+    from saes.engine.loop import compress_model
 
     cfg = model_cfg(name, "float32")
     folders: dict[float, Path] = {}

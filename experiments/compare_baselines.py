@@ -38,7 +38,7 @@ def overrides_for(label: str, ratio: float, extra: list[str], results_dir: str) 
 def record_for(overrides: list[str]) -> dict | None:
     """The record ``run.py`` would write for these overrides, or None if it does not exist (yet)."""
     from experiments.tables import resolved
-    from saes.records import read_json, record_path
+    from saes.runs.records import read_json, record_path
 
     config = resolved(overrides)
     path = record_path(config["results_dir"], config)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from saes.stats import block_rows
+from saes.core.stats import block_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def forward_flops(s: Shape, seqlen: int) -> float:
 
 def stats_flops(s: Shape, delta: bool) -> float:
     """``H`` at the four input sites of a block, one token, by its upper block triangle
-    (:func:`saes.stats.block_rows`); ``Delta`` (not symmetric) costs the full product."""
+    (:func:`saes.core.stats.block_rows`); ``Delta`` (not symmetric) costs the full product."""
     def h_part(n: int) -> float:
         k = len(block_rows(n))
         return 2 * n * n * (k + 1) / (2 * k)

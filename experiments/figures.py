@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.tables import found, label, mean_acc, ppl_of, tasks_run  # noqa: E402
+
+matplotlib.use("Agg")
+
 
 if TYPE_CHECKING:
     from experiments.tables import Context, Job

@@ -28,18 +28,20 @@ from typing import Any
 
 import torch
 
+from saes.core.linalg import damped_cholesky  # noqa: E402
+from saes.core.method import Factors, Method  # noqa: E402
+from saes.core.stats import SiteStats  # noqa: E402
+from saes.engine.layout import layout_for, plan_ranks  # noqa: E402
+from saes.engine.loop import compress_model  # noqa: E402
+from saes.inputs import data as data_mod  # noqa: E402
+from saes.inputs.models import load_model, resolve_device  # noqa: E402
+from saes.runs.records import config_key, environment, read_json, record_path, write_json_atomic  # noqa: E402
+from saes.saes import SAES, aces_coefficients, select_beta, whitened_targets  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from saes import data as data_mod  # noqa: E402
-from saes.engine import compress_model, layout_for, plan_ranks  # noqa: E402
-from saes.linalg import damped_cholesky  # noqa: E402
-from saes.method import Factors, Method  # noqa: E402
-from saes.models import load_model, resolve_device  # noqa: E402
-from saes.records import config_key, environment, read_json, record_path, write_json_atomic  # noqa: E402
-from saes.saes import SAES, aces_coefficients, select_beta, whitened_targets  # noqa: E402
-from saes.stats import SiteStats  # noqa: E402
 
 
 def retained_energy(G: torch.Tensor, rank: int) -> float:
@@ -94,7 +96,7 @@ def run_curve(overrides: list[str], layer: int | None, proj: str, points: int) -
     from omegaconf import OmegaConf
 
     from experiments.tables import compose
-    from saes.pipeline import engine_config
+    from saes.runs.pipeline import engine_config
 
     cfg = compose(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -7,7 +7,7 @@
 
 Every table is the sweep of one or more experiment configs (``conf/experiment/*.yaml``): each job of the
 sweep is composed exactly as ``run.py -m experiment=<name>`` composes it, and its record is read from
-where ``run.py`` writes it (:func:`saes.records.record_path`). A job without a record prints as
+where ``run.py`` writes it (:func:`saes.runs.records.record_path`). A job without a record prints as
 ``missing``; no number is ever filled in. The records of one table must share one protocol (model,
 calibration tokens, evaluation texts, windows and caps, zero-shot limit): otherwise the table is refused
 (``--allow-mixed``: rendered with the differences listed). Differing library versions or devices are
@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from saes.runs.records import read_json, record_path  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from saes.records import read_json, record_path  # noqa: E402
 
 CONF = ROOT / "conf"
 REFERENCE = ROOT / "results" / "reference"
@@ -50,8 +51,7 @@ MISSING = "missing"
 # ---------------------------------------------------------------------------------------- sweeps and records
 def compose(overrides: Sequence[str], hydra: bool = False) -> Any:
     """``conf/config.yaml`` composed with ``overrides`` (with the ``hydra`` node when asked)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)

@@ -6,7 +6,7 @@
                      cap=None, shrink=1.0, damp=0.0) -> float
 """
 
-from .lowrank import LowRankLinear, rank_for_ratio
-from .saes import aces_select_beta, cealc_factors
+from saes.core.lowrank import LowRankLinear, rank_for_ratio
+from saes.saes import aces_select_beta, cealc_factors
 
 __all__ = ["LowRankLinear", "aces_select_beta", "cealc_factors", "rank_for_ratio"]

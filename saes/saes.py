@@ -21,9 +21,9 @@ from typing import Literal
 
 import torch
 
-from .linalg import TruncatedSVD, Whitener, check_damping, check_finite, damped_cholesky, truncated_svd
-from .method import Factors, Method
-from .stats import SiteStats
+from saes.core.linalg import TruncatedSVD, Whitener, check_damping, check_finite, damped_cholesky, truncated_svd
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats
 
 Objective = Literal["ratio", "energy"]
 

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from saes.models import tiny_llama, tiny_tokenizer
+from saes.inputs.models import tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

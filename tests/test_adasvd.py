@@ -7,12 +7,13 @@ import torch
 
 from baselines.adasvd import (AdaSVD, adacomp, adacr_keep, adacr_ratios, als_steps, layer_importance,
                               ranks_for_layer_ratios)
-from saes.engine import EngineConfig, check_plan, layout_for, plan_ranks
-from saes.linalg import damped_cholesky, truncated_svd
-from saes.lowrank import rank_for_ratio
-from saes.pipeline import run
+from saes.core.linalg import damped_cholesky, truncated_svd
+from saes.core.lowrank import rank_for_ratio
+from saes.core.stats import SiteStats
+from saes.engine.config import EngineConfig
+from saes.engine.layout import check_plan, layout_for, plan_ranks
+from saes.runs.pipeline import run
 from saes.saes import cealc_factors, whitened_targets
-from saes.stats import SiteStats
 
 from .conftest import calib_batch, make_cfg
 

@@ -5,8 +5,8 @@ import torch
 from baselines.asvd import ASVD
 from baselines.svd import SVD
 from baselines.svdllm import SVDLLM
-from saes.linalg import truncated_svd
-from saes.stats import SiteStats
+from saes.core.linalg import truncated_svd
+from saes.core.stats import SiteStats
 
 F64 = torch.float64
 
@@ -134,7 +134,7 @@ def test_svdllm_update_is_a_no_op_without_drift():
 
 def test_strs_ranks_hit_the_budget_within_one_rank_and_follow_sensitivity():
     from baselines.asvd import strs_ranks
-    from saes.lowrank import rank_for_ratio
+    from saes.core.lowrank import rank_for_ratio
     g = torch.Generator().manual_seed(0)
     cands = tuple(0.1 * k for k in range(1, 10))
     shapes = {f"l{i}": (64 + 16 * (i % 3), 48 + 8 * (i % 2)) for i in range(12)}
@@ -152,14 +152,14 @@ def test_strs_ranks_hit_the_budget_within_one_rank_and_follow_sensitivity():
 
 
 def test_asvd_strs_end_to_end_keeps_the_global_target(tmp_path):
+    from saes.runs.pipeline import run
     from tests.conftest import make_cfg
-    from saes.pipeline import run
     cfg = make_cfg("method=asvd_strs", "ratio=0.4", "method.strs.nsamples=2", "method.strs.seqlen=32", results_dir=tmp_path)
     rec = run(cfg)
     assert rec["params"]["rank_alloc"] == "mixed"
     ranks = {k: d["rank"] for k, d in rec["layers"].items()}
     assert len(set(ranks.values())) > 1
-    from saes.lowrank import rank_for_ratio
+    from saes.core.lowrank import rank_for_ratio
     budget = sum(rank_for_ratio(d["m"], d["n"], 0.4) * (d["m"] + d["n"]) for d in rec["layers"].values())
     used = sum(d["rank"] * (d["m"] + d["n"]) for d in rec["layers"].values())
     assert used <= budget and budget - used < max(d["m"] + d["n"] for d in rec["layers"].values())
@@ -172,8 +172,9 @@ def test_asvd_strs_end_to_end_keeps_the_global_target(tmp_path):
 def test_fwsvd_and_svdllm_update_run_end_to_end(tmp_path):
     """Both run through the pipeline on calibration data and give a finite perplexity near the dense one."""
     import math
+
+    from saes.runs.pipeline import run
     from tests.conftest import make_cfg
-    from saes.pipeline import run
     for m in ("fwsvd", "svdllm_update"):
         rec = run(make_cfg(f"method={m}", "ratio=0.4", results_dir=tmp_path))
         assert rec["calibration"]["tokens_sha256"] is not None
@@ -188,9 +189,9 @@ def test_fwsvd_and_svdllm_update_run_end_to_end(tmp_path):
 # ---- the optional LoRA stage ------------------------------------------------------------------------------
 
 def test_lora_finetune_lowers_the_training_loss_and_keeps_the_parameter_count(tmp_path):
+    from saes.runs.pipeline import run
+    from saes.runs.records import config_key
     from tests.conftest import make_cfg
-    from saes.pipeline import run
-    from saes.records import config_key
     plain = make_cfg("method=svdllm", "ratio=0.4", results_dir=tmp_path)
     tuned = make_cfg("method=svdllm", "ratio=0.4", "finetune=lora", "finetune.nsamples=8", "finetune.seqlen=64",
                      "finetune.epochs=4", "finetune.lr=1e-2", "finetune.batch_size=8", results_dir=tmp_path)
@@ -206,8 +207,9 @@ def test_lora_finetune_lowers_the_training_loss_and_keeps_the_parameter_count(tm
 
 def test_bad_finetune_config_fails_before_work(tmp_path):
     import pytest
+
+    from saes.runs.pipeline import run
     from tests.conftest import make_cfg
-    from saes.pipeline import run
     with pytest.raises(ValueError, match="finetune.mode"):
         run(make_cfg("method=svdllm", "finetune=lora", "finetune.mode=both", results_dir=tmp_path))
     assert not list(tmp_path.rglob("*.json"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments import bench_speed
-from saes.models import tiny_llama
+from saes.inputs.models import tiny_llama
 
 
 def test_measure_reports_positive_finite_timings():

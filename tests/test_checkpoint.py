@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
-from saes.checkpoint import MANIFEST, CheckpointError, load_compressed, lowrank_layers, save_compressed
-from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
-from saes.models import tiny_llama, tiny_tokenizer
+from saes.engine.config import EngineConfig
+from saes.engine.layout import layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.inputs.models import tiny_llama, tiny_tokenizer
+from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, lowrank_layers, save_compressed
 from saes.saes import SAES
 
 from .conftest import calib_batch
@@ -64,9 +66,9 @@ def test_bad_folders_are_rejected_by_name(tmp_path):
 
 
 def test_run_with_save_writes_a_folder_that_reproduces_the_recorded_perplexity(tmp_path):
-    from saes import data
-    from saes.evaluate import perplexity
-    from saes.pipeline import run
+    from saes.evaluation.perplexity import perplexity
+    from saes.inputs import data
+    from saes.runs.pipeline import run
 
     from .conftest import make_cfg
 

@@ -4,7 +4,7 @@
 import pytest
 from hydra.utils import instantiate
 
-from saes.method import Method
+from saes.core.method import Method
 
 from .conftest import CONF, make_cfg
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from saes import data
-from saes.evaluate import perplexity, windows
+from saes.evaluation.perplexity import perplexity, windows
+from saes.inputs import data
 
 
 def test_calibration_windows_are_seeded_distinct_and_from_the_calibration_part(tokenizer):

@@ -8,12 +8,14 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from baselines.svd import SVD
-from saes.engine import EngineConfig, UnsupportedModelError, compress_model, layout_for, plan_ranks
-from saes.linalg import FactorizationError
-from saes.lowrank import LowRankLinear
-from saes.method import Factors, Method
+from saes.core.linalg import FactorizationError
+from saes.core.lowrank import LowRankLinear
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats
+from saes.engine.config import EngineConfig
+from saes.engine.layout import UnsupportedModelError, layout_for, plan_ranks
+from saes.engine.loop import compress_model
 from saes.saes import SAES
-from saes.stats import SiteStats
 
 from .conftest import calib_batch
 

@@ -22,9 +22,9 @@ from hydra.utils import instantiate
 
 from experiments import figures, tables
 from experiments.rer_curve import run_curve
-from saes.method import Method
-from saes.pipeline import run, summary
-from saes.records import config_key
+from saes.core.method import Method
+from saes.runs.pipeline import run, summary
+from saes.runs.records import config_key
 
 from .conftest import CONF, ROOT
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saes.linalg import GRAM_FLOOR, full_svd, truncated_svd
+from saes.core.linalg import GRAM_FLOOR, full_svd, truncated_svd
 
 
 def spectrum_matrix(m: int, n: int, condition: float, seed: int = 0) -> torch.Tensor:
@@ -62,7 +62,7 @@ def test_full_svd_switches_every_call_to_the_reference():
 
 
 def test_rank_above_the_smaller_dimension_is_refused():
-    from saes.linalg import FactorizationError
+    from saes.core.linalg import FactorizationError
 
     with pytest.raises(FactorizationError, match="exceeds"):
         truncated_svd(torch.randn(4, 6, dtype=torch.float64), 5)

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from saes.checkpoint import MANIFEST, CheckpointError
-from saes.pipeline import run
+from saes.runs.checkpoint import MANIFEST, CheckpointError
+from saes.runs.pipeline import run
 
 from .conftest import make_cfg
 

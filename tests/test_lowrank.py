@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from saes import LowRankLinear, rank_for_ratio
-from saes.engine import layout_for
-from saes.linalg import truncated_svd
-from saes.lowrank import set_submodule
+from saes.core.linalg import truncated_svd
+from saes.core.lowrank import set_submodule
+from saes.engine.layout import layout_for
 
 
 @pytest.mark.parametrize("m,n", [(576, 576), (192, 576), (1536, 576), (4096, 11008), (70, 30), (64, 64)])

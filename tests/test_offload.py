@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
-from saes.evaluate import perplexity
-from saes.models import tiny_llama
-from saes.offload import placed
-from saes.pipeline import run
+from saes.engine.config import EngineConfig
+from saes.engine.layout import layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.evaluation.offload import placed
+from saes.evaluation.perplexity import perplexity
+from saes.inputs.models import tiny_llama
+from saes.runs.pipeline import run
 from saes.saes import SAES
 
 from .conftest import calib_batch, make_cfg

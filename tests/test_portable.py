@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
-from saes import zeroshot
-from saes.checkpoint import MANIFEST, PORTABLE_KEYS, PORTABLE_MODULE, load_compressed, save_compressed
-from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
-from saes.lowrank import LowRankLinear, set_submodule
-from saes.models import tiny_llama, tiny_tokenizer
+from saes.core.lowrank import LowRankLinear, set_submodule
+from saes.engine.config import EngineConfig
+from saes.engine.layout import layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.evaluation import zeroshot
+from saes.inputs.models import tiny_llama, tiny_tokenizer
+from saes.runs.checkpoint import MANIFEST, PORTABLE_KEYS, PORTABLE_MODULE, load_compressed, save_compressed
 from saes.saes import SAES
 
 from .conftest import calib_batch

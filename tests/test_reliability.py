@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from saes import data, pipeline
-from saes.checkpoint import MANIFEST, CheckpointError
-from saes.models import ModelUnavailable, model_config
-from saes.pipeline import run
+from saes.inputs import data
+from saes.inputs.models import ModelUnavailable, model_config
+from saes.runs import pipeline
+from saes.runs.checkpoint import MANIFEST, CheckpointError
+from saes.runs.pipeline import run
 
 from .conftest import ROOT, make_cfg
 
@@ -95,8 +96,8 @@ def test_a_ratio_that_rounds_a_rank_to_zero_is_refused_before_the_model_loads(tm
 
 def test_the_rank_plan_from_the_config_equals_the_plan_from_the_weights():
     """The pre-load check plans from shapes on the meta device: the same plan as the loaded model's."""
-    from saes.engine import layout_for, plan_ranks
-    from saes.models import load_model, skeleton
+    from saes.engine.layout import layout_for, plan_ranks
+    from saes.inputs.models import load_model, skeleton
 
     cfg = make_cfg()
     loaded = load_model(cfg.model)
@@ -159,7 +160,7 @@ def test_the_split_key_leaves_existing_record_keys_unchanged():
     """``calib.split``/``eval.ppl.split`` are null by default and hash as absent: committed records keep their keys."""
     from omegaconf import OmegaConf
 
-    from saes.records import config_key
+    from saes.runs.records import config_key
 
     cfg = OmegaConf.to_container(make_cfg(), resolve=True)
     without = json.loads(json.dumps(cfg))

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
-from saes.models import tiny_llama
-from saes.resume import OWNER, PROGRESS, ResumeError, claim, release
+from saes.engine.config import EngineConfig
+from saes.engine.layout import layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.engine.resume import OWNER, PROGRESS, ResumeError, claim, release
+from saes.inputs.models import tiny_llama
 from saes.saes import SAES
 
 from .conftest import calib_batch, make_cfg
@@ -97,7 +99,7 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
 
 def hold_claim(folder: Path) -> subprocess.Popen:
     """Another process that claims ``folder`` and keeps it until killed (returns once it holds the claim)."""
-    code = (f"import sys, time; from saes.resume import claim; claim({str(folder)!r}); "
+    code = (f"import sys, time; from saes.engine.resume import claim; claim({str(folder)!r}); "
             "print('claimed', flush=True); time.sleep(120)")
     other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert other.stdout is not None and other.stdout.readline().strip() == "claimed"
@@ -164,8 +166,8 @@ def test_a_pipeline_run_of_a_config_a_live_process_is_compressing_stops_before_l
                                                                                                   monkeypatch):
     from omegaconf import OmegaConf
 
-    from saes import pipeline
-    from saes.records import config_key
+    from saes.runs import pipeline
+    from saes.runs.records import config_key
 
     cfg = make_cfg("method=saes", results_dir=tmp_path)
     folder = pipeline.resume_dir(cfg, config_key(OmegaConf.to_container(cfg, resolve=True)))
@@ -183,8 +185,8 @@ def test_a_pipeline_run_of_a_config_a_live_process_is_compressing_stops_before_l
 def test_a_run_that_fails_before_compressing_leaves_no_claim_behind(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from saes import pipeline
-    from saes.records import config_key
+    from saes.runs import pipeline
+    from saes.runs.records import config_key
 
     cfg = make_cfg("method=saes", results_dir=tmp_path)
     folder = pipeline.resume_dir(cfg, config_key(OmegaConf.to_container(cfg, resolve=True)))
@@ -204,7 +206,7 @@ def test_a_run_that_fails_before_compressing_leaves_no_claim_behind(tmp_path, mo
 
 def test_a_pipeline_run_that_crashed_resumes_records_the_same_and_cleans_up(tmp_path, monkeypatch):
     from saes import saes as saes_mod
-    from saes.pipeline import run
+    from saes.runs.pipeline import run
 
     whole = run(make_cfg("method=saes", results_dir=tmp_path / "whole"))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from saes.models import ModelUnavailable
-from saes.pipeline import run
+from saes.inputs.models import ModelUnavailable
+from saes.runs.pipeline import run
 
 from .conftest import ROOT, make_cfg
 
@@ -104,7 +104,7 @@ def test_multirun_sweep_writes_one_record_per_job(tmp_path):
 def test_a_failing_svd_stops_the_run_naming_the_layer_and_leaves_no_record(tmp_path, monkeypatch):
     import torch
 
-    from saes.linalg import FactorizationError
+    from saes.core.linalg import FactorizationError
 
     def no_convergence(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
@@ -125,7 +125,7 @@ def test_fp_stream_baselines_run_on_the_shared_calibration_set(tmp_path):
 
 def test_a_paper_model_config_runs_from_local_weights(tmp_path):
     """``model=llama7b model.path=DIR``: the hub code path (from_pretrained), with tiny weights saved locally."""
-    from saes.models import tiny_llama, tiny_tokenizer
+    from saes.inputs.models import tiny_llama, tiny_tokenizer
 
     weights = tmp_path / "weights"
     tiny_llama().save_pretrained(weights)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saes import aces_select_beta, cealc_factors
-from saes.linalg import FactorizationError, damped_cholesky, truncated_svd
+from saes.core.linalg import FactorizationError, damped_cholesky, truncated_svd
 from saes.saes import aces_coefficients, select_beta, whitened_targets
 
 F64 = torch.float64

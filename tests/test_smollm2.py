@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from saes.pipeline import run
+from saes.runs.pipeline import run
 
 from .conftest import make_cfg
 
@@ -42,9 +42,11 @@ def test_saved_smollm2_reloads_with_identical_logits(tmp_path):
     from omegaconf import OmegaConf
 
     from baselines.svd import SVD
-    from saes.checkpoint import load_compressed, save_compressed
-    from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
-    from saes.models import load_model
+    from saes.engine.config import EngineConfig
+    from saes.engine.layout import layout_for, plan_ranks
+    from saes.engine.loop import compress_model
+    from saes.inputs.models import load_model
+    from saes.runs.checkpoint import load_compressed, save_compressed
 
     loaded = load_model(OmegaConf.load("conf/model/smollm2_135m.yaml"))
     model = loaded.model

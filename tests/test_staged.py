@@ -13,11 +13,13 @@ import transformers
 from baselines.asvd import ASVD
 from baselines.svd import SVD
 from baselines.svdllm import SVDLLM
-from saes.engine import LAYOUTS, EngineConfig, compress_model, layout_for, plan_ranks
-from saes.method import Method
-from saes.models import tiny_llama
+from saes.core.method import Method
+from saes.core.stats import SiteStats
+from saes.engine.config import EngineConfig
+from saes.engine.layout import LAYOUTS, layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.inputs.models import tiny_llama
 from saes.saes import SAES
-from saes.stats import SiteStats
 
 from .conftest import calib_batch
 

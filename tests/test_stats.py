@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from saes.stats import StatisticsError, StreamingStats
+from saes.core.stats import StatisticsError, StreamingStats
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

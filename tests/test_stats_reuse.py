@@ -4,10 +4,12 @@ import torch
 
 from baselines.asvd import ASVD
 from baselines.svdllm import SVDLLM
-from saes import engine
-from saes.engine import EngineConfig, compress_model, layout_for, plan_ranks
-from saes.models import tiny_llama
-from saes.pipeline import run
+from saes.engine import loop as engine
+from saes.engine.config import EngineConfig
+from saes.engine.layout import layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.inputs.models import tiny_llama
+from saes.runs.pipeline import run
 
 from .conftest import calib_batch, make_cfg
 

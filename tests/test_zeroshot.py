@@ -13,9 +13,10 @@ import sys
 
 import pytest
 
-from saes import data, zeroshot
-from saes.models import tiny_llama
-from saes.pipeline import run, summary
+from saes.evaluation import zeroshot
+from saes.inputs import data
+from saes.inputs.models import tiny_llama
+from saes.runs.pipeline import run, summary
 
 from .conftest import make_cfg
 
@@ -171,7 +172,7 @@ def test_bad_zero_shot_input_fails_before_the_model_is_loaded(tmp_path, monkeypa
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded despite bad input")
 
-    monkeypatch.setattr("saes.pipeline.load_model", no_load)
+    monkeypatch.setattr("saes.runs.pipeline.load_model", no_load)
     with pytest.raises(ValueError, match=match):
         run(make_cfg("method=svd", "eval=zeroshot", override, results_dir=tmp_path))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "dense").exists()

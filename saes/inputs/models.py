@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import hub_offline, set_offline_switches
-from .packages import packaged_file
+from saes.inputs.data import hub_offline, set_offline_switches
+from saes.inputs.packages import packaged_file
 
 log = logging.getLogger(__name__)
 

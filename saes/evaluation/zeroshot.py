@@ -12,7 +12,7 @@ choices, metrics). Only where the data come from can change:
   Each copy has the original's row count (checked when it is written). A task with no
   local copy (MathQA) is reported missing, never silently dropped from the average.
 
-Offline is decided by ``eval.zeroshot.offline`` (``auto`` asks :func:`saes.data.hub_offline`:
+Offline is decided by ``eval.zeroshot.offline`` (``auto`` asks :func:`saes.inputs.data.hub_offline`:
 the ``HF_*_OFFLINE`` switches or a 2-second connection test) before any of ``datasets``,
 ``huggingface_hub`` or ``lm_eval`` is imported by a run, and the offline switches are then
 set so that nothing tries the network. lm-eval's index of all its task YAMLs is never
@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .data import DataUnavailable, hub_offline, set_offline_switches
-from .models import cache_root
-from .packages import packaged_file
-from .records import config_key, read_json, write_json_atomic
+from saes.inputs.data import DataUnavailable, hub_offline, set_offline_switches
+from saes.inputs.models import cache_root
+from saes.inputs.packages import packaged_file
+from saes.runs.records import config_key, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A folder holds ``model.safetensors`` (sharded with an index when large), ``config.json``,
 the tokenizer, ``lowrank_manifest.json``: every low-rank layer (dotted name, rank, shapes,
 bias) plus what made it (method, ratio, calibration protocol, git commit), and
-``modeling_saes_lowrank.py`` (from :mod:`saes.hf_portable`), the code transformers runs for
+``modeling_saes_lowrank.py`` (from :mod:`saes.runs.hf_portable`), the code transformers runs for
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` without this project.
 ``config.json`` is the base architecture's, with ``model_type: "saes_lowrank"``, ``auto_map``,
 ``architectures`` and the ``lowrank_*`` keys added (:func:`portable_config`). No pickles.
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lowrank import LowRankLinear, set_submodule
+from saes.core.lowrank import LowRankLinear, set_submodule
 
 MANIFEST = "lowrank_manifest.json"
 FORMAT_VERSION = 1
@@ -87,7 +87,7 @@ def portable_source(base_model_type: str, base_architecture: str) -> str:
         lines = [line for line in text.splitlines() if line.startswith(f"{key} = ")]
         if len(lines) != 1:
             raise RuntimeError(f"saes/hf_portable.py must define {key} on exactly one line")
-        text = text.replace(lines[0], f"{key} = {json.dumps(value)}  # written by saes.checkpoint", 1)
+        text = text.replace(lines[0], f"{key} = {json.dumps(value)}  # written by saes.runs.checkpoint", 1)
     return text
 
 

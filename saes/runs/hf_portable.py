@@ -1,6 +1,6 @@
 """Low-rank causal LM loadable with transformers alone (``trust_remote_code=True``), no SAES harness needed.
 
-This file is the source of ``modeling_saes_lowrank.py``, which ``saes.checkpoint.save_compressed``
+This file is the source of ``modeling_saes_lowrank.py``, which ``saes.runs.checkpoint.save_compressed``
 writes into every saved folder, with the two ``BASE_*`` lines below set to the base model's
 architecture. It imports only torch and transformers. ``config.json`` then has
 ``model_type: "saes_lowrank"``, ``auto_map`` naming the two classes of this file,
@@ -9,7 +9,7 @@ architecture. It imports only torch and transformers. ``config.json`` then has
 
 :class:`SaesLowRankForCausalLM` is the base architecture's own ``*ForCausalLM`` class in which
 every listed projection ``y = W x + b`` is ``y = A (B x) + b`` (``B: [rank, in]``, ``A: [out, rank]``),
-with the parameter names of ``saes.lowrank.LowRankLinear`` (``<name>.B.weight``, ``<name>.A.weight``,
+with the parameter names of ``saes.core.lowrank.LowRankLinear`` (``<name>.B.weight``, ``<name>.A.weight``,
 ``<name>.A.bias``): the saved safetensors load unchanged. Because the model type is not a built-in
 one, loading without ``trust_remote_code=True`` fails with transformers' own error instead of
 building the dense base model with random projections.
@@ -36,7 +36,7 @@ class SaesLowRankConfig(CONFIG_MAPPING[BASE_MODEL_TYPE]):  # type: ignore[misc]
 
 
 class LowRankLinear(nn.Module):
-    """``y = A (B x) + bias``: ``B`` (in -> rank) then ``A`` (rank -> out), as in ``saes.lowrank``."""
+    """``y = A (B x) + bias``: ``B`` (in -> rank) then ``A`` (rank -> out), as in ``saes.core.lowrank``."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False) -> None:
         super().__init__()

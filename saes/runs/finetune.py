@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from .lowrank import LowRankLinear
+from saes.core.lowrank import LowRankLinear
+from saes.inputs import data as data_mod
 
 log = logging.getLogger(__name__)
 MODES = ("sequential", "joint")

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .lowrank import LowRankLinear, set_submodule
+from saes.core.lowrank import LowRankLinear, set_submodule
 
 log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
