@@ -27,8 +27,6 @@ floor, the candidates and the sensitivity tokens only (not the ratio): it is cac
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -44,7 +42,7 @@ from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout, plan_ranks
 from saes.inputs.data import token_digest
-from saes.runs.records import read_json, write_json_atomic
+from saes.io import digest, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 RANK_ALLOCS = ("uniform", "strs")
@@ -106,8 +104,7 @@ class ASVD(Method):
         key = {"model": cfg.model_identity, "calib": token_digest(calib_ids), "sens": token_digest(sens_ids),
                "alpha": self.alpha, "floor": self.floor, "candidates": self.candidates,
                "dtype": str(self.compute_dtype), "layers": layout.layers}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        path = None if cfg.cache_dir is None else Path(cfg.cache_dir) / "asvd_strs" / f"{digest}.json"
+        path = None if cfg.cache_dir is None else Path(cfg.cache_dir) / "asvd_strs" / f"{digest(key, 16)}.json"
         if path is not None and path.is_file():
             log.info("ASVD-STRS: sensitivity table from %s", path)
             return read_json(path)["table"]

@@ -31,7 +31,8 @@ def run_one(overrides: list[str], results_dir: str) -> dict:
     subprocess.run(cmd, cwd=ROOT, check=True)
     # the record path is derived from the resolved config: ask the pipeline's own function
     from experiments.tables import resolved
-    from saes.runs.records import read_json, record_path
+    from saes.io import read_json
+    from saes.runs.records import record_path
 
     return read_json(record_path(results_dir, resolved([*overrides, f"results_dir={results_dir}"])))
 

@@ -38,7 +38,8 @@ def overrides_for(label: str, ratio: float, extra: list[str], results_dir: str) 
 def record_for(overrides: list[str]) -> dict | None:
     """The record ``run.py`` would write for these overrides, or None if it does not exist (yet)."""
     from experiments.tables import resolved
-    from saes.runs.records import read_json, record_path
+    from saes.io import read_json
+    from saes.runs.records import record_path
 
     config = resolved(overrides)
     path = record_path(config["results_dir"], config)

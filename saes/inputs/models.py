@@ -8,7 +8,6 @@ to an fp32 Hugging Face folder in a cache keyed by the file's SHA-256, and reuse
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -23,6 +22,7 @@ from torch import nn
 
 from saes.inputs.data import hub_offline, set_offline_switches
 from saes.inputs.packages import packaged_file
+from saes.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,6 @@ def resolve_device(device: Any) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ModelUnavailable(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=8)

@@ -28,10 +28,10 @@ from saes.evaluation.offload import placed
 from saes.evaluation.perplexity import perplexity
 from saes.inputs import data as data_mod
 from saes.inputs.models import DTYPES, load_model, model_config, model_identity, resolve_device, skeleton
+from saes.io import digest, read_json, write_json_atomic
 from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
 from saes.runs.finetune import check_finetune, lora_finetune
-from saes.runs.records import (SCHEMA_VERSION, config_key, environment, flatten, read_json, record_path, run_stem,
-                               wandb_run, write_json_atomic)
+from saes.runs.records import SCHEMA_VERSION, config_key, environment, flatten, record_path, run_stem, wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def dense_protocol(cfg: DictConfig, identity: str, src: str, ids: torch.Tensor, 
 
 
 def dense_ppl_cache(cfg: DictConfig, protocol: dict[str, Any]) -> Path:
-    return Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"{protocol['source']}-{config_key(protocol)}.json"
+    return Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"{protocol['source']}-{digest(protocol)}.json"
 
 
 def dense_perplexity(cfg: DictConfig, model: nn.Module, identity: str, eval_ids: dict[str, torch.Tensor],

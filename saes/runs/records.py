@@ -9,17 +9,17 @@ optional keys added later (``load``) leave the key unchanged while null. A finis
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import platform
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+
+from saes.io import digest
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def config_key(cfg: dict[str, Any]) -> str:
         _drop(semantic, k, only_null=False)
     for k in ABSENT_IF_NULL:
         _drop(semantic, k, only_null=True)
-    blob = json.dumps(semantic, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    return digest(semantic, 12)
 
 
 def run_stem(cfg: dict[str, Any]) -> Path:
@@ -58,25 +57,6 @@ def run_stem(cfg: dict[str, Any]) -> Path:
 
 def record_path(results_dir: str | Path, cfg: dict[str, Any]) -> Path:
     return Path(results_dir) / "runs" / run_stem(cfg).with_suffix(".json")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False, allow_nan=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; records are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 def environment() -> dict[str, Any]:
