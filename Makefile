@@ -30,11 +30,11 @@ test: $(STAMP)  ## the full test suite, the embedded-model tests included (what 
 test-fast: $(STAMP)  ## tests on the tiny random models only
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-bench: $(STAMP)  ## dense vs SVD vs SAES-SVD on SmolLM2: PPL, phase times, peak memory
-	$(BIN)/python experiments/bench_foundation.py $(ARGS)
+bench: $(STAMP)  ## dense vs SVD vs SAES-SVD on SmolLM2: PPL, phase times, peak memory (ARGS: Hydra overrides of the runs)
+	$(BIN)/python run.py experiment=foundation $(ARGS) && $(BIN)/python -m experiments.tables --no-figures
 
 bench-speed: $(STAMP)  ## dense vs compressed: memory, prefill latency, decode throughput, speed-up vs ideal (ARGS=...)
-	$(BIN)/python experiments/bench_speed.py $(ARGS)
+	$(BIN)/python -m experiments.bench_speed $(ARGS)
 
 bench-cost: $(STAMP)  ## a run's cost by phase, in dense forwards over the calibration set, before/after (run alone; ARGS=...)
 	$(BIN)/python -m experiments.bench_cost --reference $(ARGS)

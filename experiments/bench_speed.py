@@ -1,12 +1,12 @@
 """Inference cost of dense vs compressed models: weight memory, peak memory, prefill latency, decode throughput.
 
-    python experiments/bench_speed.py                                  # SmolLM2, ratios 0.2 0.4 0.6 0.8
-    python experiments/bench_speed.py --batch 4 --prefill 1024 --decode 128 --repeats 7
-    python experiments/bench_speed.py --ratios --load results/models/smollm2_135m/saes/ratio0.4/seed0-<key>
-    python experiments/bench_speed.py --model tiny_llama --ratios 0.5 --prefill 64 --decode 8   # smoke run
+    python -m experiments.bench_speed                                  # SmolLM2, ratios 0.2 0.4 0.6 0.8
+    python -m experiments.bench_speed --batch 4 --prefill 1024 --decode 128 --repeats 7
+    python -m experiments.bench_speed --ratios --load results/models/smollm2_135m/saes/ratio0.4/seed0-<key>
+    python -m experiments.bench_speed --model tiny_llama --ratios 0.5 --prefill 64 --decode 8   # smoke run
 
 Speed does not depend on how the factors were computed, so the compressed models are made by
-plain SVD (data-free, seconds), saved once under ``<results-dir>/cache/bench_models/`` and reused;
+plain SVD (``method=svd``, composed and instantiated as ``run.py`` does; data-free, seconds), saved once under ``<results-dir>/cache/bench_models/`` and reused;
 ``--load`` adds folders written by ``run.py save=true``. Each model is measured in a fresh
 process (``--worker``) so that its peak memory is its own: peak RSS of the process that loads
 the model and runs the benchmark on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -36,32 +36,27 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from saes.inputs.models import DTYPES, load_model, resolve_device  # noqa: E402
-from saes.runs.checkpoint import load_compressed, read_manifest, save_compressed  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
+from experiments.speed import document
+from experiments.sweeps import ROOT, compose
+from saes.inputs.models import DTYPES, load_model, resolve_device
+from saes.runs.checkpoint import load_compressed, read_manifest, save_compressed
 
 
 def model_cfg(name: str, dtype: str | None = None) -> Any:
     """The ``model`` config group entry ``name`` (conf/model/<name>.yaml), as run.py composes it."""
-    from hydra import compose, initialize_config_dir
-
-    overrides = [f"model={name}"] + ([f"model.dtype={dtype}"] if dtype else [])
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides).model
+    return compose([f"model={name}"] + ([f"model.dtype={dtype}"] if dtype else [])).model
 
 
 def svd_folders(name: str, ratios: list[float], out: Path) -> dict[float, Path]:
     """SVD-compressed copies of model ``name`` at each ratio, saved once (keyed by the model's identity)."""
-    from baselines.svd import SVD
+    from hydra.utils import instantiate
+
     from saes.engine.config import EngineConfig
     from saes.engine.layout import layout_for, plan_ranks
     from saes.engine.loop import compress_model
 
-    cfg = model_cfg(name, "float32")
+    run_cfg = compose([f"model={name}", "model.dtype=float32", "method=svd"])
+    cfg = run_cfg.model
     folders: dict[float, Path] = {}
     dense = None
     for ratio in ratios:
@@ -74,7 +69,7 @@ def svd_folders(name: str, ratios: list[float], out: Path) -> dict[float, Path]:
             continue
         print(f"compressing {name} with svd at ratio {ratio} (once) -> {folder}", flush=True)
         model = copy.deepcopy(dense.model)
-        compress_model(model, SVD("svd"), plan_ranks(model, layout_for(model), ratio), None,
+        compress_model(model, instantiate(run_cfg.method), plan_ranks(model, layout_for(model), ratio), None,
                        EngineConfig(device=torch.device("cpu")))
         save_compressed(model, dense.tokenizer, folder, {"base": dense.identity, "method": {"name": "svd"},
                                                          "ratio": ratio})
@@ -195,8 +190,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], cwd=ROOT, capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_speed", "--worker", json.dumps(spec)], cwd=ROOT,
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark worker failed for {spec}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -214,16 +209,8 @@ def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], setup: str) -> str:
-    head = ("| model | method | ratio | projections removed | params (M) | weights MB | folder MB | peak MB | "
-            "prefill ms | prefill x | decode tok/s | decode x | ideal x (projections) | ideal x (matmuls) |")
-    lines = [setup, "", head, "|" + "---|" * 14]
-    for r in rows:
-        folder = "-" if r["folder_mb"] is None else f"{r['folder_mb']:.1f}"
-        lines.append(f"| {r['model']} | {r['method']} | {r['ratio']} | {r['linears_ratio']:.3f} | "
-                     f"{r['parameters'] / 1e6:.2f} | {r['weights_mb']:.1f} | {folder} | {r['peak_mb']:.0f} | "
-                     f"{r['prefill_ms']:.1f} | {r['prefill_speedup']:.2f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['decode_speedup']:.2f} | {r['ideal_projections']:.2f} | {r['ideal_matmuls']:.2f} |")
-    return "\n".join(lines)
+    """The table as ``bench_speed.md`` holds it (also rebuilt from the JSON by ``python -m experiments.tables``)."""
+    return document(rows, setup).markdown().rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

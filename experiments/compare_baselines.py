@@ -1,128 +1,78 @@
-"""Every method under one calibration protocol on the embedded SmolLM2-135M (issue 3's comparison).
+"""Every method under one calibration protocol (``experiment=compare_baselines``): PPL and compression time.
 
-    python experiments/compare_baselines.py                          # runs what is missing, writes the table
-    python experiments/compare_baselines.py --ratios 0.2 --methods svd saes
-    python experiments/compare_baselines.py --render-only            # table from the records alone
+    python run.py experiment=compare_baselines      # the runs (finished ones are skipped by run.py)
+    python -m experiments.tables                    # this table, from the records alone
 
-Each (method, ratio) is one ``run.py`` job in its own process (peak memory is per run);
-finished runs are skipped by ``run.py`` itself (records are keyed by the resolved config).
-The table reads only records: a run that is missing shows as missing. Runs whose
-calibration tokens or evaluation protocol differ from the first one are flagged.
+One row per method, one column per ratio (a pivot of the sweep's records). Differences in protocol
+are listed above the table, never refused: the grid was run over several sessions and machines.
 """
 
 from __future__ import annotations
 
-import argparse
-import subprocess
-import sys
-from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+import pandas as pd
 
-METHODS = {  # label -> run.py overrides
-    "svd": ["method=svd"],
-    "fwsvd": ["method=fwsvd"],
-    "asvd": ["method=asvd"],
-    "asvd_strs": ["method=asvd_strs"],
-    "svdllm": ["method=svdllm"],
-    "svdllm_update": ["method=svdllm_update"],
-    "adasvd": ["method=adasvd"],
-    "saes": ["method=saes"],
-}
+from experiments.records import check_protocol
+from experiments.render import MISSING, Document, Table, commands, fnum, found, sweep_jobs
+from experiments.sweeps import Context, Job
+
+NAME = "compare_baselines"
+EXPERIMENTS = ("compare_baselines",)
+COMPRESSION = ("prepare", "calibration", "factorisation")  # timings summed into "compress s"
 
 
-def overrides_for(label: str, ratio: float, extra: list[str], results_dir: str) -> list[str]:
-    return [*METHODS[label], f"ratio={ratio}", *extra, f"results_dir={results_dir}"]
+def seconds(rec: dict[str, Any]) -> str:
+    """Compression seconds, ``(c)`` when FP statistics came from the cache, ``[Nt]`` torch threads."""
+    cached = " (c)" if rec["calibration"].get("stats_cached_blocks") else ""
+    return f"{sum(rec['timings'].get(k, 0.0) for k in COMPRESSION):.0f}{cached} [{rec['env'].get('torch_threads', '?')}t]"
 
 
-def record_for(overrides: list[str]) -> dict | None:
-    """The record ``run.py`` would write for these overrides, or None if it does not exist (yet)."""
-    from experiments.tables import resolved
-    from saes.io import read_json
-    from saes.runs.records import record_path
-
-    config = resolved(overrides)
-    path = record_path(config["results_dir"], config)
-    return read_json(path) if path.is_file() else None
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--results-dir", default="results")
-    ap.add_argument("--extra", nargs="*", default=[], help="Hydra overrides added to every run")
-    ap.add_argument("--method-extra", nargs="*", default=[], metavar="LABEL:OVERRIDE",
-                    help="an override for one method only, e.g. asvd_strs:method.strs.nsamples=2")
-    ap.add_argument("--render-only", action="store_true", help="do not run anything; table from records")
-    ap.add_argument("--name", default="compare_baselines", help="table file: <results-dir>/tables/<name>.md")
-    args = ap.parse_args()
-    per_method: dict[str, list[str]] = {}
-    for item in args.method_extra:
-        label, _, override = item.partition(":")
-        if label not in METHODS or not override:
-            raise SystemExit(f"--method-extra wants LABEL:OVERRIDE with LABEL in {list(METHODS)}; got {item!r}")
-        per_method.setdefault(label, []).append(override)
-
-    cells: dict[tuple[str, float], dict | None] = {}
-    for ratio in args.ratios:
-        for label in args.methods:
-            ov = overrides_for(label, ratio, args.extra + per_method.get(label, []), args.results_dir)
-            if not args.render_only and record_for(ov) is None:
-                print("$ python run.py", " ".join(ov), flush=True)
-                done = subprocess.run([sys.executable, "run.py", *ov], cwd=ROOT)
-                if done.returncode != 0:
-                    print(f"!! {label} at ratio {ratio} failed (exit {done.returncode}); it stays missing", flush=True)
-            cells[(label, ratio)] = record_for(ov)
-
-    table = render(cells, args.methods, args.ratios)
-    print(table)
-    out = Path(args.results_dir) / "tables" / f"{args.name}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
-    print(f"written: {out}")
-
-
-def render(cells: dict[tuple[str, float], dict | None], methods: list[str], ratios: list[float]) -> str:
-    """Markdown: PPL per method and ratio, then compression time (pre-pass + calibration + factorisation)."""
-    recs = [r for r in cells.values() if r is not None]
+def build(ctx: Context) -> Document:
+    js = sweep_jobs(ctx, NAME, None, EXPERIMENTS)
+    if isinstance(js, Document):
+        return js
+    recs = found(js)
     if not recs:
-        return "no records yet"
-    if str(ROOT) not in sys.path:  # run as a script: the experiments package lives at the repository root
-        sys.path.insert(0, str(ROOT))
-    from experiments.tables import check_protocol, fnum
-
+        return Document(NAME, None, ["no records yet: " + ", ".join(f"`{c}`" for c in commands(EXPERIMENTS, ctx.overrides))],
+                        latex_too=False)
     first = recs[0]
     src = next(iter(first["metrics"]["ppl"]))
-    calibs = {r["calibration"]["tokens_sha256"] for r in recs} - {None}
     _, warnings = check_protocol(recs, allow_mixed=True)  # an ad-hoc grid: differences are listed, not refused
+    calibs = {r["calibration"]["tokens_sha256"] for r in recs} - {None}
     cal = next(r["calibration"] for r in recs if r["calibration"]["tokens_sha256"])
-    lines = [f"Model {first['config']['model']['name']} ({first['model']['identity'][:28]}...). "
+    intro = (f"Model {first['config']['model']['name']} ({first['model']['identity'][:28]}...). "
              f"Calibration: {cal['source']}, {cal['nsamples']} x {cal['seqlen']} tokens, sha256 "
              f"{', '.join(sorted(h[:12] for h in calibs))}. Perplexity on {src}: "
              f"{first['metrics']['ppl'][src]['windows']} windows x {first['config']['eval']['ppl']['seqlen']} tokens; "
-             f"dense {first['metrics']['ppl'][src]['dense']:.3f}.", ""]
-    lines[:0] = [w + "\n" for w in warnings]
-    head = "| method | stream | ranks | " + " | ".join(f"PPL @{r}" for r in ratios) + " | " + \
-        " | ".join(f"compress s @{r}" for r in ratios) + " |"
-    lines += [head, "|---" * (head.count("|") - 1) + "|"]
-    for label in methods:
-        row = [cells.get((label, r)) for r in ratios]
-        any_rec = next((r for r in row if r is not None), None)
-        stream = any_rec["calibration"]["stream"] if any_rec else "-"
-        alloc = any_rec["params"].get("rank_alloc", "uniform") if any_rec else "-"
-        ppl = [fnum(r["metrics"]["ppl"][src]["compressed"]) if r else "missing" for r in row]
-        secs = [f"{sum(r['timings'].get(k, 0.0) for k in ('prepare', 'calibration', 'factorisation')):.0f}"
-                f"{' (c)' if r['calibration'].get('stats_cached_blocks') else ''} [{r['env'].get('torch_threads', '?')}t]"
-                if r else "-" for r in row]
-        lines.append(f"| {label} | {stream} | {alloc} | " + " | ".join(ppl) + " | " + " | ".join(secs) + " |")
-    lines += ["", "compress s = method pre-pass (Fisher / sensitivity / importance) + calibration forwards and "
-              "statistics + factorisation, from each record's timings; [Nt] = torch threads of that run; "
-              "(c) = FP-stream statistics read from the cache (calib.reuse_stats), so their calibration time is "
-              "missing from the figure.",
-              "records: " + ", ".join(f"{k[0]}@{k[1]}:{r['key']}" for k, r in cells.items() if r)]
-    return "\n".join(lines)
+             f"dense {first['metrics']['ppl'][src]['dense']:.3f}.")
+    cells = pd.DataFrame([cells_of(j, src) for j in js])
+    methods = list(dict.fromkeys(cells["method"]))
+    ratios = sorted(set(cells["ratio"]))
+    wide = cells.pivot(index="method", columns="ratio", values=["ppl", "secs"]).reindex(methods)
+    per_method = cells.groupby("method", sort=False)[["stream", "ranks"]].agg(lambda s: next((v for v in s if v), "-"))
+    table = Table(["method", "stream", "ranks", *[f"PPL @{r}" for r in ratios], *[f"compress s @{r}" for r in ratios]])
+    for m in methods:
+        table.rows.append([m, per_method.loc[m, "stream"], per_method.loc[m, "ranks"],
+                           *[wide.loc[m, ("ppl", r)] for r in ratios], *[wide.loc[m, ("secs", r)] for r in ratios]])
+    missing = [j for j in js if j.record is None]
+    blocks: list[str | Table] = [w + "\n" for w in warnings] + [intro, "", table, ""]
+    if missing:
+        blocks.append("Missing: " + "; ".join(" ".join(j.own_overrides) for j in missing) + " (run: "
+                      + ", ".join(f"`{c}`" for c in commands(EXPERIMENTS, ctx.overrides)) + ").")
+    blocks += ["compress s = method pre-pass (Fisher / sensitivity / importance) + calibration forwards and "
+               "statistics + factorisation, from each record's timings; [Nt] = torch threads of that run; "
+               "(c) = FP-stream statistics read from the cache (calib.reuse_stats), so their calibration time is "
+               "missing from the figure.",
+               "records: " + ", ".join(f"{j.config['method']['name']}@{j.ratio}:{j.record['key']}"
+                                       for j in js if j.record)]
+    return Document(NAME, None, blocks, latex_too=False, separator="\n")
 
 
-if __name__ == "__main__":
-    main()
+def cells_of(j: Job, src: str) -> dict[str, Any]:
+    r = j.record
+    return {"method": str(j.config["method"]["name"]), "ratio": j.ratio,
+            "stream": r["calibration"]["stream"] if r else None,
+            "ranks": r["params"].get("rank_alloc", "uniform") if r else None,
+            "ppl": fnum(r["metrics"]["ppl"][src]["compressed"]) if r else MISSING,
+            "secs": seconds(r) if r else "-"}

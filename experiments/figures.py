@@ -4,7 +4,7 @@
     fig1b_ppl_vs_ratio.png  perplexity against ratio, every method (table1, table1_lora)
     fig1c_rer_vs_beta.png   retained-energy ratio against beta for one projection (experiments/rer_curve.py)
     fig1d_fixed_vs_adaptive.png  accuracy and perplexity against ratio, fixed beta against ACES (ablation)
-    fig4_speed_memory.png   memory and speed-up against ratio (experiments/bench_speed.py's JSON)
+    fig4_speed_memory.png   memory and speed-up against ratio (python -m experiments.bench_speed's JSON)
     fig6_aces_beta.png      the beta ACES chose for each block's k_proj (table1's SAES-SVD runs)
 
 A value a record lacks is never drawn: the point is left out and the legend says which ratios are
@@ -21,13 +21,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 import matplotlib
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.tables import found, label, mean_acc, ppl_of, tasks_run  # noqa: E402
+from experiments.records import mean_acc, ppl_of, tasks_run
+from experiments.render import found
+from experiments.speed import bench_json
+from experiments.sweeps import label
 
 matplotlib.use("Agg")
 
 
 if TYPE_CHECKING:
-    from experiments.tables import Context, Job
+    from experiments.sweeps import Context, Job
 
 
 def _subtitle(js: Sequence["Job"]) -> str:
@@ -225,19 +228,13 @@ def fig1c(curves: list[dict[str, Any]], js: Sequence["Job"], path: Path) -> Path
     return _save(fig, path)
 
 
-def bench_json(results_dir: Path, model: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest ``bench/bench_speed-<model>-<device>.json`` (experiments/bench_speed.py), if any."""
-    files = sorted((results_dir / "bench").glob(f"bench_speed-{model}-*.json"), key=lambda p: p.stat().st_mtime)
-    return (files[-1], json.loads(files[-1].read_text())) if files else None
-
-
 def fig4(bench: tuple[Path, dict[str, Any]] | None, model: str, path: Path) -> Path:
     """Reads ``rows[*]``: ratio, method, weights_mb, peak_mb, prefill_speedup, decode_speedup, ideal_matmuls,
     device; the dense row is the one with ``method == "dense"``."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     if bench is None:
         for ax in (a1, a2):
-            _missing(ax, f"python experiments/bench_speed.py --model {model}")
+            _missing(ax, f"python -m experiments.bench_speed --model {model}")
         fig.suptitle(f"Figure 4: memory and speed-up against ratio — {model}", fontsize=9)
         return _save(fig, path)
     src, data = bench

@@ -21,27 +21,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saes.core.linalg import damped_cholesky  # noqa: E402
-from saes.core.method import Factors, Method  # noqa: E402
-from saes.core.stats import SiteStats  # noqa: E402
-from saes.engine.layout import layout_for, plan_ranks  # noqa: E402
-from saes.engine.loop import compress_model  # noqa: E402
-from saes.inputs import data as data_mod  # noqa: E402
-from saes.inputs.models import load_model, resolve_device  # noqa: E402
-from saes.io import read_json, write_json_atomic  # noqa: E402
-from saes.runs.records import config_key, environment, record_path  # noqa: E402
-from saes.saes import SAES, aces_coefficients, select_beta, whitened_targets  # noqa: E402
+from saes.core.linalg import damped_cholesky
+from saes.core.method import Factors, Method
+from saes.core.stats import SiteStats
+from saes.engine.layout import layout_for, plan_ranks
+from saes.engine.loop import compress_model
+from saes.inputs import data as data_mod
+from saes.inputs.models import load_model, resolve_device
+from saes.io import read_json, write_json_atomic
+from saes.runs.records import config_key, environment, record_path
+from saes.saes import SAES, aces_coefficients, select_beta, whitened_targets
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 
@@ -96,7 +92,7 @@ def run_curve(overrides: list[str], layer: int | None, proj: str, points: int) -
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from experiments.tables import compose
+    from experiments.sweeps import compose
     from saes.runs.pipeline import engine_config
 
     cfg = compose(overrides)

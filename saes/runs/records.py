@@ -23,7 +23,7 @@ from saes.io import digest
 
 log = logging.getLogger(__name__)
 
-NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload",
+NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload", "display",
                 "calib.reuse_stats")  # how a run is carried out, not what it computes (dotted: nested keys)
 ABSENT_IF_NULL = ("load", "calib.stats_device", "method.strs.seqlen", "calib.split", "eval.ppl.split",
                   "finetune.split")  # added after records existed: null hashes as if absent
