@@ -110,9 +110,16 @@ def layout_for(model: nn.Module) -> BlockLayout:
     return layout
 
 
+def projections(model: nn.Module, layout: BlockLayout) -> list[str]:
+    """Full names of every compressible projection (``model.layers.3.self_attn.q_proj``): block by block, each
+    block's in the layout's true-sequential order (the order of every rank plan)."""
+    n = len(model.get_submodule(layout.layers))
+    return [f"{layout.layers}.{i}.{name}" for i in range(n) for name in layout.projections]
+
+
 def check_plan(model: nn.Module, layout: BlockLayout, ranks: dict[str, int]) -> None:
     """A rank plan names every projection exactly once, each with ``1 <= r <= min(m, n)``."""
-    want = plan_ranks(model, layout, 0.5).keys()
+    want = projections(model, layout)
     if set(ranks) != set(want):
         missing, extra = sorted(set(want) - set(ranks)), sorted(set(ranks) - set(want))
         raise ValueError(f"rank plan does not match the model: missing {missing[:3]}, unknown {extra[:3]}")
@@ -124,9 +131,4 @@ def check_plan(model: nn.Module, layout: BlockLayout, ranks: dict[str, int]) -> 
 
 def plan_ranks(model: nn.Module, layout: BlockLayout, ratio: float) -> dict[str, int]:
     """Uniform ranks for every projection of every block (raises before any work on bad ratios)."""
-    ranks = {}
-    for i, block in enumerate(model.get_submodule(layout.layers)):
-        for name in layout.projections:
-            m, n = block.get_submodule(name).weight.shape
-            ranks[f"{layout.layers}.{i}.{name}"] = rank_for_ratio(m, n, ratio)
-    return ranks
+    return {name: rank_for_ratio(*model.get_submodule(name).weight.shape, ratio) for name in projections(model, layout)}

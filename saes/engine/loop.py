@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from saes.core.method import Method, Stream
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, layout_for
-from saes.engine.propagate import StopForward, capture_block_inputs, first_output
+from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
 from saes.engine.stats_cache import CACHED, FREE, FPStatsCache
 from saes.inputs.data import token_digest
@@ -96,17 +96,40 @@ def needs_calibration(method: Method, track_fidelity: bool) -> bool:
     return method.needs_data or track_fidelity
 
 
-def _through(block: nn.Module, xs: list[torch.Tensor], kws: list[dict], device: torch.device,
-             stream_device: torch.device) -> list[torch.Tensor]:
-    """Every batch of a stream through ``block``: the inputs of the next block."""
-    return [first_output(block(x.to(device), **kw)).to(stream_device) for x, kw in zip(xs, kws)]
-
-
 @dataclass
 class _Streams:
     X: list[torch.Tensor]  # compressed stream: block inputs per batch
     Xf: list[torch.Tensor]  # FP stream
     kws: list[dict]  # block call kwargs per batch (masks, rotary embeddings)
+
+
+@dataclass
+class _Run:
+    """What every block of one :func:`compress_model` call shares."""
+
+    layout: BlockLayout
+    method: Method
+    ranks: dict[str, int]
+    stream: Stream
+    cfg: EngineConfig
+    keep_comp: bool  # propagate the compressed stream X
+    keep_fp: bool  # propagate the FP stream X^f
+    staged: bool  # one forward per stream and block (else the reference path)
+    ckpt: BlockCheckpoints | None
+    cache: FPStatsCache | None
+    timings: dict[str, float]
+
+    @property
+    def stream_device(self) -> torch.device:
+        return self.cfg.stream_device or self.cfg.device
+
+    @property
+    def extra(self) -> frozenset[str]:
+        """Statistics computed beyond the method's needs, for the cache (those that cost next to nothing)."""
+        return FREE if self.cache is not None else frozenset()
+
+    def propagate(self, block: nn.Module, xs: list[torch.Tensor], kws: list[dict], keep: bool) -> list[torch.Tensor]:
+        return through(block, xs, kws, self.cfg.device, self.stream_device) if keep else []
 
 
 def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, stream: Stream,
@@ -149,16 +172,14 @@ def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, meth
         layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}
 
 
-def _compress_block_rerun(block: nn.Module, ref: nn.Module | None, prefix: str, layout: BlockLayout, method: Method,
-                          ranks: dict[str, int], streams: _Streams, stream: Stream, cfg: EngineConfig,
-                          cached: dict[str, SiteStats], extra: frozenset[str],
-                          timings: dict[str, float]) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats]]:
+def _compress_block_rerun(run: _Run, block: nn.Module, ref: nn.Module | None, prefix: str, streams: _Streams,
+                          cached: dict[str, SiteStats]) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats]]:
     """The reference path: compress one block group by group, re-running the block (and ``ref``, the original)
     from its input up to each group's input site; returns its layers' diagnostics and the statistics it computed.
 
-    ``cached``: statistics per site (``self_attn.q_proj``) from the FP-stream cache; ``extra``:
-    statistics to compute beyond the method's needs, for the cache (those that cost next to nothing)."""
-    needs = method.needs | extra
+    ``cached``: statistics per site (``self_attn.q_proj``) from the FP-stream cache."""
+    layout, method, ranks, stream, cfg, timings = run.layout, run.method, run.ranks, run.stream, run.cfg, run.timings
+    needs = method.needs | run.extra
     layers: dict[str, dict[str, Any]] = {}
     fresh: dict[str, SiteStats] = {}
     for group in layout.groups:
@@ -179,24 +200,9 @@ def _compress_block_rerun(block: nn.Module, ref: nn.Module | None, prefix: str, 
 
 
 @torch.no_grad()
-def _forward_capturing(block: nn.Module, x: torch.Tensor, kw: dict, sites: list[str],
-                       seen: Any) -> torch.Tensor:
-    """The block's output for input ``x``; ``seen(site, input)`` gets the input of each of ``sites`` on the way."""
-    handles = [block.get_submodule(site).register_forward_pre_hook(lambda _m, args, site=site: seen(site, args[0]))
-               for site in sites]
-    try:
-        return first_output(block(x, **kw))
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def _compress_block_staged(block: nn.Module, prefix: str, layout: BlockLayout, method: Method,
-                           ranks: dict[str, int], streams: _Streams, stream: Stream, cfg: EngineConfig,
-                           cached: dict[str, SiteStats], extra: frozenset[str], timings: dict[str, float],
-                           keep_comp: bool, keep_fp: bool) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats],
-                                                                     list[torch.Tensor], list[torch.Tensor]]:
+def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _Streams,
+                           cached: dict[str, SiteStats]) -> tuple[dict[str, dict[str, Any]], dict[str, SiteStats],
+                                                                  list[torch.Tensor], list[torch.Tensor]]:
     """One block at about one forward per stream; returns (layers, fresh statistics, next X, next X^f).
 
     1. The block is still dense: one forward of it over ``X^f`` gives the FP stream's next input and, through
@@ -207,11 +213,13 @@ def _compress_block_staged(block: nn.Module, prefix: str, layout: BlockLayout, m
        (``q,k,v`` already compressed for ``o``); ``gate,up``, ``down`` and the block output follow from the
        previous intermediate by :class:`BlockStages`, the same operations the block's forward performs.
     Equals :func:`_compress_block_rerun` (tests compare them)."""
+    layout, method, ranks, stream, cfg, timings = run.layout, run.method, run.ranks, run.stream, run.cfg, run.timings
+    keep_comp, keep_fp = run.keep_comp, run.keep_fp
     stages = layout.stages
     assert stages is not None
     dev, stream_dev, stats_dev = cfg.device, cfg.stream_device or cfg.device, cfg.stats_device or cfg.device
     sites = [group[0] for group in layout.groups]
-    needs = method.needs | extra
+    needs = method.needs | run.extra
     with_delta = "Delta" in needs and stream == "compressed"
     wanted = needs if with_delta else needs - {"Delta"}
     todo = [site for site in sites if method.needs and site not in cached]  # statistics computed here
@@ -233,7 +241,7 @@ def _compress_block_staged(block: nn.Module, prefix: str, layout: BlockLayout, m
     Xf_next: list[torch.Tensor] = []
     if fp_acc or fp_in or keep_fp:
         for xf, kw in zip(streams.Xf, streams.kws):
-            y = _forward_capturing(block, xf.to(dev), kw, list(fp_acc or fp_in), seen_fp)
+            y = forward_capturing(block, xf.to(dev), kw, list(fp_acc or fp_in), seen_fp)
             if keep_fp:
                 Xf_next.append(y.to(stream_dev))
     timings["calibration"] += time.perf_counter() - t0
@@ -252,7 +260,7 @@ def _compress_block_staged(block: nn.Module, prefix: str, layout: BlockLayout, m
         for site, group in zip(sites, layout.groups):
             _factorize_group(block, group, prefix, method, ranks, statistics(site, fp_acc.get(site)), timings, layers)
         t0 = time.perf_counter()
-        X_next = _through(block, streams.X, streams.kws, dev, stream_dev) if keep_comp else []
+        X_next = through(block, streams.X, streams.kws, dev, stream_dev) if keep_comp else []
         timings["calibration"] += time.perf_counter() - t0
         return layers, fresh, X_next, Xf_next
 
@@ -286,6 +294,57 @@ def _compress_block_staged(block: nn.Module, prefix: str, layout: BlockLayout, m
     return layers, fresh, X_next, Xf_next
 
 
+Kind = Literal["restored", "cached", "fresh"]
+
+
+def block_kinds(n_blocks: int, ckpt: BlockCheckpoints | None, cache: FPStatsCache | None, sites: list[str],
+                wanted: frozenset[str]) -> list[Kind]:
+    """What happens to each block: ``restored`` from its checkpoint (the leading finished blocks), else compressed
+    from ``cached`` FP-stream statistics (every site's ``wanted`` ones are stored) or ``fresh`` ones."""
+    done = ckpt.done if ckpt is not None else 0
+    return ["restored" if i < done else "cached" if cache is not None and cache.has(i, sites, wanted) else "fresh"
+            for i in range(n_blocks)]
+
+
+def _restore_block(run: _Run, i: int, block: nn.Module,
+                   streams: _Streams) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor], list[torch.Tensor]]:
+    """A checkpointed block: the FP stream through it while dense, then its low-rank layers back, then ``X``."""
+    assert run.ckpt is not None
+    t0 = time.perf_counter()
+    Xf = run.propagate(block, streams.Xf, streams.kws, run.keep_fp)
+    layers = run.ckpt.restore(i, block, f"{run.layout.layers}.{i}", run.layout.projections, run.ranks)
+    X = run.propagate(block, streams.X, streams.kws, run.keep_comp)
+    run.timings["calibration"] += time.perf_counter() - t0
+    return layers, X, Xf
+
+
+def _compress_block(run: _Run, i: int, kind: Kind, block: nn.Module,
+                    streams: _Streams) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor], list[torch.Tensor]]:
+    """Compress block ``i`` (staged or reference path); statistics it computed go to the cache."""
+    cfg, prefix = run.cfg, f"{run.layout.layers}.{i}"
+    wanted = run.method.needs & CACHED
+    cached = run.cache.load(i, wanted, cfg.stats_device or cfg.device) if kind == "cached" else {}
+    if run.staged:
+        layers, fresh, X, Xf = _compress_block_staged(run, block, prefix, streams, cached)
+    else:
+        ref = copy.deepcopy(block) if run.keep_fp else None  # original weights: the FP stream's block
+        layers, fresh = _compress_block_rerun(run, block, ref, prefix, streams, cached)
+        t0 = time.perf_counter()
+        X = run.propagate(block, streams.X, streams.kws, run.keep_comp)
+        Xf = run.propagate(ref, streams.Xf, streams.kws, run.keep_fp)
+        run.timings["calibration"] += time.perf_counter() - t0
+        del ref
+    if run.cache is not None and fresh:
+        run.cache.save(i, fresh)
+    return layers, X, Xf
+
+
+def _cosine(X: list[torch.Tensor], Xf: list[torch.Tensor]) -> float:
+    """Mean token cosine similarity of the two streams (the per-block fidelity)."""
+    cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(X, Xf)]
+    return float(torch.stack(cos).mean())
+
+
 @torch.no_grad()
 def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], calib_ids: torch.Tensor | None,
                    cfg: EngineConfig) -> CompressionReport:
@@ -294,7 +353,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
     With ``cfg.resume_dir`` each finished block is checkpointed and a rerun restores the
     finished blocks instead of recompressing them (:mod:`saes.engine.resume`); with ``cfg.reuse_stats``
     FP-stream statistics come from / go to a cache (:mod:`saes.engine.stats_cache`). Neither changes
-    the result."""
+    the result: both only decide each block's kind (:func:`block_kinds`) before the loop."""
     layout = layout_for(model)
     blocks = model.get_submodule(layout.layers)
     stream = cfg.stream or method.stream
@@ -306,75 +365,52 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         log.warning("%s needs Delta but runs on the FP stream: Delta is identically zero", method.name)
     with owned(cfg.resume_dir):  # a failure gives the folder up (its finished blocks stay)
         ckpt = BlockCheckpoints(cfg.resume_dir, cfg.resume_key, method.name, stream, ranks) if cfg.resume_dir else None
-        start = ckpt.done if ckpt is not None else 0
+        cache = _fp_stats_cache(model, layout, method, stream, calib_ids, cfg)
+        # a cache hit needs the cacheable statistics the method wants (Delta is zero on the FP stream)
+        kinds = block_kinds(len(blocks), ckpt, cache, [group[0] for group in layout.groups], method.needs & CACHED)
+        start = kinds.count("restored")
         if start:
             log.info("resuming %s: blocks 0..%d restored from %s", method.name, start - 1, ckpt.folder)
-        cache = _fp_stats_cache(model, layout, method, stream, calib_ids, cfg)
-        sites = [group[0] for group in layout.groups]
-        wanted = method.needs & CACHED  # what must be in the cache for a hit (Delta is zero on the FP stream)
-        cached = {i for i in range(start, len(blocks)) if cache is not None and cache.has(i, sites, wanted)}
         # the streams are needed unless every block left to compress has cached statistics
-        need_streams = not data_free and (cfg.track_fidelity or len(cached) < len(blocks) - start)
+        need_streams = not data_free and (cfg.track_fidelity or "fresh" in kinds)
         keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
         keep_fp = need_streams and (stream == "fp" or needs_delta or cfg.track_fidelity)
-        stream_device = cfg.stream_device or cfg.device
-        timings = {"calibration": 0.0, "factorisation": 0.0}
+        run = _Run(layout, method, ranks, stream, cfg, keep_comp, keep_fp,
+                   staged=layout.stages is not None and not cfg.rerun, ckpt=ckpt, cache=cache,
+                   timings={"calibration": 0.0, "factorisation": 0.0})
+        timings = run.timings
 
         streams = _Streams([], [], [])
         if need_streams:
             t0 = time.perf_counter()
-            first, streams.kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, stream_device)
-            streams.X = first if keep_comp else []
-            streams.Xf = [x.clone() for x in first] if (keep_fp and keep_comp) else (first if keep_fp else [])
+            first, kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, run.stream_device)
+            Xf = [x.clone() for x in first] if (keep_fp and keep_comp) else (first if keep_fp else [])
+            streams = _Streams(first if keep_comp else [], Xf, kws)
             timings["calibration"] += time.perf_counter() - t0
 
         layers: dict[str, dict[str, Any]] = {}
         block_diag: list[dict[str, Any]] = []
-        bar = tqdm(range(len(blocks)), desc=f"compress[{method.name}]", unit="block")
-        for i in bar:
+        bar = tqdm(kinds, desc=f"compress[{method.name}]", unit="block")
+        for i, kind in enumerate(bar):
             block = blocks[i].to(cfg.device)
-            prefix = f"{layout.layers}.{i}"
-            staged = layout.stages is not None and not cfg.rerun
-            if i < start:
-                t0 = time.perf_counter()
-                Xf_next = _through(block, streams.Xf, streams.kws, cfg.device, stream_device) if keep_fp else []
-                block_layers = ckpt.restore(i, block, prefix, layout.projections, ranks)
-                X_next = _through(block, streams.X, streams.kws, cfg.device, stream_device) if keep_comp else []
-                timings["calibration"] += time.perf_counter() - t0
+            if kind == "restored":
+                block_layers, X, Xf = _restore_block(run, i, block, streams)
             else:
-                site_stats = cache.load(i, wanted, cfg.stats_device or cfg.device) if i in cached else {}
-                extra = FREE if cache is not None else frozenset()
-                if staged:
-                    block_layers, fresh, X_next, Xf_next = _compress_block_staged(
-                        block, prefix, layout, method, ranks, streams, stream, cfg, site_stats, extra, timings,
-                        keep_comp, keep_fp)
-                else:
-                    ref = copy.deepcopy(block) if keep_fp else None  # original weights: the FP stream's block
-                    block_layers, fresh = _compress_block_rerun(block, ref, prefix, layout, method, ranks, streams,
-                                                                stream, cfg, site_stats, extra, timings)
-                    t0 = time.perf_counter()
-                    X_next = _through(block, streams.X, streams.kws, cfg.device, stream_device) if keep_comp else []
-                    Xf_next = _through(ref, streams.Xf, streams.kws, cfg.device, stream_device) if keep_fp else []
-                    timings["calibration"] += time.perf_counter() - t0
-                    del ref
-                if cache is not None and fresh:
-                    cache.save(i, fresh)
+                block_layers, X, Xf = _compress_block(run, i, kind, block, streams)
             layers.update(block_layers)
             t0 = time.perf_counter()
-            streams.X, streams.Xf = X_next, Xf_next
+            streams = _Streams(X, Xf, streams.kws)
             info: dict[str, Any] = {"index": i}
             if keep_comp and keep_fp:
-                cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
-                       for a, b in zip(streams.X, streams.Xf)]
-                info["cosine_fp"] = float(torch.stack(cos).mean())
+                info["cosine_fp"] = _cosine(X, Xf)
                 bar.set_postfix(cos=f"{info['cosine_fp']:.4f}")
             block_diag.append(info)
             blocks[i] = block.to(cfg.offload_device)
             timings["calibration"] += time.perf_counter() - t0
-            if ckpt is not None and i >= start:
+            if ckpt is not None and kind != "restored":
                 t0 = time.perf_counter()
                 ckpt.save(i, blocks[i], block_layers)
                 timings["checkpoint"] = timings.get("checkpoint", 0.0) + time.perf_counter() - t0
         return CompressionReport(stream=stream if not data_free else "none",
                                  tokens=0 if data_free else int(calib_ids.numel()), layers=layers, blocks=block_diag,
-                                 timings=timings, resumed_from=start, cached_stats_blocks=len(cached))
+                                 timings=timings, resumed_from=start, cached_stats_blocks=kinds.count("cached"))

@@ -1,11 +1,23 @@
-"""Hidden states into and through the decoder blocks: the pieces every block-by-block pass is made of."""
+"""Hidden states into and through the decoder blocks: the pieces every block-by-block pass is made of.
+
+:func:`dense_blocks` is the one dense block-by-block pass for methods' whole-model pre-passes (AdaSVD's
+layer importance, ASVD's ``mean|x|`` and sensitivity inputs); the engine's two-stream loop uses the
+same pieces (:func:`capture_block_inputs`, :func:`forward_capturing`, :func:`through`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from saes.core.lowrank import set_submodule
+from saes.engine.config import EngineConfig
+from saes.engine.layout import BlockLayout
 
 
 class StopForward(Exception):
@@ -64,3 +76,70 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
     finally:
         handle.remove()
     return hidden, kwargs
+
+
+@torch.no_grad()
+def forward_capturing(block: nn.Module, x: torch.Tensor, kw: dict, sites: Iterable[str],
+                      seen: Callable[[str, torch.Tensor], None]) -> torch.Tensor:
+    """The block's output for input ``x``; ``seen(site, input)`` gets the input of each of ``sites`` on the way."""
+    handles = [block.get_submodule(site).register_forward_pre_hook(lambda _m, args, site=site: seen(site, args[0]))
+               for site in sites]
+    try:
+        return first_output(block(x, **kw))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def through(block: nn.Module, xs: list[torch.Tensor], kws: list[dict], device: torch.device,
+            stream_device: torch.device) -> list[torch.Tensor]:
+    """Every batch of a stream through ``block``: the inputs of the next block."""
+    return [first_output(block(x.to(device), **kw)).to(stream_device) for x, kw in zip(xs, kws)]
+
+
+@dataclass(frozen=True)
+class BlockPass:
+    """One dense decoder block as :func:`dense_blocks` passes it: per batch, its input ``x_l`` and output ``x_{l+1}``."""
+
+    index: int
+    block: nn.Module  # on cfg.device for the callback's duration
+    inputs: list[torch.Tensor]  # on cfg.stream_device (default: cfg.device)
+    outputs: list[torch.Tensor]
+    kws: list[dict]  # the block's call kwargs per batch (masks, rotary embeddings)
+
+
+@torch.no_grad()
+def dense_blocks(model: nn.Module, layout: BlockLayout, ids: torch.Tensor, cfg: EngineConfig,
+                 on_block: Callable[[BlockPass], None] | None = None,
+                 on_input: Callable[[str, torch.Tensor], None] | None = None) -> None:
+    """Propagate ``ids`` through the dense decoder blocks one block at a time, as the engine's FP stream does.
+
+    Batches of ``cfg.batch_size`` sequences; each block is moved to ``cfg.device`` and back to where it was,
+    hidden states live on ``cfg.stream_device``. ``on_input(name, x)`` sees the input of every projection
+    (full name, ``model.layers.3.self_attn.q_proj``) batch by batch, ``on_block`` each block once all its
+    batches went through. The weights are not changed (a pre-pass on the dense model)."""
+    blocks = model.get_submodule(layout.layers)
+    stream_device = cfg.stream_device or cfg.device
+    xs, kws = capture_block_inputs(model, blocks, ids, cfg.batch_size, cfg.device, stream_device)
+    sites = layout.projections if on_input is not None else ()
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(cfg.device)
+        prefix = f"{layout.layers}.{i}."
+        seen = (lambda site, x: on_input(prefix + site, x)) if on_input is not None else None  # noqa: E731
+        ys = [forward_capturing(block, x.to(cfg.device), kw, sites, seen).to(stream_device) for x, kw in zip(xs, kws)]
+        if on_block is not None:
+            on_block(BlockPass(i, block, xs, ys, kws))
+        block.to(home)
+        xs = ys
+
+
+@contextmanager
+def replaced(root: nn.Module, name: str, module: nn.Module) -> Iterator[nn.Module]:
+    """``root.<name>`` is ``module`` inside the ``with`` body; the original object is put back after it."""
+    original = root.get_submodule(name)
+    set_submodule(root, name, module)
+    try:
+        yield module
+    finally:
+        set_submodule(root, name, original)
