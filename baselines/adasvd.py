@@ -101,7 +101,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +112,7 @@ from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
 from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout, plan_ranks
-from saes.engine.propagate import capture_block_inputs
+from saes.engine.propagate import BlockPass, dense_blocks
 from saes.saes import whitened_targets
 
 RANK_ALLOC = ("adacr", "uniform")
@@ -245,37 +244,27 @@ def ranks_for_layer_ratios(shapes: Mapping[str, tuple[int, int, int]], ratios: S
         total += cost[p]
 
 
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def layer_importance(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor,
                      cfg: EngineConfig) -> list[float]:
     """``I_l = 1 - mean_t cos(x_t, y_t)`` per decoder block on the dense model (FP stream).
 
-    One block at a time is moved to ``cfg.device`` and back; the weights are not changed.
+    One block at a time on ``cfg.device`` (:func:`dense_blocks`); the weights are not changed.
     """
-    blocks = model.get_submodule(layout.layers)
-    stream_device = cfg.stream_device or cfg.device
-    hidden, kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, stream_device)
-    importance = []
-    for block in blocks:
-        home = next(block.parameters()).device
-        block.to(cfg.device)
-        total, count, outputs = 0.0, 0, []
-        for x, kw in zip(hidden, kws):
-            x = x.to(cfg.device)
-            y = _hidden(block(x, **kw))
+    importance: list[float] = []
+
+    def measure(step: BlockPass) -> None:
+        total, count = 0.0, 0
+        for x, y in zip(step.inputs, step.outputs):
+            x, y = x.to(cfg.device), y.to(cfg.device)
             defined = (x.norm(dim=-1) > 0) & (y.norm(dim=-1) > 0)  # cos of a zero vector means nothing
             cos = F.cosine_similarity(x.float(), y.float(), dim=-1)[defined]
             total, count = total + float(cos.double().sum()), count + cos.numel()
-            outputs.append(y.to(stream_device))
-        block.to(home)
-        hidden = outputs
         if count == 0:
-            raise ValueError(f"block {len(importance)}: every calibration hidden state is zero")
+            raise ValueError(f"block {step.index}: every calibration hidden state is zero")
         importance.append(max(0.0, 1.0 - total / count))  # clamp rounding just below 0
+
+    dense_blocks(model, layout, calib_ids, cfg, on_block=measure)
     return importance
 
 

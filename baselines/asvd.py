@@ -40,7 +40,8 @@ from saes.core.lowrank import rank_for_ratio
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import EngineConfig
-from saes.engine.layout import BlockLayout, plan_ranks
+from saes.engine.layout import BlockLayout, plan_ranks, projections
+from saes.engine.propagate import dense_blocks, replaced
 from saes.inputs.data import token_digest
 from saes.io import digest, read_json, write_json_atomic
 
@@ -115,73 +116,53 @@ class ASVD(Method):
 
 
 @torch.no_grad()
-def _absmean_and_block_inputs(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor,
-                              sens_ids: torch.Tensor, cfg: EngineConfig) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def _absmean_and_block_inputs(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor, sens_ids: torch.Tensor,
+                              cfg: EngineConfig) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Dense ``mean|x|`` at every projection (whole calibration set) and each block's input (sensitivity set)."""
-    blocks = model.get_submodule(layout.layers)
-    names = list(plan_ranks(model, layout, 0.5))
     acc = {name: StreamingStats(model.get_submodule(name).in_features, {"absmean"}, dtype=torch.float64)
-           for name in names}
-    inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
-    hooks = []
-    record_inputs = [False]
-
-    for name in names:
-        def absmean(_m: nn.Module, args: tuple, name: str = name) -> None:
-            if not record_inputs[0]:
-                acc[name].update(args[0].detach())
-
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(absmean))
-    for i, block in enumerate(blocks):
-        def grab(_m: nn.Module, args: tuple, kw: dict, i: int = i) -> None:
-            if record_inputs[0]:
-                inputs[i].append((args[0] if args else kw["hidden_states"]).detach().cpu())
-
-        hooks.append(block.register_forward_pre_hook(grab, with_kwargs=True))
-    try:
-        model.to(cfg.device)
-        for start in range(0, calib_ids.shape[0], cfg.batch_size):
-            model(input_ids=calib_ids[start:start + cfg.batch_size].to(cfg.device), use_cache=False)
-        record_inputs[0] = True
-        for start in range(0, sens_ids.shape[0], cfg.batch_size):
-            model(input_ids=sens_ids[start:start + cfg.batch_size].to(cfg.device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: a.finalize(k).absmean for k, a in acc.items()}, [torch.cat(x) for x in inputs]
+           for name in projections(model, layout)}
+    dense_blocks(model, layout, calib_ids, cfg, on_input=lambda name, x: acc[name].update(x))
+    inputs: list[torch.Tensor] = []  # per block, on the CPU: the tail forwards' starting points
+    dense_blocks(model, layout, sens_ids, cfg,
+                 on_block=lambda step: inputs.append(torch.cat([x.cpu() for x in step.inputs])))
+    return {k: a.finalize(k).absmean for k, a in acc.items()}, inputs
 
 
 @torch.no_grad()
 def _tail_nll(model: nn.Module, layout: BlockLayout, i: int, h: torch.Tensor, ids: torch.Tensor,
               cfg: EngineConfig) -> float:
     """Mean token NLL of the model run from block ``i`` on its cached input ``h`` (the model's own forward)."""
-    parent_path, _, attr = layout.layers.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    blocks = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList(list(blocks)[i:]))
-    try:
-        total, n = 0.0, 0
+    total, n = 0.0, 0
+    with replaced(model, layout.layers, nn.ModuleList(list(model.get_submodule(layout.layers))[i:])):
         for start in range(0, ids.shape[0], cfg.batch_size):
             x = ids[start:start + cfg.batch_size].to(cfg.device)
             out = model(inputs_embeds=h[start:start + cfg.batch_size].to(cfg.device), labels=x, use_cache=False)
             tokens = x.numel() - x.shape[0]
             total, n = total + float(out.loss) * tokens, n + tokens
-    finally:
-        setattr(parent, attr, blocks)
     return total / n
+
+
+def _fixed_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` computing with ``weight`` and ``bias`` as given (built on ``meta``: no initialisation)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    lin.bias = bias
+    return lin
 
 
 @torch.no_grad()
 def strs_sensitivity(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor, sens_ids: torch.Tensor,
                      method: ASVD, cfg: EngineConfig) -> dict[str, list[float]]:
+    """``table[name][k]``: the sensitivity set's perplexity with only ``name`` truncated to ``candidates[k]``,
+    its ``W S`` truncated and ``S`` undone; the model itself is left as it was."""
     absmean, inputs = _absmean_and_block_inputs(model, layout, calib_ids, sens_ids, cfg)
+    model.to(cfg.device)  # the tail forwards run the model's own code from block i on
     table: dict[str, list[float]] = {}
-    names = list(plan_ranks(model, layout, 0.5))
-    prefix = layout.layers + "."
-    for name in tqdm(names, desc="asvd strs", unit="layer"):
-        i = int(name[len(prefix):].split(".")[0])
+    names = [(i, name) for i in range(len(inputs)) for name in layout.projections]
+    for i, proj in tqdm(names, desc="asvd strs", unit="layer"):
+        name = f"{layout.layers}.{i}.{proj}"
         lin: nn.Linear = model.get_submodule(name)
-        W = lin.weight.data
+        W = lin.weight
         s = method.scale(SiteStats(0, absmean=absmean[name])).to(method.compute_dtype)
         full = truncated_svd(W.to(method.compute_dtype) * s, min(W.shape))
         m, n = W.shape
@@ -189,11 +170,8 @@ def strs_sensitivity(model: nn.Module, layout: BlockLayout, calib_ids: torch.Ten
         for kept in method.candidates:
             r = rank_for_ratio(m, n, 1.0 - kept)
             approx = ((full.U[:, :r] * full.S[:r]) @ full.Vh[:r]) / s
-            lin.weight.data = approx.to(W.dtype).to(W.device)
-            try:
+            with replaced(model, name, _fixed_linear(approx.to(W.dtype).to(W.device), lin.bias)):
                 row.append(math.exp(_tail_nll(model, layout, i, inputs[i], sens_ids, cfg)))
-            finally:
-                lin.weight.data = W
         table[name] = row
     return table
 

@@ -32,7 +32,7 @@ from saes.core.linalg import check_finite, truncated_svd
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
 from saes.engine.config import EngineConfig
-from saes.engine.layout import BlockLayout, plan_ranks
+from saes.engine.layout import BlockLayout, projections
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class FWSVD(Method):
                 cfg: EngineConfig) -> None:
         if calib_ids is None:
             raise ValueError("fwsvd needs calibration tokens for its Fisher pass")
-        names = list(plan_ranks(model, layout, 0.5))
-        self.importance = fisher_column_importance(model, names, calib_ids, cfg.device)
+        self.importance = fisher_column_importance(model, projections(model, layout), calib_ids, cfg.device)
         model.to(cfg.offload_device)
 
     def weight(self, I: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,7 @@ def needs_calibration(method: Method, track_fidelity: bool) -> bool:
 class _Streams:
     X: list[torch.Tensor]  # compressed stream: block inputs per batch
     Xf: list[torch.Tensor]  # FP stream
-    kws: list[dict]  # block call kwargs per batch (masks, rotary embeddings)
+    kws: list[dict]  # the current block's call kwargs per batch (masks, rotary embeddings)
 
 
 @dataclass
@@ -380,19 +380,20 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
                    timings={"calibration": 0.0, "factorisation": 0.0})
         timings = run.timings
 
-        streams = _Streams([], [], [])
+        streams, block_kws = _Streams([], [], []), [[] for _ in blocks]
         if need_streams:
             t0 = time.perf_counter()
-            first, kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device, run.stream_device)
+            first, block_kws = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, cfg.device,
+                                                    run.stream_device)
             Xf = [x.clone() for x in first] if (keep_fp and keep_comp) else (first if keep_fp else [])
-            streams = _Streams(first if keep_comp else [], Xf, kws)
+            streams = _Streams(first if keep_comp else [], Xf, [])
             timings["calibration"] += time.perf_counter() - t0
 
         layers: dict[str, dict[str, Any]] = {}
         block_diag: list[dict[str, Any]] = []
         bar = tqdm(kinds, desc=f"compress[{method.name}]", unit="block")
         for i, kind in enumerate(bar):
-            block = blocks[i].to(cfg.device)
+            block, streams.kws = blocks[i].to(cfg.device), block_kws[i]
             if kind == "restored":
                 block_layers, X, Xf = _restore_block(run, i, block, streams)
             else:

@@ -52,30 +52,54 @@ def _to_device_except(module: nn.Module, skip: nn.Module, device: torch.device) 
         _to_device_except(child, skip, device)
 
 
+class _Recorder(nn.Module):
+    """Stands in for a decoder block during :func:`capture_block_inputs`: keeps its call's kwargs and returns its
+    input unchanged; the last one ends the forward. Other attributes are the block's (models may read them)."""
+
+    def __init__(self, block: nn.Module, calls: list[tuple[torch.Tensor, dict]], last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "block", block)  # not a submodule: the recorder holds no weights
+        self.calls, self.last = calls, last
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "block"), name)
+
+    def forward(self, *args: Any, **kw: Any) -> torch.Tensor:
+        hs = args[0] if args else kw.pop("hidden_states")
+        self.calls.append((hs, kw))
+        if self.last:
+            raise StopForward
+        return hs
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int,
-                         device: torch.device, stream_device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Hidden states (and call kwargs: masks, rotary embeddings) entering block 0, per batch."""
+                         device: torch.device,
+                         stream_device: torch.device) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Hidden states entering block 0, per batch, and every block's call kwargs, ``kws[block][batch]``.
+
+    The kwargs (masks, rotary embeddings) are per block: a model may give its blocks different ones (Gemma 3's
+    sliding-window and full-attention layers). The blocks are replaced by recorders for the model's forward, so
+    none of them runs; where blocks share a mask the kwargs share its tensor (no copy on ``device``)."""
     _to_device_except(model, blocks, device)
-    hidden, kwargs = [], []
-
-    def hook(_mod: nn.Module, args: tuple, kw: dict) -> None:
-        kw = dict(kw)
-        hs = args[0] if args else kw.pop("hidden_states")
-        hidden.append(hs.detach().to(stream_device))
-        kwargs.append(_move(kw, device))
-        raise StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    calls: list[list[tuple[torch.Tensor, dict]]] = [[] for _ in blocks]
+    originals = list(blocks)
     try:
+        for i, block in enumerate(originals):
+            blocks[i] = _Recorder(block, calls[i], last=i == len(originals) - 1)
         for start in range(0, ids.shape[0], batch_size):
             try:
                 model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
-        handle.remove()
-    return hidden, kwargs
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    hidden = [hs.detach().to(stream_device) for hs, _ in calls[0]]
+    return hidden, [[_move(kw, device) for _, kw in block_calls] for block_calls in calls]
 
 
 @torch.no_grad()
@@ -99,7 +123,7 @@ def through(block: nn.Module, xs: list[torch.Tensor], kws: list[dict], device: t
 
 @dataclass(frozen=True)
 class BlockPass:
-    """One dense decoder block as :func:`dense_blocks` passes it: per batch, its input ``x_l`` and output ``x_{l+1}``."""
+    """One dense decoder block as :func:`dense_blocks` passes it: per batch its input ``x_l``, output ``x_{l+1}``."""
 
     index: int
     block: nn.Module  # on cfg.device for the callback's duration
@@ -120,13 +144,14 @@ def dense_blocks(model: nn.Module, layout: BlockLayout, ids: torch.Tensor, cfg: 
     batches went through. The weights are not changed (a pre-pass on the dense model)."""
     blocks = model.get_submodule(layout.layers)
     stream_device = cfg.stream_device or cfg.device
-    xs, kws = capture_block_inputs(model, blocks, ids, cfg.batch_size, cfg.device, stream_device)
+    xs, block_kws = capture_block_inputs(model, blocks, ids, cfg.batch_size, cfg.device, stream_device)
     sites = layout.projections if on_input is not None else ()
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(cfg.device)
         prefix = f"{layout.layers}.{i}."
         seen = (lambda site, x: on_input(prefix + site, x)) if on_input is not None else None  # noqa: E731
+        kws = block_kws[i]
         ys = [forward_capturing(block, x.to(cfg.device), kw, sites, seen).to(stream_device) for x, kw in zip(xs, kws)]
         if on_block is not None:
             on_block(BlockPass(i, block, xs, ys, kws))
