@@ -19,6 +19,7 @@ from saes.core.lowrank import LowRankLinear, set_submodule
 from saes.engine.config import EngineConfig
 from saes.engine.layout import layout_for, plan_ranks
 from saes.engine.loop import compress_model
+from saes.evaluation import tasks as task_data
 from saes.evaluation import zeroshot
 from saes.inputs.models import tiny_llama, tiny_tokenizer
 from saes.runs.checkpoint import MANIFEST, PORTABLE_KEYS, PORTABLE_MODULE, load_compressed, save_compressed
@@ -165,7 +166,7 @@ def test_lm_eval_command_line_scores_the_folder_like_the_in_memory_model(tmp_pat
     in_memory, failed = zeroshot.accuracy(model, tok, plan)
     assert not failed and in_memory["arc_easy"]["n"] == 20
 
-    (tasks,) = zeroshot.task_folders(["arc_easy"], offline=True)  # lm-eval's own task, reading the local copy
+    (tasks,) = task_data.task_folders(["arc_easy"], offline=True)  # lm-eval's own task, reading the local copy
     work = tmp_path / "outside"
     work.mkdir()
     outside(LM_EVAL, ["--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True",

