@@ -97,8 +97,7 @@ Choices the paper leaves open (ours)
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
@@ -111,6 +110,7 @@ from saes.core.lowrank import check_ratio
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
 from saes.engine.config import EngineConfig
+from saes.engine.allocation import ranks_for_layer_ratios
 from saes.engine.layout import BlockLayout, plan_ranks
 from saes.engine.propagate import BlockPass, dense_blocks
 from saes.saes import whitened_targets
@@ -211,37 +211,6 @@ def adacr_ratios(importance: Sequence[float], ratio: float, min_keep: float = 0.
                  weights: Sequence[float] | None = None) -> list[float]:
     """Layer-wise compression ratios (fraction removed), ``1 - keep_l``; see :func:`adacr_keep`."""
     return [1.0 - k for k in adacr_keep(importance, ratio, min_keep, max_keep, weights)]
-
-
-def ranks_for_layer_ratios(shapes: Mapping[str, tuple[int, int, int]], ratios: Sequence[float],
-                           budget: int) -> dict[str, int]:
-    """Ranks for projections ``name -> (m, n, layer)`` at their layer's ratio, with the total corrected.
-
-    Targets ``r* = (1 - ratios[layer]) m n / (m + n)`` are floored (at least 1, at most
-    ``min(m, n)``); then, one rank at a time, the projection furthest above its target loses a
-    rank while the total ``sum r (m + n)`` exceeds ``budget``, and the one furthest below gains a
-    rank while that still fits. The result never exceeds ``budget`` and misses it by less than
-    one rank of one projection.
-    """
-    target = {p: (1.0 - ratios[l]) * m * n / (m + n) for p, (m, n, l) in shapes.items()}
-    cost = {p: m + n for p, (m, n, _) in shapes.items()}
-    cap = {p: min(m, n) for p, (m, n, _) in shapes.items()}
-    ranks = {p: min(cap[p], max(1, math.floor(target[p] + 1e-9))) for p in shapes}
-    total = sum(ranks[p] * cost[p] for p in shapes)
-    while total > budget:
-        over = [p for p in ranks if ranks[p] > 1]
-        if not over:
-            raise ValueError(f"a budget of {budget} parameters is below one rank per projection")
-        p = max(over, key=lambda q: ranks[q] - target[q])
-        ranks[p] -= 1
-        total -= cost[p]
-    while True:
-        fits = [p for p in ranks if ranks[p] < cap[p] and total + cost[p] <= budget]
-        if not fits:
-            return ranks
-        p = max(fits, key=lambda q: target[q] - ranks[q])
-        ranks[p] += 1
-        total += cost[p]
 
 
 @torch.no_grad()

@@ -17,19 +17,43 @@ Both readings are here (``rec_space``):
 In both readings the result cannot beat SVD-LLM at rank ``r`` on the whitened loss ``||(W - A B) X||``
 (SVD-LLM is its exact minimiser); ``weight`` trades some of it for a smaller plain ``||W - A B||_F``.
 
-``rec=false`` gives SVD-LLM's truncation at the same ranks (to measure what partial-layer compression,
-``method.plc``, contributes alone). Statistics: FP stream, as SVD-LLM.
+``rec=false`` gives SVD-LLM's truncation at the same ranks (to measure what partial-layer compression
+contributes alone). Statistics: FP stream, as SVD-LLM.
+
+Partial-layer compression (PLC; the project page's figure caption): blocks ``0 .. N-k-1`` stay dense and
+the last ``k`` are compressed at ``R_l = N R / k``, so the model's ratio is still ``R``
+(:func:`saes.engine.allocation.partial_layer_plan`, under the harness's one budget rule). ``plc.k``: an
+int, ``null`` (every block compressed) or ``search``: each candidate ``k = round(f N)`` for ``f`` in
+``plc.candidates`` (those with ``N R < k``) is compressed on a copy of the model and scored by the
+calibration perplexity; the best ``k`` is cached per model, calibration set, ratio and method setting under
+``<cache_dir>/ercsvd_plc/``. How the paper searches ``k`` (its candidates, its criterion) we could not
+read; the candidates and the criterion are our choice, and the chosen ``k`` goes into every layer's record.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
 import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from saes.core.linalg import check_damping, check_finite, damped_cholesky, truncated_svd
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
+from saes.engine.allocation import partial_layer_plan
+from saes.engine.config import EngineConfig
+from saes.engine.layout import BlockLayout
+from saes.evaluation.perplexity import perplexity
+from saes.inputs.data import token_digest
+from saes.io import cached_json, digest
+
+log = logging.getLogger(__name__)
 
 REC_SPACES = ("weight", "whitened")
 
@@ -45,7 +69,8 @@ class ERCSVD(Method):
     stream = "fp"
 
     def __init__(self, name: str = "ercsvd", rec: bool = True, beta: float = 0.05, rec_space: str = "weight",
-                 damp: float = 0.0, max_damp: float = 1.0, compute_dtype: str = "float64") -> None:
+                 plc: Mapping[str, Any] | None = None, damp: float = 0.0, max_damp: float = 1.0,
+                 compute_dtype: str = "float64") -> None:
         super().__init__(name, compute_dtype)
         if not 0.0 < beta < 1.0:
             raise ValueError(f"method.beta (REC's residual share of the effective size) must lie in (0, 1); got {beta}")
@@ -54,6 +79,71 @@ class ERCSVD(Method):
         check_damping(damp, max_damp)
         self.rec, self.beta, self.rec_space = bool(rec), float(beta), rec_space
         self.damp, self.max_damp = float(damp), float(max_damp)
+        plc = dict(plc or {})
+        self.plc_k: int | str | None = plc.get("k")
+        self.plc_candidates: tuple[float, ...] = tuple(float(f) for f in plc.get("candidates") or ())
+        if not (self.plc_k is None or self.plc_k == "search" or (isinstance(self.plc_k, int)
+                                                                  and not isinstance(self.plc_k, bool))):
+            raise ValueError(f"method.plc.k={self.plc_k!r}: give an int (blocks compressed), null or 'search'")
+        if self.plc_k == "search" and not (self.plc_candidates and all(0 < f <= 1 for f in self.plc_candidates)):
+            raise ValueError(f"method.plc.candidates={list(self.plc_candidates)}: fractions of the blocks in (0, 1]")
+        self.chosen_k: int | None = None
+
+    def check_setting(self, blocks: int, ratio: float) -> None:
+        """A fixed ``plc.k`` outside ``(N R, N]`` is refused before any work."""
+        if isinstance(self.plc_k, int) and not blocks * ratio < self.plc_k <= blocks:
+            raise ValueError(f"method.plc.k={self.plc_k}: need N R < k <= N with N = {blocks} blocks, R = {ratio}")
+
+    def allocate(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor | None,
+                 cfg: EngineConfig) -> dict[str, int | None] | None:
+        blocks = len(model.get_submodule(layout.layers))
+        self.check_setting(blocks, ratio)
+        if self.plc_k is None:
+            self.chosen_k = None
+            return None
+        if self.plc_k == "search":
+            if calib_ids is None:
+                raise ValueError("method.plc.k=search needs the calibration tokens")
+            self.chosen_k = self._search_k(model, layout, ratio, calib_ids, cfg)
+        else:
+            self.chosen_k = int(self.plc_k)
+        return partial_layer_plan(model, layout, ratio, self.chosen_k)
+
+    def candidates(self, blocks: int, ratio: float) -> list[int]:
+        return sorted({k for f in self.plc_candidates if blocks * ratio < (k := round(f * blocks)) <= blocks},
+                      reverse=True)
+
+    def _search_k(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor,
+                  cfg: EngineConfig) -> int:
+        """The candidate ``k`` whose compressed model has the lowest calibration perplexity (cached)."""
+        from saes.engine.loop import compress_model  # the engine runs the candidates; it imports no method
+
+        blocks = len(model.get_submodule(layout.layers))
+        ks = self.candidates(blocks, ratio)
+        if not ks:
+            raise ValueError(f"method.plc.candidates={list(self.plc_candidates)} give no k with N R < k <= N "
+                             f"(N = {blocks}, R = {ratio})")
+        key = {"model": cfg.model_identity, "calib": token_digest(calib_ids), "ratio": ratio, "ks": ks,
+               "rec": self.rec, "beta": self.beta, "rec_space": self.rec_space, "damp": self.damp,
+               "dtype": str(self.compute_dtype), "layers": layout.layers, "batch_size": cfg.batch_size}
+
+        def score() -> dict[str, Any]:
+            ppl: dict[str, float] = {}
+            sub = dataclasses.replace(cfg, resume_dir=None, track_fidelity=False)
+            for k in ks:
+                trial = copy.deepcopy(model)
+                compress_model(trial, self, partial_layer_plan(trial, layout, ratio, k), calib_ids, sub)
+                ppl[str(k)] = perplexity(trial, calib_ids.flatten(), calib_ids.shape[1], None, cfg.batch_size,
+                                         cfg.device, desc=f"plc k={k}").ppl
+                del trial
+                log.info("ERC-SVD PLC: k=%d, calibration perplexity %.4f", k, ppl[str(k)])
+            return {"key": key, "ppl": ppl}
+
+        if cfg.cache_dir is None:
+            found = score()
+        else:
+            found = cached_json(Path(cfg.cache_dir) / "ercsvd_plc" / f"{digest(key, 16)}.json", score)
+        return int(min(found["ppl"], key=lambda k: found["ppl"][k]))
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
@@ -61,7 +151,8 @@ class ERCSVD(Method):
         r1, r_res = rec_ranks(*W.shape, rank, self.beta) if self.rec else (rank, 0)
         first = truncated_svd(S, r1)
         A1, Bw1 = first.factors()
-        diag = {"rer": first.retained_energy_ratio, "r1": r1, "r_res": r_res, **wh.diagnostics()}
+        diag = {"rer": first.retained_energy_ratio, "r1": r1, "r_res": r_res, "plc_k": self.chosen_k,
+                **wh.diagnostics()}
         if r_res == 0:
             A, B = A1, wh.right_inv(Bw1)
         elif self.rec_space == "whitened":

@@ -5,8 +5,8 @@ from itertools import islice
 import pytest
 import torch
 
-from baselines.adasvd import (AdaSVD, adacomp, adacr_keep, adacr_ratios, als_steps, layer_importance,
-                              ranks_for_layer_ratios)
+from baselines.adasvd import AdaSVD, adacomp, adacr_keep, adacr_ratios, als_steps, layer_importance
+from saes.engine.allocation import ranks_for_layer_ratios
 from saes.core.linalg import damped_cholesky, truncated_svd
 from saes.core.lowrank import rank_for_ratio
 from saes.core.stats import SiteStats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -63,3 +65,76 @@ def test_rec_off_is_svdllm() -> None:
 def test_bad_hyper_parameters_are_named(kw: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         ERCSVD(**kw)
+
+
+# ------------------------------------------------------------------ partial-layer compression (PLC)
+def _tiny():
+    from saes.engine.layout import layout_for
+    from saes.inputs.models import tiny_llama
+
+    model = tiny_llama(seed=0)
+    return model, layout_for(model)
+
+
+def test_partial_layer_plan_keeps_the_budget_and_leaves_the_first_blocks_dense() -> None:
+    from saes.engine.allocation import partial_layer_plan
+    from saes.engine.layout import check_plan, plan_parameters, plan_ranks
+
+    model, layout = _tiny()
+    blocks = len(model.get_submodule(layout.layers))
+    uniform = plan_ranks(model, layout, 0.3)
+    shapes = {p: tuple(model.get_submodule(p).weight.shape) for p in uniform}
+    budget = plan_parameters(shapes, uniform)
+    for k in range(blocks, 0, -1):
+        if not blocks * 0.3 < k:
+            with pytest.raises(ValueError, match="method.plc.k"):
+                partial_layer_plan(model, layout, 0.3, k)
+            continue
+        plan = partial_layer_plan(model, layout, 0.3, k)
+        check_plan(model, layout, plan)
+        kept = plan_parameters(shapes, plan)
+        assert budget - max(m + n for m, n in shapes.values()) < kept <= budget
+        dense_blocks = {int(p.split(".")[2]) for p, r in plan.items() if r is None}
+        assert dense_blocks == set(range(blocks - k))
+
+
+def test_plc_run_keeps_dense_blocks_and_equals_full_compression_after_them() -> None:
+    """On the FP stream a block's statistics do not depend on what precedes it: the compressed blocks of a PLC
+    run get exactly the factors the full run gives them at the same ranks; the dense ones keep their weights."""
+    from saes.core.lowrank import LowRankLinear
+    from saes.engine.allocation import partial_layer_plan
+    from saes.engine.config import EngineConfig
+    from saes.engine.loop import compress_model
+
+    model, layout = _tiny()
+    blocks = len(model.get_submodule(layout.layers))
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = partial_layer_plan(model, layout, 0.3, blocks - 1)
+    method = ERCSVD(plc={"k": blocks - 1})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plc_model = copy.deepcopy(model)
+    report = compress_model(plc_model, method, plan, ids, EngineConfig(device=torch.device("cpu")))
+    full = {p: (r if r is not None else 1) for p, r in plan.items()}
+    compress_model(model, ERCSVD(), full, ids, EngineConfig(device=torch.device("cpu")))
+    for name, r in plan.items():
+        mod = plc_model.get_submodule(name)
+        if r is None:
+            assert isinstance(mod, torch.nn.Linear) and torch.equal(mod.weight, before[f"{name}.weight"])
+            assert report.layers[name]["rank"] is None
+        else:
+            assert isinstance(mod, LowRankLinear)
+            ref = model.get_submodule(name)
+            torch.testing.assert_close(mod.A.weight @ mod.B.weight, ref.A.weight @ ref.B.weight)
+
+
+@pytest.mark.parametrize("plc, match", [({"k": "some"}, "method.plc.k"), ({"k": "search", "candidates": [1.5]},
+                                                                           "method.plc.candidates")])
+def test_bad_plc_settings_are_named(plc: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ERCSVD(plc=plc)
+
+
+def test_plc_k_outside_its_range_is_named() -> None:
+    with pytest.raises(ValueError, match="method.plc.k=3"):
+        ERCSVD(plc={"k": 3}).check_setting(30, 0.2)  # N R = 6
+    ERCSVD(plc={"k": 7}).check_setting(30, 0.2)

@@ -55,9 +55,13 @@ class Method(ABC):
         """Whether the method reads calibration tokens at all (statistics, a pre-pass or an allocation)."""
         return bool(self.needs)
 
+    def check_setting(self, blocks: int, ratio: float) -> None:
+        """Named errors for settings that depend on the model's depth, before the model loads (none by default)."""
+
     def allocate(self, model: nn.Module, layout: "BlockLayout", ratio: float, calib_ids: torch.Tensor | None,
-                 cfg: "EngineConfig") -> dict[str, int] | None:
-        """Per-projection ranks for the global ``ratio`` (mixed-rank methods), or None for uniform ranks.
+                 cfg: "EngineConfig") -> dict[str, int | None] | None:
+        """Per-projection ranks for the global ``ratio`` (mixed-rank methods; ``None``: the projection stays
+        dense), or None for uniform ranks; :mod:`saes.engine.allocation` holds the budget rule.
 
         Called on the dense model before compression, with the shared calibration tokens
         (``None`` for data-free methods). Must not modify the model."""

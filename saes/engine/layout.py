@@ -117,16 +117,23 @@ def projections(model: nn.Module, layout: BlockLayout) -> list[str]:
     return [f"{layout.layers}.{i}.{name}" for i in range(n) for name in layout.projections]
 
 
-def check_plan(model: nn.Module, layout: BlockLayout, ranks: dict[str, int]) -> None:
-    """A rank plan names every projection exactly once, each with ``1 <= r <= min(m, n)``."""
+def check_plan(model: nn.Module, layout: BlockLayout, ranks: dict[str, int | None]) -> None:
+    """A rank plan names every projection exactly once, each with ``1 <= r <= min(m, n)`` or ``None`` (it stays
+    dense: ERC-SVD's partial-layer compression)."""
     want = projections(model, layout)
     if set(ranks) != set(want):
         missing, extra = sorted(set(want) - set(ranks)), sorted(set(ranks) - set(want))
         raise ValueError(f"rank plan does not match the model: missing {missing[:3]}, unknown {extra[:3]}")
     for name, r in ranks.items():
         m, n = model.get_submodule(name).weight.shape
-        if not (isinstance(r, int) and 1 <= r <= min(m, n)):
-            raise ValueError(f"rank plan gives {name} [{m}x{n}] rank {r!r}; need an int in [1, {min(m, n)}]")
+        if r is not None and not (isinstance(r, int) and 1 <= r <= min(m, n)):
+            raise ValueError(f"rank plan gives {name} [{m}x{n}] rank {r!r}; need an int in [1, {min(m, n)}] "
+                             "or None (dense)")
+
+
+def plan_parameters(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> int:
+    """Parameters a plan keeps: ``r (m + n)`` per low-rank projection, ``m n`` per dense one (biases aside)."""
+    return sum(m * n if ranks[name] is None else ranks[name] * (m + n) for name, (m, n) in shapes.items())
 
 
 def plan_ranks(model: nn.Module, layout: BlockLayout, ratio: float) -> dict[str, int]:

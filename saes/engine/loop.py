@@ -155,6 +155,9 @@ def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, meth
         full = f"{prefix}.{name}"
         t0 = time.perf_counter()
         dense: nn.Linear = block.get_submodule(name)
+        if ranks[full] is None:  # planned to stay dense
+            layers[full] = {"m": dense.out_features, "n": dense.in_features, "rank": None}
+            continue
         W = dense.weight.to(method.compute_dtype)
         m, n = W.shape
         dt = dense.weight.dtype
@@ -294,16 +297,31 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
     return layers, fresh, X_next, Xf_next
 
 
-Kind = Literal["restored", "cached", "fresh"]
+Kind = Literal["restored", "dense", "cached", "fresh"]
 
 
 def block_kinds(n_blocks: int, ckpt: BlockCheckpoints | None, cache: FPStatsCache | None, sites: list[str],
-                wanted: frozenset[str]) -> list[Kind]:
-    """What happens to each block: ``restored`` from its checkpoint (the leading finished blocks), else compressed
-    from ``cached`` FP-stream statistics (every site's ``wanted`` ones are stored) or ``fresh`` ones."""
+                wanted: frozenset[str], dense: frozenset[int] = frozenset()) -> list[Kind]:
+    """What happens to each block: ``restored`` from its checkpoint (the leading finished blocks), left ``dense``
+    (the plan keeps every projection of it), else compressed from ``cached`` FP-stream statistics (every site's
+    ``wanted`` ones are stored) or ``fresh`` ones."""
     done = ckpt.done if ckpt is not None else 0
-    return ["restored" if i < done else "cached" if cache is not None and cache.has(i, sites, wanted) else "fresh"
-            for i in range(n_blocks)]
+    return ["restored" if i < done else "dense" if i in dense
+            else "cached" if cache is not None and cache.has(i, sites, wanted) else "fresh" for i in range(n_blocks)]
+
+
+def _dense_block(run: _Run, i: int, block: nn.Module,
+                 streams: _Streams) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor], list[torch.Tensor]]:
+    """A block the plan leaves dense: no statistics, no factors; both streams go through it."""
+    t0 = time.perf_counter()
+    X = run.propagate(block, streams.X, streams.kws, run.keep_comp)
+    Xf = run.propagate(block, streams.Xf, streams.kws, run.keep_fp)
+    run.timings["calibration"] += time.perf_counter() - t0
+    prefix = f"{run.layout.layers}.{i}"
+    layers = {f"{prefix}.{name}": {"m": block.get_submodule(name).out_features,
+                                   "n": block.get_submodule(name).in_features, "rank": None}
+              for name in run.layout.projections}
+    return layers, X, Xf
 
 
 def _restore_block(run: _Run, i: int, block: nn.Module,
@@ -367,7 +385,10 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         ckpt = BlockCheckpoints(cfg.resume_dir, cfg.resume_key, method.name, stream, ranks) if cfg.resume_dir else None
         cache = _fp_stats_cache(model, layout, method, stream, calib_ids, cfg)
         # a cache hit needs the cacheable statistics the method wants (Delta is zero on the FP stream)
-        kinds = block_kinds(len(blocks), ckpt, cache, [group[0] for group in layout.groups], method.needs & CACHED)
+        dense = frozenset(i for i in range(len(blocks))
+                          if all(ranks[f"{layout.layers}.{i}.{name}"] is None for name in layout.projections))
+        kinds = block_kinds(len(blocks), ckpt, cache, [group[0] for group in layout.groups], method.needs & CACHED,
+                            dense)
         start = kinds.count("restored")
         if start:
             log.info("resuming %s: blocks 0..%d restored from %s", method.name, start - 1, ckpt.folder)
@@ -396,6 +417,8 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
             block, streams.kws = blocks[i].to(cfg.device), block_kws[i]
             if kind == "restored":
                 block_layers, X, Xf = _restore_block(run, i, block, streams)
+            elif kind == "dense":
+                block_layers, X, Xf = _dense_block(run, i, block, streams)
             else:
                 block_layers, X, Xf = _compress_block(run, i, kind, block, streams)
             layers.update(block_layers)

@@ -81,6 +81,8 @@ class BlockCheckpoints:
 
         weight = next(block.parameters())
         for name in projections:
+            if ranks[f"{prefix}.{name}"] is None:  # planned to stay dense: its weights are in the checkpoint as they are
+                continue
             dense = block.get_submodule(name)
             set_submodule(block, name, LowRankLinear(dense.in_features, dense.out_features, ranks[f"{prefix}.{name}"],
                                                      bias=dense.bias is not None, dtype=weight.dtype,
