@@ -1,34 +1,49 @@
 """AdaSVD (Li et al. 2025, arXiv 2502.01403): adaComp (alternating factor refit) + adaCR (layer ratios).
 
-Source caveat. The stored copies of the paper reachable from this workplace hold only its
-abstract and the start of its introduction (arXiv HTML v1/v3); its code repository holds a
-README only. The method-section details marked [unverified] below are this implementation's
-reading of the paper's method section (Sec. 3: the adaComp and adaCR subsections) and must be
-checked against the paper; equation numbers are therefore not cited.
+Sources, and what each settles (``../shared/papers/baselines-notes.md``, read 2026-11-29)
+---------------------------------------------------------------------------------------
+The paper's method section is still unreadable from this workplace (its stored copies hold the abstract
+and the start of the introduction). Two sources now show the details:
 
-adaComp (Sec. 3, adaComp)
--------------------------
-The paper starts from SVD-LLM's truncation-aware whitened truncation ``W ~ U V^T`` (the
-singular values split over both factors) and then alternately re-solves ``U`` with ``V^T``
-fixed and ``V^T`` with ``U`` fixed by least squares on calibration activations, for a fixed
-number of iterations, to compensate the truncation error. Here, with the engine's statistics
-``H = X X^T / N`` and ``Delta = (X^f - X) X^T / N`` (so ``X^f X^T / N = H + Delta``), the
-objective of every update is
+* the overview figure of the authors' README (ZHITENGLI/AdaSVD, ``figs/overview.png``; its formulas are
+  readable): the U-step, the V-step ``V_k^T = U_k^+ W`` and adaCR's ``CR = mrr + I_n (trr - mrr)`` with
+  ``I`` the similarity of a block's input and output, normalised ``I_n = I / mean(I)``;
+* the same group's code that reuses the update (XIANGLONGYAN/ReCalKV, ``from_linear_adasvd``): the same
+  V-step without activations, one iteration by default.
+
+Verified (both sources agree): the V-step ``B = A^+ W`` (``method.adacomp=published``, the default) and
+one iteration (``method.iters=1``, the default). A reading (the figure alone): the sign of adaCR's
+importance, ``I = cos`` (a block whose output is more similar to its input keeps MORE parameters;
+``method.importance=cos``, the default). Two reviews note that this V-step does not minimise the stated
+loss; that is what the sources do, and what the default does.
+
+Our first implementation, written without these sources, stays as named variants and as the records
+made with it (their keys are unchanged: ``saes.runs.records`` hashes these two keys as absent when they
+hold the first implementation's values): ``method.adacomp=activations`` (the V-step also a least-squares
+fit on the calibration statistics), ``method.importance=one_minus_cos`` (ShortGPT's Block Influence: the
+opposite ordering), ``method.iters=3``.
+
+adaComp
+-------
+SVD-LLM's whitened truncation ``W ~ U V^T`` (the singular values split over both factors) is refined by
+alternately re-solving the factors. With the engine's statistics ``H = X X^T / N`` and
+``Delta = (X^f - X) X^T / N`` (so ``X^f X^T / N = H + Delta``), the U-step minimises
 
     ||W X^f - A B X||_F^2 / N + lam ||W - A B||_F^2,     lam = damp * mean(diag(H)),
 
-i.e. the layer's output on the inputs ``X`` of the compressed model is fitted to the original
-output, plus a ridge towards ``W`` (the relative damping; ``damp = 0`` is the bare objective).
-With ``H_l = H + lam I = C C^T`` (Cholesky), ``Bt = B C`` and ``G = W (H_l + Delta) C^{-T}``
-(``= S + D`` of ``saes.saes.whitened_targets``) it equals ``||A Bt - G||_F^2`` plus a constant:
+i.e. the layer's output on the inputs ``X`` of the compressed model is fitted to the original output,
+plus a ridge towards ``W``. With ``H_l = H + lam I = C C^T`` (Cholesky), ``Bt = B C``, ``S = W C`` and
+``G = W (H_l + Delta) C^{-T}`` (``= S + D`` of ``saes.saes.whitened_targets``) it equals
+``||A Bt - G||_F^2`` plus a constant:
 
-    U-step:  A  = G Bt^T (Bt Bt^T)^{-1}          V-step:  Bt = (A^T A)^{-1} A^T G,  B = Bt C^{-1}
+    U-step:  A  = G Bt^T (Bt Bt^T)^{-1}
+    V-step:  published:   B = A^+ W, i.e. Bt = A^+ S        activations:  Bt = A^+ G,  B = Bt C^{-1}
 
-Each step is the exact minimiser in its factor, so no step increases the objective. Both are
-computed through orthonormal bases (``A Bt = G P_row(Bt)``, resp. ``P_col(A) G``), which gives
-the same products and stays well conditioned when the factors' scales drift.
+The ``activations`` V-step is the exact minimiser in its factor, so that variant never increases the
+objective; the published one fits the weight instead. Both are computed through orthonormal bases
+(``A Bt = G P_row(Bt)``, resp. ``P_col(A) S`` or ``P_col(A) G``).
 
-What this makes of adaComp, exactly. On one fixed ``G`` the alternation is block subspace
+What the ``activations`` variant makes of adaComp. On one fixed ``G`` the alternation is block subspace
 (orthogonal) iteration: it converges to the top-``r`` SVD of ``G``, the closed-form optimum
 of the same objective (CEALC at ``beta = 1`` in ``saes.saes``). ``iters`` therefore interpolates
 between the whitened truncation (``iters = 0``) and pure alignment with the FP output.
@@ -52,18 +67,17 @@ different buckets to different iterations would need per-bucket statistics. Ever
 uses the full statistics (every token, equal weight): the least-squares problem the bucketing
 stands in for under a memory limit.
 
-adaCR (Sec. 3, adaCR)
----------------------
-Layer importance on the dense model and the calibration tokens: ``I_l = 1 - mean_t cos(x_t,
-y_t)`` over all tokens ``t``, with ``x``/``y`` the input/output hidden states of decoder block
-``l`` (ShortGPT's Block Influence, built on the input-output cosine similarity the paper uses
-[unverified exact form]). A block that barely changes its input is unimportant. Then
+adaCR
+-----
+Layer importance on the dense model and the calibration tokens, from ``c_l = mean_t cos(x_t, y_t)`` over
+all tokens ``t``, with ``x``/``y`` the input/output hidden states of decoder block ``l``: ``I_l = c_l``
+(``importance=cos``, the figure) or ``I_l = 1 - c_l`` (``one_minus_cos``). Then (the figure's formula)
 
     I~_l = I_l / mean(I),    keep_l = mrr + I~_l (trr - mrr),    ratio_l = 1 - keep_l
 
-with ``trr = 1 - ratio`` the target and ``mrr`` the minimum retention ratio, so more important
-blocks keep more parameters and ``mean(keep) = trr`` preserves the global ratio. All
-projections of a block share ``ratio_l``; ranks are ``r = keep_l m n / (m + n)``, rounded.
+with ``trr = 1 - ratio`` the target and ``mrr`` the minimum retention ratio, so blocks of larger ``I``
+keep more parameters and ``mean(keep) = trr`` preserves the global ratio. All projections of a block
+share ``ratio_l``; ranks are ``r = keep_l m n / (m + n)``, rounded (:mod:`saes.engine.allocation`).
 
 Diagnostics per projection: ``calib_err_before`` / ``calib_err_after`` = ``||A Bt - G||_F /
 ||G||_F`` before and after adaComp. With ``damp = 0`` this is ``||(A B - M) X||_F / ||M X||_F``,
@@ -75,15 +89,16 @@ and, with adaCR, ``layer_importance`` and ``layer_ratio`` of the projection's bl
 Choices the paper leaves open (ours)
 ------------------------------------
 * ``damp = 0.01`` (relative ridge, escalated like every whitening here when Cholesky fails).
-  The V-step multiplies by ``H_l^{-1}``; the undamped inverse of SmolLM2's covariances
+  The U-step multiplies by ``H_l^{-1}``; the undamped inverse of SmolLM2's covariances
   (condition numbers near 1e9) amplifies ``Delta``. 0.01 is also the damping this project
   measured best for the same alignment objective (CEALC, docs/method.md).
-* ``iters = 3`` iterations (one iteration = one U-step then one V-step) [the paper's own count
-  is unverified here]; ``iters = 0`` is adaCR alone on the whitened truncation.
+* ``iters``: one iteration is one U-step then one V-step; ``iters = 0`` is adaCR alone on the whitened
+  truncation.
 * Importance normalised by its mean, weighted by the blocks' dense parameter counts (all blocks
   of the supported architectures are the same size, so this is the plain mean).
 * ``mrr`` is set relative to the target: ``mrr = min_keep * trr`` with ``min_keep = 0.5``, so one
-  default is valid at every ratio (an absolute ``mrr`` must stay below ``trr``).
+  default is valid at every ratio (an absolute ``mrr`` must stay below ``trr``; the figure suggests
+  about 0.55 absolute at 40% compression, i.e. ``min_keep`` about 0.9 there: no default is stated).
 * ``keep_l`` is clipped to ``[mrr, max_keep]`` (``max_keep = 1``: no block keeps more parameters
   than it has dense). If clipping happens, the slope ``trr - mrr`` is re-solved (bisection) so the
   weighted mean of ``keep`` is still ``trr``; without clipping it is the paper's formula.
@@ -116,21 +131,26 @@ from saes.engine.propagate import BlockPass, dense_blocks
 from saes.saes import whitened_targets
 
 RANK_ALLOC = ("adacr", "uniform")
+ADACOMP = ("published", "activations")  # V-step: B = U^+ W (README figure, ReCalKV code) | least squares on X
+IMPORTANCE = ("cos", "one_minus_cos")
 
 
 # --------------------------------------------------------------------------- adaComp
-def als_steps(G: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def als_steps(G: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
+              G_v: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Alternating least squares for ``min ||A Bt - G||_F``: yields ``(A, Bt)`` after every half-step.
 
     U-step first (``A`` re-solved for the row space of ``Bt``), then V-step (``Bt`` for the
-    column space of ``A``), forever; the caller takes as many steps as it wants.
+    column space of ``A``), forever; the caller takes as many steps as it wants. ``G_v``: the V-step's
+    target when it is not ``G`` (the published V-step ``B = A^+ W`` is ``Bt = A^+ S``, ``S = W C``).
     """
+    G_v = G if G_v is None else G_v
     while True:
         Qb = torch.linalg.qr(Bt.mT).Q.mT  # [r, n], orthonormal rows spanning Bt's row space
         A, Bt = G @ Qb.mT, Qb
         yield A, Bt
         Qa = torch.linalg.qr(A).Q  # [m, r]
-        A, Bt = Qa, Qa.mT @ G
+        A, Bt = Qa, Qa.mT @ G_v
         yield A, Bt
 
 
@@ -155,10 +175,11 @@ class AdaComp:
     errors: list[float]  # residual() before and after every half-step (2 * iters + 1 values)
 
 
-def adacomp(G: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, iters: int) -> AdaComp:
+def adacomp(G: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, iters: int,
+            G_v: torch.Tensor | None = None) -> AdaComp:
     """``iters`` U-then-V iterations of :func:`als_steps` from ``(A, Bt)``; returns balanced factors."""
     errors = [residual(G, A, Bt)]
-    for A, Bt in islice(als_steps(G, A, Bt), 2 * iters):
+    for A, Bt in islice(als_steps(G, A, Bt, G_v), 2 * iters):
         errors.append(residual(G, A, Bt))
     if iters:
         A, Bt = balance(A, Bt)
@@ -215,8 +236,9 @@ def adacr_ratios(importance: Sequence[float], ratio: float, min_keep: float = 0.
 
 @torch.no_grad()
 def layer_importance(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor,
-                     cfg: EngineConfig) -> list[float]:
-    """``I_l = 1 - mean_t cos(x_t, y_t)`` per decoder block on the dense model (FP stream).
+                     cfg: EngineConfig, kind: str = "one_minus_cos") -> list[float]:
+    """``I_l = mean_t cos(x_t, y_t)`` (``kind="cos"``, the overview figure's reading) or ``1 - mean_t cos``
+    (``one_minus_cos``, ShortGPT's Block Influence) per decoder block on the dense model (FP stream).
 
     One block at a time on ``cfg.device`` (:func:`dense_blocks`); the weights are not changed.
     """
@@ -231,7 +253,8 @@ def layer_importance(model: nn.Module, layout: BlockLayout, calib_ids: torch.Ten
             total, count = total + float(cos.double().sum()), count + cos.numel()
         if count == 0:
             raise ValueError(f"block {step.index}: every calibration hidden state is zero")
-        importance.append(max(0.0, 1.0 - total / count))  # clamp rounding just below 0
+        cos = total / count
+        importance.append(max(0.0, cos if kind == "cos" else 1.0 - cos))  # clamp rounding just below 0
 
     dense_blocks(model, layout, calib_ids, cfg, on_block=measure)
     return importance
@@ -246,6 +269,7 @@ class AdaSVD(Method):
 
     def __init__(self, name: str = "adasvd", iters: int = 3, damp: float = 0.01, max_damp: float = 1.0,
                  rank_alloc: str = "adacr", min_keep: float = 0.5, max_keep: float = 1.0,
+                 adacomp: str = "activations", importance: str = "one_minus_cos",
                  compute_dtype: str = "float64") -> None:
         super().__init__(name, compute_dtype)
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
@@ -257,6 +281,11 @@ class AdaSVD(Method):
             raise ValueError(f"method.min_keep (mrr / trr) must lie in (0, 1]; got {min_keep}")
         if not 0.0 < max_keep <= 1.0:
             raise ValueError(f"method.max_keep must lie in (0, 1]; got {max_keep}")
+        if adacomp not in ADACOMP:
+            raise ValueError(f"method.adacomp must be one of {ADACOMP}; got {adacomp!r}")
+        if importance not in IMPORTANCE:
+            raise ValueError(f"method.importance must be one of {IMPORTANCE}; got {importance!r}")
+        self.adacomp, self.importance = adacomp, importance
         self.iters, self.damp, self.max_damp = iters, float(damp), float(max_damp)
         self.rank_alloc, self.min_keep, self.max_keep = rank_alloc, float(min_keep), float(max_keep)
         self._layer_diag: dict[str, dict[str, float | int | None]] = {}  # adaCR's per-projection record
@@ -278,7 +307,7 @@ class AdaSVD(Method):
         sizes = [0.0] * len(model.get_submodule(layout.layers))
         for m, n, i in shapes.values():
             sizes[i] += m * n
-        importance = layer_importance(model, layout, calib_ids, cfg)
+        importance = layer_importance(model, layout, calib_ids, cfg, self.importance)
         ratios = adacr_ratios(importance, ratio, self.min_keep, self.max_keep, sizes)
         budget = sum(uniform[p] * (m + n) for p, (m, n, _) in shapes.items())  # the uniform plan's total
         ranks = ranks_for_layer_ratios(shapes, ratios, budget)
@@ -292,7 +321,7 @@ class AdaSVD(Method):
         G = S if D is None else S + D
         svd = truncated_svd(S, rank)  # SVD-LLM's whitened truncation: the starting point
         A0, Bt0 = svd.factors()
-        comp = adacomp(G, A0, Bt0, self.iters)
+        comp = adacomp(G, A0, Bt0, self.iters, S if self.adacomp == "published" else None)
         B = wh.right_inv(comp.Bt)
         check_finite(A=comp.A, B=B)
         scale = float(torch.linalg.matrix_norm(G)) or 1.0

@@ -138,3 +138,46 @@ def test_plc_k_outside_its_range_is_named() -> None:
     with pytest.raises(ValueError, match="method.plc.k=3"):
         ERCSVD(plc={"k": 3}).check_setting(30, 0.2)  # N R = 6
     ERCSVD(plc={"k": 7}).check_setting(30, 0.2)
+
+
+# ------------------------------------------------------------------ end to end on the tiny model
+def test_plc_runs_end_to_end_saves_loads_and_keeps_the_ratio(tmp_path) -> None:
+    import json
+
+    from saes.runs.pipeline import run
+    from tests.conftest import make_cfg
+
+    rec = run(make_cfg("method=ercsvd", "method.plc.k=1", "ratio=0.4", "save=true", results_dir=tmp_path))
+    dense = [n for n, d in rec["layers"].items() if d["rank"] is None]
+    assert dense and all(n.startswith("model.layers.0.") for n in dense)
+    assert rec["params"]["linears_ratio"] == pytest.approx(0.4, abs=0.02)
+    folder = tmp_path / "models" / "tiny_llama" / "ercsvd" / "ratio0.4" / f"seed0-{rec['key']}"
+    manifest = json.loads((folder / "lowrank_manifest.json").read_text())
+    assert set(manifest["dense_layers"]) == set(dense)
+    loaded = run(make_cfg("method=ercsvd", "method.plc.k=1", "ratio=0.4", f"load={folder}", results_dir=tmp_path))
+    assert loaded["metrics"]["ppl"] == rec["metrics"]["ppl"]
+    assert loaded["params"]["linears_ratio"] == rec["params"]["linears_ratio"]
+
+
+def test_plc_search_picks_the_best_candidate_and_caches_it(tmp_path) -> None:
+    from saes.runs.pipeline import run
+    from tests.conftest import make_cfg
+
+    rec = run(make_cfg("method=ercsvd", "method.plc.k=search", "method.plc.candidates=[1.0,0.5]", "ratio=0.3",
+                       results_dir=tmp_path))
+    [cache] = (tmp_path / "cache" / "ercsvd_plc").glob("*.json")
+    import json
+
+    ppl = json.loads(cache.read_text())["ppl"]
+    best = int(min(ppl, key=ppl.get))
+    assert {d["plc_k"] for d in rec["layers"].values() if d["rank"] is not None} == {best}
+
+
+def test_plc_k_out_of_range_is_refused_before_the_model_loads(tmp_path, monkeypatch) -> None:
+    from saes.runs import pipeline
+    from tests.conftest import make_cfg
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match="method.plc.k=1"):
+        pipeline.run(make_cfg("method=ercsvd", "method.plc.k=1", "ratio=0.6", results_dir=tmp_path))  # N R = 1.2
+    assert not (tmp_path / "runs").exists()

@@ -101,11 +101,14 @@ def check_int(key: str, value: Any, minimum: int | None = None) -> int:
     return value
 
 
-def check_ranks_before_loading(cfg: DictConfig) -> None:
+def check_ranks_before_loading(cfg: DictConfig, method: Method) -> None:
     """The uniform rank plan of ``ratio`` from the model's config alone (shapes on the meta device): a ratio
     that rounds a rank to 0 is refused before the weights load, the dense evaluation and any pre-pass. The
-    uniform plan's total is every method's budget, so it must exist whatever the allocation."""
-    plan_ranks_for(skeleton(model_config(cfg.model)), float(cfg.ratio))
+    uniform plan's total is every method's budget, so it must exist whatever the allocation. The method's
+    depth-dependent settings (ERC-SVD's ``plc.k``) are checked against the same skeleton."""
+    model = skeleton(model_config(cfg.model))
+    plan_ranks_for(model, float(cfg.ratio))
+    method.check_setting(len(model.get_submodule(layout_for(model).layers)), float(cfg.ratio))
 
 
 def plan_ranks_for(model: nn.Module, ratio: float) -> dict[str, int]:
@@ -228,7 +231,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # gives the claim up (finished blocks stay for the rerun).
     claim = None
     if job.saved is None:
-        check_ranks_before_loading(cfg)
+        check_ranks_before_loading(cfg, job.method)
         claim = resume_dir(cfg, job.key) if cfg.get("resume") else None
     with owned(claim):
         got = compress(cfg, job, timings) if job.saved is None else load(cfg, job, timings)
@@ -262,13 +265,18 @@ class Obtained:
     dense_ppl: dict[str, dict[str, Any]]  # per source: dense, tokens_sha256[, windows]
     dense_zeroshot: zeroshot.DenseScores | None
     calibration: dict[str, Any] | None
-    shapes: list[tuple[int, int, int]]  # (m, n, rank) of every low-rank layer
+    shapes: list[tuple[int, int, int | None]]  # (m, n, rank) of every planned projection (None: kept dense)
     dense_params: int  # parameters of the dense model
     params_extra: dict[str, Any]  # rank_alloc (compressed here) or weights_bytes (loaded)
     layers: dict[str, Any]
     blocks: list[Any] = field(default_factory=list)
     finetune: dict[str, Any] | None = None
     loaded_from: dict[str, Any] | None = None  # a load= run
+
+    @property
+    def dense_projections(self) -> list[tuple[str, int, int]]:
+        """``(name, m, n)`` of the projections the plan left dense."""
+        return [(name, d["m"], d["n"]) for name, d in self.layers.items() if d.get("rank", 0) is None]
 
 
 def dense_model(cfg: DictConfig, identity: str, device: torch.device) -> DenseModel:
@@ -320,8 +328,8 @@ def load(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         eval_ids, skipped = eval_tokens(cfg, tok)
     dense_ppl = cached_perplexity(dense_model(cfg, saved.identity, resolve_device(cfg.device)), job.ppl, eval_ids)
     layers = saved.manifest["layers"]
-    shapes = [(d["out_features"], d["in_features"], d["rank"]) for d in layers.values()]
-    dense_params = count_parameters(model) + sum(m * n - r * (m + n) for m, n, r in shapes)
+    shapes = manifest_shapes(saved.manifest)
+    dense_params = count_parameters(model) + sum(m * n - r * (m + n) for m, n, r in shapes if r is not None)
     manifest = saved.manifest
     return Obtained(model, tok, saved.identity, eval_ids, skipped, dense_ppl, None, manifest.get("calibration"),
                     shapes=shapes, dense_params=dense_params,
@@ -349,10 +357,10 @@ def check_manifest_ratio(folder: Path, manifest: dict[str, Any]) -> None:
     it. Every plan keeps at most the uniform plan's parameters and misses them by less than one rank of one
     projection (the budget rule shared by every allocator); a ratio its layers do not meet is refused."""
     ratio = check_ratio(manifest["ratio"])
-    shapes = [(d["out_features"], d["in_features"], d["rank"]) for d in manifest["layers"].values()]
-    if not shapes:
+    shapes = manifest_shapes(manifest)
+    if not manifest["layers"]:
         raise CheckpointError(f"{folder / MANIFEST} lists no low-rank layer")
-    kept = sum(r * (m + n) for m, n, r in shapes)
+    kept = sum(m * n if r is None else r * (m + n) for m, n, r in shapes)
     budget = sum(rank_for_ratio(m, n, ratio) * (m + n) for m, n, _ in shapes)
     if not budget - max(m + n for m, n, _ in shapes) < kept <= budget:
         removed = 1 - kept / sum(m * n for m, n, _ in shapes)
@@ -456,7 +464,9 @@ def save(cfg: DictConfig, job: Job, got: Obtained, env: dict[str, Any]) -> Path:
     """``save=true``: the compressed model and its manifest, beside the record's stem under ``models/``."""
     return save_compressed(got.model.to("cpu"), got.tokenizer, Path(cfg.results_dir) / "models" / run_stem(job.config), {
         "base": got.identity, "method": job.config["method"], "ratio": cfg.ratio, "calibration": got.calibration,
-        "record_key": job.key, "git_commit": env["git_commit"]})
+        "record_key": job.key, "git_commit": env["git_commit"],
+        **({"dense_layers": dense} if (dense := {f"{name}": {"out_features": m, "in_features": n}
+                                                   for name, m, n in got.dense_projections}) else {})})
 
 
 def build_record(job: Job, got: Obtained, metrics: dict[str, Any], params: dict[str, Any], timings: Timings,
@@ -477,10 +487,17 @@ def build_record(job: Job, got: Obtained, metrics: dict[str, Any], params: dict[
     return record
 
 
-def parameter_counts(shapes: list[tuple[int, int, int]], model_compressed: int, model_dense: int) -> dict[str, Any]:
-    """Achieved ratios from the low-rank layers' ``(m, n, rank)``, and of the whole model."""
+def manifest_shapes(manifest: dict[str, Any]) -> list[tuple[int, int, int | None]]:
+    """``(m, n, rank)`` of every planned projection of a saved folder (``None``: planned to stay dense)."""
+    return ([(d["out_features"], d["in_features"], d["rank"]) for d in manifest["layers"].values()]
+            + [(d["out_features"], d["in_features"], None) for d in manifest.get("dense_layers", {}).values()])
+
+
+def parameter_counts(shapes: list[tuple[int, int, int | None]], model_compressed: int,
+                     model_dense: int) -> dict[str, Any]:
+    """Achieved ratios from the planned projections' ``(m, n, rank)`` (``None``: kept dense), and of the model."""
     lin_dense = sum(m * n for m, n, _ in shapes)
-    lin_comp = sum(r * (m + n) for m, n, r in shapes)
+    lin_comp = sum(m * n if r is None else r * (m + n) for m, n, r in shapes)
     return {"linears_dense": lin_dense, "linears_compressed": lin_comp, "linears_ratio": 1 - lin_comp / lin_dense,
             "model_dense": model_dense, "model_compressed": model_compressed,
             "model_ratio": 1 - model_compressed / model_dense}

@@ -25,27 +25,34 @@ log = logging.getLogger(__name__)
 
 NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload", "display",
                 "calib.reuse_stats")  # how a run is carried out, not what it computes (dotted: nested keys)
-ABSENT_IF_NULL = ("load", "calib.stats_device", "method.strs.seqlen", "calib.split", "eval.ppl.split",
-                  "finetune.split")  # added after records existed: null hashes as if absent
+# Keys added after records existed hash as if absent while they hold the value the older records imply:
+# null for optional settings; for AdaSVD, the values of its first reading (before its variants had keys).
+ABSENT_IF: dict[str, Any] = {
+    "load": None, "calib.stats_device": None, "method.strs.seqlen": None, "calib.split": None,
+    "eval.ppl.split": None, "finetune.split": None,
+    "method.adacomp": "activations", "method.importance": "one_minus_cos",
+}
 SCHEMA_VERSION = 1
+_ALWAYS = object()
 
 
-def _drop(cfg: dict[str, Any], dotted: str, only_null: bool) -> None:
+def _drop(cfg: dict[str, Any], dotted: str, value: Any = _ALWAYS) -> None:
+    """Delete the dotted key (only when it holds ``value``, if given)."""
     *parents, leaf = dotted.split(".")
     for p in parents:
         cfg = cfg.get(p)
         if not isinstance(cfg, dict):
             return
-    if leaf in cfg and (not only_null or cfg[leaf] is None):
+    if leaf in cfg and (value is _ALWAYS or cfg[leaf] == value):
         del cfg[leaf]
 
 
 def config_key(cfg: dict[str, Any]) -> str:
     semantic = json.loads(json.dumps(cfg, default=str))  # a deep copy
     for k in NON_SEMANTIC:
-        _drop(semantic, k, only_null=False)
-    for k in ABSENT_IF_NULL:
-        _drop(semantic, k, only_null=True)
+        _drop(semantic, k)
+    for k, value in ABSENT_IF.items():
+        _drop(semantic, k, value)
     return digest(semantic, 12)
 
 
