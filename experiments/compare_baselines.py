@@ -71,7 +71,7 @@ def build(ctx: Context) -> Document:
 
 def cells_of(j: Job, src: str) -> dict[str, Any]:
     r = j.record
-    return {"method": str(j.config["method"]["name"]), "ratio": j.ratio,
+    return {"method": str(j.config.get("display") or j.config["method"]["name"]), "ratio": j.ratio,
             "stream": r["calibration"]["stream"] if r else None,
             "ranks": r["params"].get("rank_alloc", "uniform") if r else None,
             "ppl": fnum(r["metrics"]["ppl"][src]["compressed"]) if r else MISSING,

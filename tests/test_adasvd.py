@@ -163,7 +163,9 @@ def test_bad_hyper_parameters_are_named(kwargs, match):
 
 
 def test_end_to_end_run_with_adacr_and_adacomp(tmp_path):
-    rec = run(make_cfg("method=adasvd", "ratio=0.4", results_dir=tmp_path))
+    """The first reading (least-squares V-step, 1 - cos importance, 3 iterations): the objective never rises."""
+    rec = run(make_cfg("method=adasvd", "ratio=0.4", "method.adacomp=activations", "method.importance=one_minus_cos",
+                       "method.iters=3", results_dir=tmp_path))
     assert rec["calibration"]["stream"] == "compressed" and rec["params"]["rank_alloc"] == "mixed"
     layers = rec["layers"]
     assert len(layers) == 2 * 7 and len({d["rank"] for n, d in layers.items() if n.endswith("q_proj")}) == 2
@@ -175,6 +177,47 @@ def test_end_to_end_run_with_adacr_and_adacomp(tmp_path):
     assert 1 < rec["metrics"]["ppl"]["wiki_books"]["compressed"] < float("inf")
 
 
+def test_end_to_end_run_with_the_published_reading(tmp_path):
+    rec = run(make_cfg("method=adasvd", "ratio=0.4", results_dir=tmp_path))
+    assert rec["config"]["method"]["adacomp"] == "published" and rec["params"]["rank_alloc"] == "mixed"
+    assert {d["adacomp_iters"] for d in rec["layers"].values()} == {1}
+    assert 1 < rec["metrics"]["ppl"]["wiki_books"]["compressed"] < float("inf")
+
+
 def test_uniform_rank_alloc_switches_adacr_off(tiny_gqa):
     cfg = EngineConfig(device=CPU, batch_size=2)
     assert AdaSVD(rank_alloc="uniform").allocate(tiny_gqa, layout_for(tiny_gqa), 0.4, calib_batch(), cfg) is None
+
+
+# ------------------------------------------------------------------ the published reading vs the first one
+def test_published_v_step_projects_the_weight_onto_the_left_factor():
+    """``B = A^+ W``: the product is ``W`` projected onto ``A``'s columns (no activations in the V-step)."""
+    W, Xf, X = two_streams()
+    f = AdaSVD(adacomp="published", iters=1, rank_alloc="uniform", damp=0.0).factorize(W, gram(Xf, X), 4)
+    AB = f.A @ f.B
+    torch.testing.assert_close(AB, f.A @ torch.linalg.pinv(f.A) @ W, rtol=1e-8, atol=1e-9)
+    mine = AdaSVD(adacomp="activations", iters=1, rank_alloc="uniform", damp=0.0).factorize(W, gram(Xf, X), 4)
+    assert not torch.allclose(AB, mine.A @ mine.B)  # the two V-steps differ once Delta != 0
+
+
+def test_the_two_v_steps_agree_on_the_fp_stream():
+    W, Xf, _ = two_streams(seed=3)
+    stats = gram(Xf, Xf)  # Delta = 0: G = S
+    pub = AdaSVD(adacomp="published", iters=2, rank_alloc="uniform").factorize(W, stats, 5)
+    act = AdaSVD(adacomp="activations", iters=2, rank_alloc="uniform").factorize(W, stats, 5)
+    torch.testing.assert_close(pub.A @ pub.B, act.A @ act.B, rtol=1e-8, atol=1e-9)
+
+
+def test_the_two_importance_readings_are_complements(tiny_gqa):
+    model = tiny_gqa
+    layout, cfg = layout_for(model), EngineConfig(device=CPU, batch_size=2)
+    cos = layer_importance(model, layout, calib_batch(), cfg, "cos")
+    one_minus = layer_importance(model, layout, calib_batch(), cfg, "one_minus_cos")
+    for a, b in zip(cos, one_minus):
+        assert a + b == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("kw, key", [({"adacomp": "both"}, "method.adacomp"), ({"importance": "sin"}, "method.importance")])
+def test_unknown_variant_names_are_named(kw, key):
+    with pytest.raises(ValueError, match=key):
+        AdaSVD(**kw)
