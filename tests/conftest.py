@@ -46,3 +46,15 @@ def make_cfg(*overrides: str, results_dir: Path | None = None) -> DictConfig:
 def calib_batch(n: int = 4, seqlen: int = 32, vocab: int = 258, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seqlen), generator=g)
+
+
+def layer_problem(m: int, n: int, tokens: int, seed: int, spread: float) -> tuple[torch.Tensor, "SiteStats"]:
+    """A random float64 weight ``[m, n]`` and FP-stream statistics of inputs whose channel scales span
+    ``10^spread`` in a random order (outlier channels), for per-layer property tests."""
+    from saes.core.stats import SiteStats
+
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, spread, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    X = torch.randn(n, tokens, generator=g, dtype=torch.float64) * scales[:, None]
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return W, SiteStats(tokens, X @ X.T / tokens, None, None)

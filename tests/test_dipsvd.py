@@ -9,13 +9,11 @@ from baselines.dipsvd import DipSVD, protected_channels, weighted_whitener
 from baselines.svdllm import SVDLLM
 from saes.core.stats import SiteStats
 
+from .conftest import layer_problem
+
 
 def _problem(m: int = 24, n: int = 32, tokens: int = 256, seed: int = 0) -> tuple[torch.Tensor, SiteStats]:
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(0, 2, n, dtype=torch.float64)[torch.randperm(n, generator=g)]  # outlier channels
-    X = torch.randn(n, tokens, generator=g, dtype=torch.float64) * scales[:, None]
-    W = torch.randn(m, n, generator=g, dtype=torch.float64)
-    return W, SiteStats(tokens, X @ X.T / tokens, None, None)
+    return layer_problem(m, n, tokens, seed, spread=2)
 
 
 def _loss(W: torch.Tensor, AB: torch.Tensor, P: torch.Tensor) -> float:

@@ -11,13 +11,11 @@ from baselines.ercsvd import ERCSVD, rec_ranks
 from baselines.svdllm import SVDLLM
 from saes.core.stats import SiteStats
 
+from .conftest import layer_problem
+
 
 def _problem(m: int = 40, n: int = 48, tokens: int = 400, seed: int = 0) -> tuple[torch.Tensor, SiteStats]:
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(0, 1.5, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
-    X = torch.randn(n, tokens, generator=g, dtype=torch.float64) * scales[:, None]
-    W = torch.randn(m, n, generator=g, dtype=torch.float64)
-    return W, SiteStats(tokens, X @ X.T / tokens, None, None)
+    return layer_problem(m, n, tokens, seed, spread=1.5)
 
 
 def _hloss(W: torch.Tensor, AB: torch.Tensor, H: torch.Tensor) -> float:
