@@ -124,8 +124,8 @@ from saes.core.linalg import check_damping, check_finite, damped_cholesky, trunc
 from saes.core.lowrank import check_ratio
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
-from saes.engine.config import EngineConfig
 from saes.engine.allocation import ranks_for_layer_ratios
+from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout, plan_ranks
 from saes.engine.propagate import BlockPass, dense_blocks
 from saes.saes import whitened_targets

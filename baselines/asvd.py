@@ -42,8 +42,7 @@ from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout, plan_ranks, projections
 from saes.engine.propagate import dense_blocks, replaced
-from saes.inputs.data import token_digest
-from saes.io import digest, read_json, write_json_atomic
+from saes.io import digest, read_json, token_digest, write_json_atomic
 
 log = logging.getLogger(__name__)
 RANK_ALLOCS = ("uniform", "strs")

@@ -50,8 +50,7 @@ from saes.engine.allocation import partial_layer_plan
 from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout
 from saes.evaluation.perplexity import perplexity
-from saes.inputs.data import token_digest
-from saes.io import cached_json, digest
+from saes.io import cached_json, digest, token_digest
 
 log = logging.getLogger(__name__)
 

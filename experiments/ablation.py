@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from experiments.paper import TABLE3_TASKS, as_float, ref_value, reference
 from experiments.records import mean_acc, ppl_of, tasks_run
-from experiments.render import (MISSING, Document, Table, avg_head, dense_record, facc, fnum, found, fpct,
-                                prepare)
+from experiments.render import MISSING, Document, Table, avg_head, dense_record, facc, fnum, found, fpct, prepare
 from experiments.sweeps import Context, Job, cell, label, unique_rows
 
 NAME, TITLE = "ablation", "Table 3 and Figure 1d: CEALC and ACES, fixed β against adaptive"

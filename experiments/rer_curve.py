@@ -34,11 +34,9 @@ from saes.engine.layout import layout_for, plan_ranks
 from saes.engine.loop import compress_model
 from saes.inputs import data as data_mod
 from saes.inputs.models import load_model, resolve_device
-from saes.io import read_json, write_json_atomic
+from saes.io import read_json, token_digest, write_json_atomic
 from saes.runs.records import config_key, environment, record_path
 from saes.saes import SAES, aces_coefficients, select_beta, whitened_targets
-
-
 
 
 def retained_energy(G: torch.Tensor, rank: int) -> float:
@@ -129,7 +127,7 @@ def run_curve(overrides: list[str], layer: int | None, proj: str, points: int) -
         "recorded_beta": recorded, "layer": target, "block": index, "projection": proj,
         "model": {"identity": loaded.identity},
         "calibration": {"source": calib.source, "nsamples": calib.nsamples, "seqlen": calib.seqlen,
-                        "seed": calib.seed, "tokens_sha256": data_mod.token_digest(ids)},
+                        "seed": calib.seed, "tokens_sha256": token_digest(ids)},
         **probe.result, "seconds": time.perf_counter() - t0, "env": environment(),
     }
     path = Path(cfg.results_dir) / "curves" / str(cfg.model.name) / f"rer-{target}-{key}.json"

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from experiments.paper import TABLE3_TASKS, as_float, marks, ref_value, reference
 from experiments.records import acc_of, gap_closed, mean_acc, ppl_of, rel_drop, standard_error, tasks_run
-from experiments.render import (MISSING, Document, Table, avg_head, dense_record, facc, fnum, found, fpct,
-                                prepare)
+from experiments.render import MISSING, Document, Table, avg_head, dense_record, facc, fnum, found, fpct, prepare
 from experiments.sweeps import Context, Job, cell, label, unique_rows
 
 NAME, TITLE = "table1", "Table 1: every method at four ratios (with Tables 5/6 and Figure 1b)"

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -55,6 +57,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def token_digest(ids: torch.Tensor) -> str:
+    """sha256 of token ids as int64 bytes: which tokens a number was computed on (records, cache keys)."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def digest(obj: Any, length: int = 12) -> str:

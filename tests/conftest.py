@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from saes.core.stats import SiteStats
 from saes.inputs.models import tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +49,9 @@ def calib_batch(n: int = 4, seqlen: int = 32, vocab: int = 258, seed: int = 0) -
     return torch.randint(0, vocab, (n, seqlen), generator=g)
 
 
-def layer_problem(m: int, n: int, tokens: int, seed: int, spread: float) -> tuple[torch.Tensor, "SiteStats"]:
+def layer_problem(m: int, n: int, tokens: int, seed: int, spread: float) -> tuple[torch.Tensor, SiteStats]:
     """A random float64 weight ``[m, n]`` and FP-stream statistics of inputs whose channel scales span
     ``10^spread`` in a random order (outlier channels), for per-layer property tests."""
-    from saes.core.stats import SiteStats
-
     g = torch.Generator().manual_seed(seed)
     scales = torch.logspace(0, spread, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
     X = torch.randn(n, tokens, generator=g, dtype=torch.float64) * scales[:, None]

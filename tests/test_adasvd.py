@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from baselines.adasvd import AdaSVD, adacomp, adacr_keep, adacr_ratios, als_steps, layer_importance
-from saes.engine.allocation import ranks_for_layer_ratios
 from saes.core.linalg import damped_cholesky, truncated_svd
 from saes.core.lowrank import rank_for_ratio
 from saes.core.stats import SiteStats
+from saes.engine.allocation import ranks_for_layer_ratios
 from saes.engine.config import EngineConfig
 from saes.engine.layout import check_plan, layout_for, plan_ranks
 from saes.runs.pipeline import run

@@ -190,7 +190,6 @@ def test_fwsvd_and_svdllm_update_run_end_to_end(tmp_path):
 
 def test_lora_finetune_lowers_the_training_loss_and_keeps_the_parameter_count(tmp_path):
     from saes.runs.pipeline import run
-    from saes.runs.records import config_key
     from tests.conftest import make_cfg
     plain = make_cfg("method=svdllm", "ratio=0.4", results_dir=tmp_path)
     tuned = make_cfg("method=svdllm", "ratio=0.4", "finetune=lora", "finetune.nsamples=8", "finetune.seqlen=64",

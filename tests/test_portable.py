@@ -19,8 +19,7 @@ from saes.core.lowrank import LowRankLinear, set_submodule
 from saes.engine.config import EngineConfig
 from saes.engine.layout import layout_for, plan_ranks
 from saes.engine.loop import compress_model
-from saes.evaluation import tasks as task_data
-from saes.evaluation import zeroshot
+from saes.evaluation import tasks as task_data, zeroshot
 from saes.inputs.models import tiny_llama, tiny_tokenizer
 from saes.runs.checkpoint import MANIFEST, PORTABLE_KEYS, PORTABLE_MODULE, load_compressed, save_compressed
 from saes.saes import SAES

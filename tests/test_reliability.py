@@ -16,6 +16,7 @@ import pytest
 
 from saes.inputs import data
 from saes.inputs.models import ModelUnavailable, model_config
+from saes.io import token_digest
 from saes.runs import pipeline
 from saes.runs.checkpoint import MANIFEST, CheckpointError
 from saes.runs.pipeline import run
@@ -153,7 +154,7 @@ def test_a_local_file_is_used_whole_by_default_and_the_record_says_so(tmp_path, 
                        f"eval.ppl.path={test}", results_dir=tmp_path / "results"))
     assert rec["calibration"]["split"] == "whole"
     ids = data.tokenize(tokenizer, data.load_text("local", "eval", str(test)))
-    assert rec["metrics"]["ppl"]["local"]["tokens_sha256"] == data.token_digest(ids)
+    assert rec["metrics"]["ppl"]["local"]["tokens_sha256"] == token_digest(ids)
 
 
 def test_the_split_key_leaves_existing_record_keys_unchanged():

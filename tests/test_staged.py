@@ -3,8 +3,6 @@ per group: the same statistics, the same factors, the same streams (issue 12).""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 
 import pytest
 import torch

@@ -13,8 +13,7 @@ import sys
 
 import pytest
 
-from saes.evaluation import tasks as task_data
-from saes.evaluation import zeroshot
+from saes.evaluation import tasks as task_data, zeroshot
 from saes.inputs import data
 from saes.inputs.models import tiny_llama
 from saes.runs import pipeline

@@ -36,7 +36,7 @@ from saes.engine.layout import BlockLayout, layout_for
 from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
 from saes.engine.stats_cache import CACHED, FREE, FPStatsCache
-from saes.inputs.data import token_digest
+from saes.io import token_digest
 
 log = logging.getLogger(__name__)
 

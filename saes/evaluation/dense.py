@@ -19,8 +19,7 @@ from saes.evaluation import zeroshot
 from saes.evaluation.offload import placed
 from saes.evaluation.perplexity import PplSettings, perplexity
 from saes.evaluation.tasks import local_data
-from saes.inputs.data import token_digest
-from saes.io import cached_json, digest, read_json, sha256_file, write_json_atomic
+from saes.io import cached_json, digest, read_json, sha256_file, token_digest, write_json_atomic
 
 
 @dataclass(frozen=True)

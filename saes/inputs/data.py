@@ -218,10 +218,6 @@ def tokenize(tokenizer: Any, text: Text) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
-def token_digest(ids: torch.Tensor) -> str:
-    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-
-
 def calibration_ids(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int,
                     path: str | None = None, mode: str | None = None, key: str = "calib") -> torch.Tensor:
     """``[nsamples, seqlen]`` distinct non-overlapping windows of the calibration split."""

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from saes.core.lowrank import LowRankLinear
 from saes.inputs import data as data_mod
+from saes.io import token_digest
 
 log = logging.getLogger(__name__)
 MODES = ("sequential", "joint")
@@ -78,7 +79,7 @@ def lora_finetune(model: nn.Module, tokenizer: Any, ft: LoraSettings, device: to
     ids = data_mod.calibration_ids(tokenizer, ft.source, ft.nsamples, ft.seqlen, ft.seed, ft.path, ft.split,
                                    "finetune")
     phases = [("A",), ("B",)] if ft.mode == "sequential" else [("A", "B")]
-    report: dict[str, Any] = {"tokens_sha256": data_mod.token_digest(ids), "phases": []}
+    report: dict[str, Any] = {"tokens_sha256": token_digest(ids), "phases": []}
     model.to(device)
     for phase in phases:
         t0 = time.perf_counter()

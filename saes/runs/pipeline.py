@@ -38,7 +38,7 @@ from saes.evaluation.offload import placed
 from saes.evaluation.perplexity import PplSettings, perplexities
 from saes.inputs import data as data_mod
 from saes.inputs.models import DTYPES, load_model, model_config, model_identity, resolve_device, skeleton
-from saes.io import read_json, write_json_atomic
+from saes.io import read_json, token_digest, write_json_atomic
 from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
 from saes.runs.finetune import LoraSettings, check_finetune, lora_finetune
 from saes.runs.records import SCHEMA_VERSION, config_key, environment, flatten, record_path, run_stem, wandb_run
@@ -310,7 +310,7 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         "seed": cfg.calib.seed, "split": data_mod.split_mode(cfg.calib.source, cfg.calib.get("split")),
         "stream": report.stream, "tokens": report.tokens,
         "stats_cached_blocks": report.cached_stats_blocks, "resumed_from_block": report.resumed_from,
-        "tokens_sha256": data_mod.token_digest(calib_ids) if calib_ids is not None else None,
+        "tokens_sha256": token_digest(calib_ids) if calib_ids is not None else None,
     }
     return Obtained(model, tok, loaded.identity, eval_ids, skipped, dense_ppl, dense_zs, calibration,
                     shapes=[(d["m"], d["n"], d["rank"]) for d in report.layers.values()], dense_params=dense_params,
