@@ -60,3 +60,24 @@ def test_saved_smollm2_reloads_with_identical_logits(tmp_path):
     # tied embeddings are stored once: the file holds the achieved parameter count in fp32
     size = (folder / "model.safetensors").stat().st_size
     assert manifest["parameters"] * 4 <= size < manifest["parameters"] * 4 + 1_000_000
+
+
+def test_new_baselines_reduce_to_svdllm_where_their_definitions_say_so(tmp_path):
+    """On the embedded model, end to end: Dip-SVD with weight 1 and ERC-SVD with the residual in the whitened
+    space (every block compressed) are SVD-LLM; ERC-SVD's partial-layer plan leaves the first blocks dense at
+    the same overall ratio; AdaSVD's published reading runs."""
+    ref = run(make_cfg(*SMALL, "method=svdllm", results_dir=tmp_path))
+    dip1 = run(make_cfg(*SMALL, "method=dipsvd", "method.channel_weight=1.0", results_dir=tmp_path))
+    rec_w = run(make_cfg(*SMALL, "method=ercsvd", "method.rec_space=whitened", "method.plc.k=null",
+                         results_dir=tmp_path))
+    ppl = {name: r["metrics"]["ppl"]["wiki_books"]["compressed"] for name, r in
+           (("svdllm", ref), ("dip1", dip1), ("rec_whitened", rec_w))}
+    assert ppl["dip1"] == pytest.approx(ppl["svdllm"], rel=1e-4), ppl
+    assert ppl["rec_whitened"] == pytest.approx(ppl["svdllm"], rel=1e-4), ppl
+    plc = run(make_cfg(*SMALL, "method=ercsvd", "method.plc.k=24", results_dir=tmp_path))
+    dense = sorted({int(n.split(".")[2]) for n, d in plc["layers"].items() if d["rank"] is None})
+    assert dense == list(range(6)) and 0.2 <= plc["params"]["linears_ratio"] < 0.2005
+    assert math.isfinite(plc["metrics"]["ppl"]["wiki_books"]["compressed"])
+    ada = run(make_cfg(*SMALL, "method=adasvd", results_dir=tmp_path))
+    assert {d["adacomp_iters"] for d in ada["layers"].values()} == {1} and ada["params"]["rank_alloc"] == "mixed"
+    assert ref["metrics"]["ppl"]["wiki_books"]["dense"] < ada["metrics"]["ppl"]["wiki_books"]["compressed"] < math.inf
