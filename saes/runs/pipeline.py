@@ -9,7 +9,6 @@ library takes typed values (:class:`PplSettings`, :class:`zeroshot.Plan`, :class
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import resource
@@ -38,7 +37,7 @@ from saes.evaluation.offload import placed
 from saes.evaluation.perplexity import PplSettings, perplexities
 from saes.inputs import data as data_mod
 from saes.inputs.models import DTYPES, load_model, model_config, model_identity, resolve_device, skeleton
-from saes.io import read_json, token_digest, write_json_atomic
+from saes.io import read_json, sha256_file, token_digest, write_json_atomic
 from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
 from saes.runs.finetune import LoraSettings, check_finetune, lora_finetune
 from saes.runs.records import SCHEMA_VERSION, config_key, environment, flatten, record_path, run_stem, wandb_run
@@ -194,7 +193,7 @@ def loaded_job(cfg: DictConfig) -> Job:
     method_cfg = manifest["method"] if isinstance(manifest["method"], dict) else {"name": str(manifest["method"])}
     config = {**{k: v for k, v in resolved.items() if k != "calib"}, "load": str(folder), "method": method_cfg,
               "ratio": manifest["ratio"]}  # what made the weights; calibration comes from the manifest
-    manifest_sha = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    manifest_sha = sha256_file(folder / MANIFEST)
     key = config_key({**config, "manifest_sha256": manifest_sha})
     return Job(config=config, key=key, path=record_path(cfg.results_dir, config).with_name(f"loaded-{key}.json"),
                name=f"{cfg.model.name}/{method_cfg['name']}/r{manifest['ratio']}/loaded",
