@@ -77,6 +77,7 @@ class AcesCoefficients:
     A: float
     B: float
     C: float
+    gap: float = math.inf  # s_r / s_{r+1} of S: how clearly the fixed subspace stands out (a diagnostic)
 
     def surrogate(self, beta: float, objective: Objective) -> float:
         tail = self.a + 2 * self.b * beta + self.c * beta * beta
@@ -115,7 +116,29 @@ def aces_coefficients(S: torch.Tensor, D: torch.Tensor, rank: int) -> AcesCoeffi
 
     Sp, Dp = perp(S), perp(D)
     dot = lambda X, Y: float((X * Y).sum())  # noqa: E731
-    return AcesCoefficients(a=dot(Sp, Sp), b=dot(Sp, Dp), c=dot(Dp, Dp), A=dot(S, S), B=dot(S, D), C=dot(D, D))
+    gap = float(svd.S[-1]) / svd.next_sigma if svd.next_sigma > 0 else math.inf
+    return AcesCoefficients(a=dot(Sp, Sp), b=dot(Sp, Dp), c=dot(Dp, Dp), A=dot(S, S), B=dot(S, D), C=dot(D, D),
+                            gap=gap)
+
+
+def true_tail(svd: TruncatedSVD, objective: Objective) -> float:
+    """What the surrogate estimates, exactly: the tail energy of ``G(beta)`` beyond its own top-``r`` subspace
+    (``energy``), or that over its total energy (``ratio``, ``1 - RER``)."""
+    tail = svd.energy_total - svd.energy_kept
+    if objective == "energy":
+        return tail
+    return tail / svd.energy_total if svd.energy_total > 0 else 0.0
+
+
+def exact_beta(S: torch.Tensor, D: torch.Tensor, rank: int, candidates: list[float],
+               objective: Objective) -> tuple[float, float]:
+    """The candidate beta with the lowest true tail of ``G(beta) = S + beta D`` (one SVD each; ties: the
+    smaller beta); returns ``(beta, true tail)``. With the surrogate's choice among the candidates, the result
+    is never worse than it on the true objective."""
+    scored = [(true_tail(truncated_svd(S + beta * D if beta else S, rank), objective), beta)
+              for beta in sorted(set(candidates))]
+    tail, beta = min(scored)
+    return beta, tail
 
 
 def select_beta(coef: AcesCoefficients, beta_min: float, beta_max: float, objective: Objective,
@@ -168,6 +191,9 @@ def beta_to_alpha(beta: float) -> float | None:
     return beta / (1.0 - beta) if beta < 1.0 else None
 
 
+SELECTORS = ("surrogate", "exact")  # ACES's beta: Algorithm 3's surrogate, or the true tail on candidates
+
+
 # ---------------------------------------------------------------------------- method
 class SAES(Method):
     """SAES-SVD. Statistics ``H`` and ``Delta`` on the compressed stream (error-propagating).
@@ -185,9 +211,11 @@ class SAES(Method):
     def __init__(self, name: str = "saes", alpha: float = 1.0, damp: float = 0.01, max_damp: float = 1.0,
                  aces: dict | None = None, compute_dtype: str = "float64") -> None:
         super().__init__(name, compute_dtype)
-        a = dict(enabled=True, objective="ratio", space="beta", beta_min=0.25, beta_max=0.75, cap=None, shrink=1.0)
+        a = dict(enabled=True, objective="ratio", space="beta", beta_min=0.25, beta_max=0.75, cap=None, shrink=1.0,
+                 selector="surrogate", grid=None)
         a.update(aces or {})
-        unknown = set(a) - {"enabled", "objective", "space", "beta_min", "beta_max", "cap", "shrink"}
+        unknown = set(a) - {"enabled", "objective", "space", "beta_min", "beta_max", "cap", "shrink", "selector",
+                            "grid"}
         if unknown:
             raise ValueError(f"unknown method.aces keys: {sorted(unknown)}")
         self.alpha, self.damp, self.max_damp = float(alpha), float(damp), float(max_damp)
@@ -209,6 +237,15 @@ class SAES(Method):
         check_damping(self.damp, self.max_damp)
         if self.aces_enabled:
             _check_aces_args(self.beta_min, self.beta_max, self.objective, self.cap, self.shrink)
+        self.selector = a["selector"]
+        if self.selector not in SELECTORS:
+            raise ValueError(f"method.aces.selector={self.selector!r}; choose one of {list(SELECTORS)}")
+        grid = a["grid"]
+        if grid is None:  # nine points over the selection interval
+            grid = [self.beta_min + (self.beta_max - self.beta_min) * i / 8 for i in range(9)]
+        self.grid = [float(b) for b in grid]
+        if not all(0.0 <= b <= 1.0 for b in self.grid):
+            raise ValueError(f"method.aces.grid must hold betas in [0, 1]; got {list(grid)}")
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
@@ -219,8 +256,14 @@ class SAES(Method):
             beta, surrogate = select_beta(coef, self.beta_min, self.beta_max, self.objective, self.cap, self.shrink)
             diag["surrogate"] = surrogate
             diag["surrogate_beta0"] = coef.surrogate(0.0, self.objective)
+            if self.selector == "exact":
+                diag["beta_surrogate"] = beta
+                beta, _ = exact_beta(S, D, rank, [beta, *self.grid], self.objective)
         else:
             beta = alpha_to_beta(self.alpha)
         A, B, svd = factor_target(S + beta * D if beta else S, wh, rank)
         diag.update(beta=beta, alpha=beta_to_alpha(beta), rer=svd.retained_energy_ratio)
+        if self.aces_enabled:  # how good the surrogate was where it matters (issue: ACES examined)
+            tail = true_tail(svd, self.objective)
+            diag.update(gap=coef.gap, tail_true=tail, surrogate_error=coef.surrogate(beta, self.objective) - tail)
         return Factors(A, B, diag)

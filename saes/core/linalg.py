@@ -87,6 +87,7 @@ class TruncatedSVD:
     Vh: torch.Tensor  # [r, n]
     energy_total: float  # sum of all squared singular values
     energy_kept: float  # sum of the top-r squared singular values
+    next_sigma: float = 0.0  # sigma_{r+1} (0 at full rank): the spectral gap at the rank is S[-1] / next_sigma
 
     @property
     def retained_energy_ratio(self) -> float:
@@ -136,7 +137,7 @@ def truncated_svd(G: torch.Tensor, rank: int, gram: bool = True) -> TruncatedSVD
         raise FactorizationError(f"SVD did not converge for a {tuple(G.shape)} matrix: {exc}") from exc
     sq = S.square()
     return TruncatedSVD(U=U[:, :rank], S=S[:rank], Vh=Vh[:rank], energy_total=float(sq.sum()),
-                        energy_kept=float(sq[:rank].sum()))
+                        energy_kept=float(sq[:rank].sum()), next_sigma=float(S[rank]) if rank < len(S) else 0.0)
 
 
 def _gram_svd(G: torch.Tensor, rank: int) -> TruncatedSVD | None:
@@ -147,6 +148,7 @@ def _gram_svd(G: torch.Tensor, rank: int) -> TruncatedSVD | None:
         lam, Q = torch.linalg.eigh(M @ M.mT)
     except RuntimeError:
         return None
+    nxt = float(lam[-rank - 1].clamp(min=0).sqrt()) if rank < lam.numel() else 0.0  # sigma_{r+1}
     lam, Q = lam.flip(0)[:rank], Q.flip(1)[:, :rank]  # descending
     if not lam[-1] > GRAM_FLOOR * lam[0]:
         return None
@@ -154,8 +156,9 @@ def _gram_svd(G: torch.Tensor, rank: int) -> TruncatedSVD | None:
     other = (Q.mT @ M) / S[:, None]  # [r, l]: the other side's singular vectors, as rows
     energy_total = float(M.square().sum())
     if wide:
-        return TruncatedSVD(U=Q, S=S, Vh=other, energy_total=energy_total, energy_kept=float(lam.sum()))
-    return TruncatedSVD(U=other.mT, S=S, Vh=Q.mT, energy_total=energy_total, energy_kept=float(lam.sum()))
+        return TruncatedSVD(U=Q, S=S, Vh=other, energy_total=energy_total, energy_kept=float(lam.sum()), next_sigma=nxt)
+    return TruncatedSVD(U=other.mT, S=S, Vh=Q.mT, energy_total=energy_total, energy_kept=float(lam.sum()),
+                        next_sigma=nxt)
 
 
 def check_finite(**tensors: torch.Tensor) -> None:

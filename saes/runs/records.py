@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload", "display",
                 "calib.reuse_stats")  # how a run is carried out, not what it computes (dotted: nested keys)
 # Keys added after records existed hash as if absent while they hold the value the older records imply:
-# null for optional settings; for AdaSVD, the values of its first reading (before its variants had keys).
+# null for optional settings; for AdaSVD, the values of its first reading (before its variants had keys);
+# for SAES-SVD, ACES's own selector (before the exact one existed).
 ABSENT_IF: dict[str, Any] = {
     "load": None, "calib.stats_device": None, "method.strs.seqlen": None, "calib.split": None,
     "eval.ppl.split": None, "finetune.split": None,
     "method.adacomp": "activations", "method.importance": "one_minus_cos",
+    "method.aces.selector": "surrogate", "method.aces.grid": None,
 }
 SCHEMA_VERSION = 1
 _ALWAYS = object()
