@@ -101,3 +101,11 @@ def test_perplexity_protocol_windows_and_value():
     assert p.ppl == pytest.approx(50.0) and p.nll == pytest.approx(math.log(50))
     with pytest.raises(ValueError, match="fewer than one window"):
         windows(ids[:100], 128)
+
+
+def test_wiki_qa_is_the_wikipedia_part_of_wiki_books_split_the_same_way():
+    calib, evaluation = data.load_text("wiki_qa", "calib").docs, data.load_text("wiki_qa", "eval").docs
+    assert calib and evaluation and not set(calib) & set(evaluation)
+    assert set(calib) <= set(data.load_text("wiki_books", "calib").docs)
+    assert set(evaluation) <= set(data.load_text("wiki_books", "eval").docs)
+    assert data.split_mode("wiki_qa", None) == "hash"

