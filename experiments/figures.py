@@ -165,6 +165,27 @@ def fig6(js: Sequence["Job"], path: Path) -> Path:
     return _save(fig, path)
 
 
+def fig_surrogate_error(js: Sequence["Job"], path: Path) -> Path:
+    """ACES's robustness: per projection, the surrogate's error at the chosen β against the spectral gap of S."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    runs = [j for j in js if j.record is not None and j.config["method"]["aces"]["enabled"]
+            and j.config["method"]["aces"].get("selector", "surrogate") == "surrogate"
+            and any("gap" in d for d in j.record["layers"].values())]
+    for j in sorted(runs, key=lambda j: (str(j.config["calib"]["source"]), j.ratio)):
+        pts = [(d["gap"], d["surrogate_error"]) for d in j.record["layers"].values() if "gap" in d]
+        ax.scatter(*zip(*pts), s=6, alpha=0.6, label=f"{j.config['calib']['source']}, ratio {j.ratio}")
+    if runs:
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_xlabel("spectral gap s_r / s_(r+1) of S")
+        ax.set_ylabel("surrogate − true tail ratio at β*")
+        ax.legend(fontsize=7)
+    else:
+        _missing(ax, "SAES-SVD records with ACES diagnostics (experiment=aces_selector)")
+    ax.set_title("ACES's surrogate error against the spectral gap, per projection", fontsize=9)
+    return _save(fig, path)
+
+
 def fig1d(js: Sequence["Job"], path: Path) -> Path:
     src = js[0].config["eval"]["ppl"]["sources"][0]
     tasks = tasks_run(found(js))
@@ -266,6 +287,8 @@ def build_all(ctx: "Context", skip: set[str]) -> list[Path]:
                     fig1c(curves_for(ctx, t1), t1, out_dir / "fig1c_rer_vs_beta.png")]
     if "ablation" not in skip:
         written.append(fig1d(ctx.jobs("ablation"), out_dir / "fig1d_fixed_vs_adaptive.png"))
+    if "aces_selector" not in skip:
+        written.append(fig_surrogate_error(ctx.jobs("aces_selector"), out_dir / "aces_surrogate_error.png"))
     model = str(t1[0].config["model"]["name"])
     written.append(fig4(bench_json(ctx.results_dir, model), model, out_dir / "fig4_speed_memory.png"))
     return written

@@ -26,13 +26,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from experiments import ablation, aces_bounds, bench_foundation, compare_baselines, cost, figures, speed, table1
+from experiments import (ablation, aces_bounds, aces_selector, bench_foundation, compare_baselines, cost, figures,
+                         speed, table1)
 from experiments.render import Document, write_document
 from experiments.sweeps import ROOT, Context
 
 Builder = Callable[[Context], "Document | list[Document]"]
 BUILDERS: tuple[Builder, ...] = (table1.build, ablation.build, aces_bounds.build, cost.build,
-                                 compare_baselines.build, bench_foundation.build, speed.build)
+                                 compare_baselines.build, bench_foundation.build, speed.build, aces_selector.build)
 
 
 def build_documents(ctx: Context) -> list[Document]:
