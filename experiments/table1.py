@@ -14,9 +14,9 @@ NAME, TITLE = "table1", "Table 1: every method at four ratios (with Tables 5/6 a
 EXPERIMENTS = ("table1", "table1_lora")
 TASKS = {"openbookqa": "OpenbookQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG.",
          "hellaswag": "HellaS.", "piqa": "PIQA", "mathqa": "MathQA", "boolq": "BoolQ", "lambada_openai": "LAMBADA"}
-MATCH = {  # our row id per paper row name, per reference table (our reading; Dobi-SVD, Dip-SVD: none here)
+MATCH: dict[str, dict[str, str | None]] = {  # our row id per paper row name, per reference table (our reading)
     "table1_llama7b.csv": {"Baseline": "dense", "FWSVD": "fwsvd", "ASVD": "asvd_strs", "SVD-LLM": "svdllm+lora",
-                           "Ours": "saes"},
+                           "Dobi-SVD": None, "Dip-SVD": "dipsvd", "Ours": "saes"},  # None: not reimplemented
     "table5_llama2_7b.csv": {"Original": "dense", "SVD": "svd", "FWSVD": "fwsvd", "ASVD": "asvd_strs",
                              "SVD-LLM": "svdllm", "AdaSVD": "adasvd", "Ours": "saes"},
     "table6_llama3_8b.csv": {"SVD-LLM": "svdllm", "Ours": "saes"},
@@ -109,7 +109,8 @@ def beside_paper(js: list[Job], ref_file: str, src: str, tasks: list[str]) -> li
             p_avg = ref_value(rows, paper_name, "acc_average4" if four else "acc_average", str(ratio))
             p_drop = ref_value(rows, paper_name, "drop", str(ratio))
             table.rows.append([
-                str(ratio), paper_name + marks(rows, paper_name), label(j) if j else "not run here",
+                str(ratio), paper_name + marks(rows, paper_name),
+                label(j) if j else ("not reimplemented" if rid is None else "not run here"),
                 (fnum(p) if rec else MISSING) if j else "-",
                 "-" if is_subject or not j else (fpct(gap_closed(p, subject_ppl, ppl_of(dense, src, "dense")))
                                                  if rec else MISSING),
