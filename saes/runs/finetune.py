@@ -71,9 +71,8 @@ def _factor_names(model: nn.Module, which: str) -> list[str]:
 
 
 def lora_finetune(model: nn.Module, tokenizer: Any, ft: LoraSettings, device: torch.device) -> dict[str, Any]:
-    """Fine-tune the low-rank factors in place with LoRA adapters, merged back at the end."""
-    from peft import LoraConfig, get_peft_model
-
+    """Fine-tune the low-rank factors in place with LoRA adapters, merged back at the end. Seeded by
+    ``finetune.seed`` (data order, adapter initialisation, dropout), without touching the caller's RNG."""
     if not _factor_names(model, "A"):
         raise ValueError("finetune=lora needs a compressed model (no LowRankLinear layers found)")
     ids = data_mod.calibration_ids(tokenizer, ft.source, ft.nsamples, ft.seqlen, ft.seed, ft.path, ft.split,
@@ -81,6 +80,16 @@ def lora_finetune(model: nn.Module, tokenizer: Any, ft: LoraSettings, device: to
     phases = [("A",), ("B",)] if ft.mode == "sequential" else [("A", "B")]
     report: dict[str, Any] = {"tokens_sha256": token_digest(ids), "phases": []}
     model.to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
+        torch.manual_seed(int(ft.seed))  # the adapters' initialisation and dropout: the same run, the same result
+        model = _train_phases(model, ids, ft, phases, device, report)
+    return report
+
+
+def _train_phases(model: nn.Module, ids: torch.Tensor, ft: LoraSettings, phases: list[tuple[str, ...]],
+                  device: torch.device, report: dict[str, Any]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
     for phase in phases:
         t0 = time.perf_counter()
         targets = [n for which in phase for n in _factor_names(model, which)]
@@ -116,4 +125,4 @@ def lora_finetune(model: nn.Module, tokenizer: Any, ft: LoraSettings, device: to
                                  "seconds": time.perf_counter() - t0})
     for p in model.parameters():
         p.requires_grad_(True)
-    return report
+    return model
