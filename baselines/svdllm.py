@@ -14,7 +14,7 @@ import torch
 from saes.core.linalg import check_damping, damped_cholesky
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
-from saes.saes import factor_target, whitened_targets
+from saes.saes import factor_target, output_error, whitened_targets
 
 
 class SVDLLM(Method):
@@ -53,18 +53,9 @@ class SVDLLMUpdate(SVDLLM):
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         f = super().factorize(W, stats, rank, layer)
         A, B = f.A, f.B
-        before = _output_error(W, A, B, stats)
+        before = output_error(W, A @ B, stats)
         G = damped_cholesky(B @ stats.H @ B.T, self.damp, max_damp=self.max_damp)
         rhs = W @ (stats.H + stats.Delta) @ B.T  # [m, r]
         A_new = torch.cholesky_solve(rhs.T, G.C).T
-        after = _output_error(W, A_new, B, stats)
+        after = output_error(W, A_new @ B, stats)
         return Factors(A_new, B, {**f.diagnostics, "out_err_before": before, "out_err_after": after})
-
-
-def _output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, stats: SiteStats) -> float:
-    """``||W X^f - A B X||_F^2 / N`` up to the constant ``||W X^f||^2 / N``, from the Gram statistics.
-
-    ``= tr(AB H B^T A^T) - 2 tr(W (H + Delta) B^T A^T)``; only differences between two values are meaningful.
-    """
-    AB = A @ B
-    return float((AB @ stats.H * AB).sum() - 2 * (W @ (stats.H + stats.Delta) * AB).sum())

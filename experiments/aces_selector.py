@@ -15,7 +15,7 @@ from experiments.records import ProtocolMismatch, check_protocol, ppl_of
 from experiments.render import MISSING, Document, Table, commands, fnum, found, sweep_jobs
 from experiments.sweeps import Context, Job, beta_of
 
-NAME, TITLE = "aces_selector", "ACES examined: surrogate, exact selector, fixed β = 0.5"
+NAME, TITLE = "aces_selector", "ACES examined: surrogate, exact and output selectors, fixed β = 0.5"
 EXPERIMENTS = ("aces_selector",)
 
 
@@ -66,6 +66,7 @@ def build(ctx: Context) -> Document:
         blocks.append("Missing: " + "; ".join(" ".join(j.own_overrides) for j in missing) + " (run: "
                       + ", ".join(f"`{c}`" for c in commands(EXPERIMENTS, ctx.overrides)) + ").")
     blocks.append("Surrogate error and gap come from records made since ACES's diagnostics exist (n/a before). "
-                  "The exact selector scores nine β over [0.25, 0.75] and the surrogate's choice by the true tail "
-                  "ratio of G(β) (one SVD each).")
+                  "The exact and output selectors score nine β over [0.25, 0.75] and the surrogate's choice, by the "
+                  "true tail ratio of G(β) (exact) or by the layer's calibration output error against the FP "
+                  "stream with CEALC's factors (output); one SVD per candidate.")
     return Document(NAME, TITLE, blocks, latex_too=False, separator="\n")

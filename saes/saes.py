@@ -130,15 +130,28 @@ def true_tail(svd: TruncatedSVD, objective: Objective) -> float:
     return tail / svd.energy_total if svd.energy_total > 0 else 0.0
 
 
-def exact_beta(S: torch.Tensor, D: torch.Tensor, rank: int, candidates: list[float],
-               objective: Objective) -> tuple[float, float]:
-    """The candidate beta with the lowest true tail of ``G(beta) = S + beta D`` (one SVD each; ties: the
-    smaller beta); returns ``(beta, true tail)``. With the surrogate's choice among the candidates, the result
-    is never worse than it on the true objective."""
-    scored = [(true_tail(truncated_svd(S + beta * D if beta else S, rank), objective), beta)
-              for beta in sorted(set(candidates))]
-    tail, beta = min(scored)
-    return beta, tail
+def output_error(W: torch.Tensor, AB: torch.Tensor, stats: SiteStats) -> float:
+    """``||W X^f - AB X||_F^2 / N`` up to the constant ``||W X^f||^2 / N``, from the statistics alone:
+    ``tr(AB H (AB)^T) - 2 tr(W (H + Delta) (AB)^T)`` (``X^f X^T = H + Delta``); only differences mean anything."""
+    delta = stats.Delta if stats.Delta is not None else torch.zeros_like(stats.H)
+    return float((AB @ stats.H * AB).sum() - 2 * (W @ (stats.H + delta) * AB).sum())
+
+
+def best_beta(W: torch.Tensor, S: torch.Tensor, D: torch.Tensor, wh: Whitener, stats: SiteStats, rank: int,
+              candidates: list[float], score: str, objective: Objective) -> tuple[float, float]:
+    """The candidate beta with the lowest score (one SVD of ``G(beta) = S + beta D`` each; ties: the smaller
+    beta); returns ``(beta, score)``. ``exact``: the true tail of ``G(beta)`` (what the surrogate estimates);
+    ``output``: the layer's calibration output error against the FP stream with CEALC's factors at beta.
+    With the surrogate's choice among the candidates, the result is never worse than it on that score."""
+    def of(beta: float) -> float:
+        G = S + beta * D if beta else S
+        if score == "exact":
+            return true_tail(truncated_svd(G, rank), objective)
+        A, B, _ = factor_target(G, wh, rank)
+        return output_error(W, A @ B, stats)
+
+    value, beta = min((of(beta), beta) for beta in sorted(set(candidates)))
+    return beta, value
 
 
 def select_beta(coef: AcesCoefficients, beta_min: float, beta_max: float, objective: Objective,
@@ -191,7 +204,8 @@ def beta_to_alpha(beta: float) -> float | None:
     return beta / (1.0 - beta) if beta < 1.0 else None
 
 
-SELECTORS = ("surrogate", "exact")  # ACES's beta: Algorithm 3's surrogate, or the true tail on candidates
+# ACES's beta: Algorithm 3's surrogate; the true tail on candidates (exact); the calibration output error (output)
+SELECTORS = ("surrogate", "exact", "output")
 
 
 # ---------------------------------------------------------------------------- method
@@ -256,9 +270,9 @@ class SAES(Method):
             beta, surrogate = select_beta(coef, self.beta_min, self.beta_max, self.objective, self.cap, self.shrink)
             diag["surrogate"] = surrogate
             diag["surrogate_beta0"] = coef.surrogate(0.0, self.objective)
-            if self.selector == "exact":
+            if self.selector != "surrogate":
                 diag["beta_surrogate"] = beta
-                beta, _ = exact_beta(S, D, rank, [beta, *self.grid], self.objective)
+                beta, _ = best_beta(W, S, D, wh, stats, rank, [beta, *self.grid], self.selector, self.objective)
         else:
             beta = alpha_to_beta(self.alpha)
         A, B, svd = factor_target(S + beta * D if beta else S, wh, rank)

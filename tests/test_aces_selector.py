@@ -8,7 +8,7 @@ import torch
 from saes import aces_select_beta, cealc_factors
 from saes.core.linalg import damped_cholesky, truncated_svd
 from saes.core.stats import SiteStats
-from saes.saes import SAES, true_tail, whitened_targets
+from saes.saes import SAES, output_error, true_tail, whitened_targets
 
 
 def _two_streams(m: int = 20, n: int = 24, N: int = 300, seed: int = 0) -> tuple[torch.Tensor, SiteStats]:
@@ -53,3 +53,12 @@ def test_surrogate_selector_is_algorithm_3_and_its_diagnostics_hold():
 def test_bad_selector_settings_are_named(aces, key):
     with pytest.raises(ValueError, match=key):
         SAES(aces=aces)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_output_selector_never_has_a_larger_calibration_output_error_than_the_surrogate(seed):
+    W, stats = _two_streams(seed=seed)
+    rank = 6
+    sur = SAES(damp=0.0).factorize(W, stats, rank)
+    out = SAES(damp=0.0, aces={"selector": "output"}).factorize(W, stats, rank)
+    assert output_error(W, out.A @ out.B, stats) <= output_error(W, sur.A @ sur.B, stats) + 1e-9
