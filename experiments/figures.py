@@ -175,8 +175,8 @@ def fig_surrogate_error(js: Sequence["Job"], path: Path) -> Path:
         pts = [(d["gap"], d["surrogate_error"]) for d in j.record["layers"].values() if "gap" in d]
         ax.scatter(*zip(*pts), s=6, alpha=0.6, label=f"{j.config['calib']['source']}, ratio {j.ratio}")
     if runs:
-        ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_ylim(bottom=0)  # never negative for the ratio objective
         ax.set_xlabel("spectral gap s_r / s_(r+1) of S")
         ax.set_ylabel("surrogate − true tail ratio at β*")
         ax.legend(fontsize=7)

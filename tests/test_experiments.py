@@ -265,7 +265,8 @@ def test_figures_leave_out_what_is_missing_and_are_written(tmp_path):
     _, written = tables.build_all(tmp_path, TINY)
     pngs = {p.name for p in written if p.suffix == ".png"}
     assert pngs == {"fig1a_cosine.png", "fig1b_ppl_vs_ratio.png", "fig1c_rer_vs_beta.png",
-                    "fig1d_fixed_vs_adaptive.png", "fig4_speed_memory.png", "fig6_aces_beta.png"}
+                    "fig1d_fixed_vs_adaptive.png", "fig4_speed_memory.png", "fig6_aces_beta.png",
+                    "aces_surrogate_error.png"}
     for p in written:
         assert p.parent.name == "tiny_llama-cpu" and p.stat().st_size > 0  # not the committed SmolLM2 folder
         if p.suffix == ".png":

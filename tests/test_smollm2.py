@@ -76,7 +76,8 @@ def test_new_baselines_reduce_to_svdllm_where_their_definitions_say_so(tmp_path)
     assert ppl["rec_whitened"] == pytest.approx(ppl["svdllm"], rel=1e-4), ppl
     plc = run(make_cfg(*SMALL, "method=ercsvd", "method.plc.k=24", results_dir=tmp_path))
     dense = sorted({int(n.split(".")[2]) for n, d in plc["layers"].items() if d["rank"] is None})
-    assert dense == list(range(6)) and 0.2 <= plc["params"]["linears_ratio"] < 0.2005
+    # the uniform plan's budget, kept to within one rank: the same ratio SVD-LLM's uniform plan achieves
+    assert dense == list(range(6)) and 0 <= plc["params"]["linears_ratio"] - ref["params"]["linears_ratio"] < 1e-4
     assert math.isfinite(plc["metrics"]["ppl"]["wiki_books"]["compressed"])
     ada = run(make_cfg(*SMALL, "method=adasvd", results_dir=tmp_path))
     assert {d["adacomp_iters"] for d in ada["layers"].values()} == {1} and ada["params"]["rank_alloc"] == "mixed"
