@@ -19,12 +19,17 @@ def _two_streams(m: int = 20, n: int = 24, N: int = 300, seed: int = 0) -> tuple
     return W, SiteStats(N, X @ X.T / N, (Xf - X) @ X.T / N)
 
 
+def _surrogate_and(selector: str, seed: int, rank: int = 6):
+    """``W``, its statistics, and the factors with ACES's surrogate and with ``selector``."""
+    W, stats = _two_streams(seed=seed)
+    return (W, stats, SAES(damp=0.0).factorize(W, stats, rank),
+            SAES(damp=0.0, aces={"selector": selector}).factorize(W, stats, rank))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_exact_selector_is_never_worse_than_the_surrogate_on_the_true_tail(seed):
-    W, stats = _two_streams(seed=seed)
     rank = 6
-    sur = SAES(damp=0.0).factorize(W, stats, rank)
-    ex = SAES(damp=0.0, aces={"selector": "exact"}).factorize(W, stats, rank)
+    W, stats, sur, ex = _surrogate_and("exact", seed, rank)
     assert ex.diagnostics["beta_surrogate"] == sur.diagnostics["beta"]
     assert ex.diagnostics["tail_true"] <= sur.diagnostics["tail_true"] + 1e-15
     wh = damped_cholesky(stats.H, 0.0)
@@ -57,8 +62,5 @@ def test_bad_selector_settings_are_named(aces, key):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_output_selector_never_has_a_larger_calibration_output_error_than_the_surrogate(seed):
-    W, stats = _two_streams(seed=seed)
-    rank = 6
-    sur = SAES(damp=0.0).factorize(W, stats, rank)
-    out = SAES(damp=0.0, aces={"selector": "output"}).factorize(W, stats, rank)
+    W, stats, sur, out = _surrogate_and("output", seed)
     assert output_error(W, out.A @ out.B, stats) <= output_error(W, sur.A @ sur.B, stats) + 1e-9
