@@ -46,7 +46,7 @@ from torch import nn
 from saes.core.linalg import check_damping, check_finite, damped_cholesky, truncated_svd
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
-from saes.engine.allocation import partial_layer_plan
+from saes.engine.allocation import check_partial_layers, partial_layer_plan
 from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout
 from saes.evaluation.perplexity import perplexity
@@ -90,8 +90,8 @@ class ERCSVD(Method):
 
     def check_setting(self, blocks: int, ratio: float) -> None:
         """A fixed ``plc.k`` outside ``(N R, N]`` is refused before any work."""
-        if isinstance(self.plc_k, int) and not blocks * ratio < self.plc_k <= blocks:
-            raise ValueError(f"method.plc.k={self.plc_k}: need N R < k <= N with N = {blocks} blocks, R = {ratio}")
+        if isinstance(self.plc_k, int):
+            check_partial_layers(blocks, ratio, self.plc_k)
 
     def allocate(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor | None,
                  cfg: EngineConfig) -> dict[str, int | None] | None:

@@ -47,13 +47,18 @@ def ranks_for_layer_ratios(shapes: Mapping[str, tuple[int, int, int]], ratios: S
         total += cost[p]
 
 
+def check_partial_layers(blocks: int, ratio: float, k: object) -> None:
+    """``k`` compressed blocks of ``blocks`` at the model ratio ``ratio``: an int with ``N R < k <= N``."""
+    if isinstance(k, bool) or not (isinstance(k, int) and blocks * ratio < k <= blocks):
+        raise ValueError(f"method.plc.k={k!r}: need an int with N R < k <= N, N = {blocks} blocks, R = {ratio} "
+                         f"(k = N compresses every block; at k = N R every compressed block would lose everything)")
+
+
 def partial_layer_plan(model: nn.Module, layout: BlockLayout, ratio: float, k: int) -> dict[str, int | None]:
     """ERC-SVD's partial-layer compression: blocks ``0 .. N-k-1`` stay dense, the last ``k`` are compressed at
     ``R_l = N R / k``, so the model keeps the uniform plan's parameters (the budget rule above)."""
     blocks = len(model.get_submodule(layout.layers))
-    if not (isinstance(k, int) and blocks * ratio < k <= blocks):
-        raise ValueError(f"method.plc.k={k!r}: need an int with N R < k <= N, N = {blocks} blocks, R = {ratio} "
-                         f"(k = N compresses every block; at k = N R every compressed block would lose everything)")
+    check_partial_layers(blocks, ratio, k)
     uniform = plan_ranks(model, layout, ratio)
     shapes = {p: tuple(model.get_submodule(p).weight.shape) for p in uniform}
     first = blocks - k
