@@ -69,15 +69,8 @@ stands in for under a memory limit.
 
 adaCR
 -----
-Layer importance on the dense model and the calibration tokens, from ``c_l = mean_t cos(x_t, y_t)`` over
-all tokens ``t``, with ``x``/``y`` the input/output hidden states of decoder block ``l``: ``I_l = c_l``
-(``importance=cos``, the figure) or ``I_l = 1 - c_l`` (``one_minus_cos``). Then (the figure's formula)
-
-    I~_l = I_l / mean(I),    keep_l = mrr + I~_l (trr - mrr),    ratio_l = 1 - keep_l
-
-with ``trr = 1 - ratio`` the target and ``mrr`` the minimum retention ratio, so blocks of larger ``I``
-keep more parameters and ``mean(keep) = trr`` preserves the global ratio. All projections of a block
-share ``ratio_l``; ranks are ``r = keep_l m n / (m + n)``, rounded (:mod:`saes.engine.allocation`).
+The layer ratios are the shared allocator ``method.rank_alloc=adacr`` (:mod:`saes.engine.allocators`, where
+its formula and our choices are written), AdaSVD's default here; any other method can take it too.
 
 Diagnostics per projection: ``calib_err_before`` / ``calib_err_after`` = ``||A Bt - G||_F /
 ||G||_F`` before and after adaComp. With ``damp = 0`` this is ``||(A B - M) X||_F / ||M X||_F``,
@@ -94,45 +87,22 @@ Choices the paper leaves open (ours)
   measured best for the same alignment objective (CEALC, docs/method.md).
 * ``iters``: one iteration is one U-step then one V-step; ``iters = 0`` is adaCR alone on the whitened
   truncation.
-* Importance normalised by its mean, weighted by the blocks' dense parameter counts (all blocks
-  of the supported architectures are the same size, so this is the plain mean).
-* ``mrr`` is set relative to the target: ``mrr = min_keep * trr`` with ``min_keep = 0.5``, so one
-  default is valid at every ratio (an absolute ``mrr`` must stay below ``trr``; the figure suggests
-  about 0.55 absolute at 40% compression, i.e. ``min_keep`` about 0.9 there: no default is stated).
-* ``keep_l`` is clipped to ``[mrr, max_keep]`` (``max_keep = 1``: no block keeps more parameters
-  than it has dense). If clipping happens, the slope ``trr - mrr`` is re-solved (bisection) so the
-  weighted mean of ``keep`` is still ``trr``; without clipping it is the paper's formula.
-* Rounding: floor, at least rank 1, then largest-remainder corrections so that the total of the
-  compressed projections never exceeds the uniform plan's total and falls short of it by less
-  than one rank of one projection.
-* Importance is measured with the block inputs of the FP stream, one block on ``cfg.device`` at
-  a time, without touching the weights; tokens whose input or output hidden state is exactly
-  zero (e.g. a zero padding embedding) are left out, their cosine being undefined.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from saes.core.linalg import check_damping, check_finite, damped_cholesky, truncated_svd
-from saes.core.lowrank import check_ratio
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
-from saes.engine.allocation import ranks_for_layer_ratios
-from saes.engine.config import EngineConfig
-from saes.engine.layout import BlockLayout, plan_ranks
-from saes.engine.propagate import BlockPass, dense_blocks
 from saes.saes import whitened_targets
 
-RANK_ALLOC = ("adacr", "uniform")
 ADACOMP = ("published", "activations")  # V-step: B = U^+ W (README figure, ReCalKV code) | least squares on X
-IMPORTANCE = ("cos", "one_minus_cos")
 
 
 # --------------------------------------------------------------------------- adaComp
@@ -186,80 +156,6 @@ def adacomp(G: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, iters: int,
     return AdaComp(A, Bt, errors)
 
 
-# ----------------------------------------------------------------------------- adaCR
-def adacr_keep(importance: Sequence[float], ratio: float, min_keep: float = 0.5, max_keep: float = 1.0,
-               weights: Sequence[float] | None = None) -> list[float]:
-    """Retention ratio per layer: ``keep_l = mrr + I~_l (trr - mrr)``, ``I~ = I / mean(I)``, ``mrr = min_keep trr``.
-
-    ``weights`` (the layers' dense parameter counts; equal by default) define the means, so the
-    weighted mean of the result is ``trr = 1 - ratio``. Values are clipped to ``[mrr, max_keep]``;
-    if any is, the slope is re-solved by bisection to keep that mean.
-    """
-    trr = 1.0 - check_ratio(ratio)
-    if not 0.0 < min_keep <= 1.0 or not trr <= max_keep <= 1.0:
-        raise ValueError(f"need 0 < min_keep <= 1 and 1 - ratio <= max_keep <= 1; got {min_keep}, {max_keep}")
-    imp = torch.as_tensor(importance, dtype=torch.float64)
-    w = torch.ones_like(imp) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    if imp.ndim != 1 or imp.numel() == 0 or w.shape != imp.shape or not torch.isfinite(imp).all() or (imp < 0).any():
-        raise ValueError(f"importance must be a non-empty list of finite values >= 0 (one per layer); got {importance}")
-    if not (w > 0).all():
-        raise ValueError("layer weights must be positive")
-    w = w / w.sum()
-    mean_imp = float((w * imp).sum())
-    if mean_imp == 0.0:  # no layer changes its input: nothing to tell them apart
-        return [trr] * imp.numel()
-    norm, mrr = imp / mean_imp, min_keep * trr
-
-    def keep(t: float) -> torch.Tensor:
-        return (mrr + t * norm).clamp(mrr, max_keep)
-
-    def mean(t: float) -> float:
-        return float((w * keep(t)).sum())
-
-    lo, hi = 0.0, trr - mrr  # the paper's slope: exact unless something clips
-    if mean(hi) < trr - 1e-12:
-        while mean(hi) < trr - 1e-12:  # clipping at max_keep lost mass: a steeper slope is needed
-            lo, hi = hi, 2.0 * hi + 1.0
-            if hi > 1e12:
-                raise ValueError(f"adaCR cannot reach retention {trr} under max_keep={max_keep}")
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if mean(mid) < trr else (lo, mid)
-    return keep(hi).tolist()
-
-
-def adacr_ratios(importance: Sequence[float], ratio: float, min_keep: float = 0.5, max_keep: float = 1.0,
-                 weights: Sequence[float] | None = None) -> list[float]:
-    """Layer-wise compression ratios (fraction removed), ``1 - keep_l``; see :func:`adacr_keep`."""
-    return [1.0 - k for k in adacr_keep(importance, ratio, min_keep, max_keep, weights)]
-
-
-@torch.no_grad()
-def layer_importance(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor,
-                     cfg: EngineConfig, kind: str = "one_minus_cos") -> list[float]:
-    """``I_l = mean_t cos(x_t, y_t)`` (``kind="cos"``, the overview figure's reading) or ``1 - mean_t cos``
-    (``one_minus_cos``, ShortGPT's Block Influence) per decoder block on the dense model (FP stream).
-
-    One block at a time on ``cfg.device`` (:func:`dense_blocks`); the weights are not changed.
-    """
-    importance: list[float] = []
-
-    def measure(step: BlockPass) -> None:
-        total, count = 0.0, 0
-        for x, y in zip(step.inputs, step.outputs):
-            x, y = x.to(cfg.device), y.to(cfg.device)
-            defined = (x.norm(dim=-1) > 0) & (y.norm(dim=-1) > 0)  # cos of a zero vector means nothing
-            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)[defined]
-            total, count = total + float(cos.double().sum()), count + cos.numel()
-        if count == 0:
-            raise ValueError(f"block {step.index}: every calibration hidden state is zero")
-        cos = total / count
-        importance.append(max(0.0, cos if kind == "cos" else 1.0 - cos))  # clamp rounding just below 0
-
-    dense_blocks(model, layout, calib_ids, cfg, on_block=measure)
-    return importance
-
-
 # ---------------------------------------------------------------------------- method
 class AdaSVD(Method):
     """AdaSVD: whitened truncation refined by adaComp, ranks from adaCR (module docstring)."""
@@ -268,52 +164,15 @@ class AdaSVD(Method):
     stream = "compressed"
 
     def __init__(self, name: str = "adasvd", iters: int = 3, damp: float = 0.01, max_damp: float = 1.0,
-                 rank_alloc: str = "adacr", min_keep: float = 0.5, max_keep: float = 1.0,
-                 adacomp: str = "activations", importance: str = "one_minus_cos",
-                 compute_dtype: str = "float64") -> None:
+                 adacomp: str = "activations", compute_dtype: str = "float64") -> None:
         super().__init__(name, compute_dtype)
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise ValueError(f"method.iters (adaComp iterations) must be an int >= 0; got {iters!r}")
         check_damping(damp, max_damp)
-        if rank_alloc not in RANK_ALLOC:
-            raise ValueError(f"method.rank_alloc must be one of {RANK_ALLOC}; got {rank_alloc!r}")
-        if not 0.0 < min_keep <= 1.0:
-            raise ValueError(f"method.min_keep (mrr / trr) must lie in (0, 1]; got {min_keep}")
-        if not 0.0 < max_keep <= 1.0:
-            raise ValueError(f"method.max_keep must lie in (0, 1]; got {max_keep}")
         if adacomp not in ADACOMP:
             raise ValueError(f"method.adacomp must be one of {ADACOMP}; got {adacomp!r}")
-        if importance not in IMPORTANCE:
-            raise ValueError(f"method.importance must be one of {IMPORTANCE}; got {importance!r}")
-        self.adacomp, self.importance = adacomp, importance
+        self.adacomp = adacomp
         self.iters, self.damp, self.max_damp = iters, float(damp), float(max_damp)
-        self.rank_alloc, self.min_keep, self.max_keep = rank_alloc, float(min_keep), float(max_keep)
-        self._layer_diag: dict[str, dict[str, float | int | None]] = {}  # adaCR's per-projection record
-
-    def allocate(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor | None,
-                 cfg: EngineConfig) -> dict[str, int] | None:
-        self._layer_diag = {}
-        if self.rank_alloc == "uniform":
-            return None
-        if calib_ids is None:
-            raise ValueError("adaCR needs the calibration tokens")
-        uniform = plan_ranks(model, layout, ratio)  # also rejects a bad ratio before any forward
-        adacr_keep([1.0], ratio, self.min_keep, self.max_keep)  # and a max_keep below 1 - ratio
-        shapes: dict[str, tuple[int, int, int]] = {}
-        for i, block in enumerate(model.get_submodule(layout.layers)):
-            for name in layout.projections:
-                m, n = block.get_submodule(name).weight.shape
-                shapes[f"{layout.layers}.{i}.{name}"] = (m, n, i)
-        sizes = [0.0] * len(model.get_submodule(layout.layers))
-        for m, n, i in shapes.values():
-            sizes[i] += m * n
-        importance = layer_importance(model, layout, calib_ids, cfg, self.importance)
-        ratios = adacr_ratios(importance, ratio, self.min_keep, self.max_keep, sizes)
-        budget = sum(uniform[p] * (m + n) for p, (m, n, _) in shapes.items())  # the uniform plan's total
-        ranks = ranks_for_layer_ratios(shapes, ratios, budget)
-        self._layer_diag = {p: {"layer_importance": importance[i], "layer_ratio": ratios[i]}
-                            for p, (_, _, i) in shapes.items()}
-        return ranks
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         wh = damped_cholesky(stats.H, self.damp, max_damp=self.max_damp)
@@ -328,6 +187,5 @@ class AdaSVD(Method):
         diag: dict[str, float | int | None] = {
             **wh.diagnostics(), "rer": svd.retained_energy_ratio, "adacomp_iters": self.iters,
             "calib_err_before": comp.errors[0] / scale, "calib_err_after": comp.errors[-1] / scale,
-            **self._layer_diag.get(layer, {}),
         }
         return Factors(comp.A, B, diag)

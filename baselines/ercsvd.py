@@ -88,6 +88,10 @@ class ERCSVD(Method):
             raise ValueError(f"method.plc.candidates={list(self.plc_candidates)}: fractions of the blocks in (0, 1]")
         self.chosen_k: int | None = None
 
+    @property
+    def plans_ranks(self) -> bool:
+        return self.plc_k is not None
+
     def check_setting(self, blocks: int, ratio: float) -> None:
         """A fixed ``plc.k`` outside ``(N R, N]`` is refused before any work."""
         if isinstance(self.plc_k, int):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from saes.io import read_json
-from saes.runs.records import record_path
+from saes.runs.records import OWN_ALLOCATOR, record_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -156,10 +156,22 @@ def saes_variant(method: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+ALLOCATOR_NAMES = {"uniform": "uniform ranks", "strs": "STRS", "adacr": "adaCR"}
+
+
+def shared_allocator(method: dict[str, Any]) -> str | None:
+    """The shared rank allocator a method config takes beyond its own default (None: its own ranks)."""
+    alloc = method.get("rank_alloc")
+    return None if alloc in (None, OWN_ALLOCATOR.get(str(method.get("name")), "uniform")) else str(alloc)
+
+
 def row_id(cfg: dict[str, Any]) -> str:
-    """Which row of a table a config is: the method, its SAES variant, ``+lora`` when fine-tuned."""
+    """Which row of a table a config is: the method, its SAES variant, ``+<allocator>`` with a shared rank allocator,
+    ``+lora`` when fine-tuned."""
     variant = saes_variant(cfg["method"])
-    return (variant[0] if variant else str(cfg["method"]["name"])) + ("+lora" if cfg.get("finetune") else "")
+    alloc = shared_allocator(cfg["method"])
+    return ((variant[0] if variant else str(cfg["method"]["name"])) + (f"+{alloc}" if alloc else "")
+            + ("+lora" if cfg.get("finetune") else ""))
 
 
 def display(cfg: dict[str, Any]) -> str:
@@ -172,6 +184,8 @@ def label(job: Job) -> str:
     m, rec = job.config["method"], job.record
     variant = saes_variant(m)
     text = variant[1] if variant else display(job.config)
+    alloc = shared_allocator(m)
+    text += f" + {ALLOCATOR_NAMES[alloc]}" if alloc else ""
     mixed = (rec is not None and rec["params"].get("rank_alloc") == "mixed") or \
         m.get("rank_alloc") not in (None, "uniform")
     tuned = bool(job.config.get("finetune")) or (rec is not None and bool(rec.get("finetune")))

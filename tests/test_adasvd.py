@@ -5,7 +5,8 @@ from itertools import islice
 import pytest
 import torch
 
-from baselines.adasvd import AdaSVD, adacomp, adacr_keep, adacr_ratios, als_steps, layer_importance
+from baselines.adasvd import AdaSVD, adacomp, als_steps
+from saes.engine.allocators import AdaCR, adacr_keep, adacr_ratios, layer_importance
 from saes.core.linalg import damped_cholesky, truncated_svd
 from saes.core.lowrank import rank_for_ratio
 from saes.core.stats import SiteStats
@@ -68,8 +69,8 @@ def test_no_adacomp_step_increases_the_calibration_error_and_gram_matches_activa
 def test_factorize_reports_the_gram_error_and_converges_to_the_alignment_optimum():
     W, Xf, X = two_streams(seed=1)
     stats, rank = gram(Xf, X), 4
-    f0 = AdaSVD(iters=0, damp=0.0, rank_alloc="uniform").factorize(W, stats, rank)
-    f = AdaSVD(iters=2, damp=0.0, rank_alloc="uniform").factorize(W, stats, rank)
+    f0 = AdaSVD(iters=0, damp=0.0).factorize(W, stats, rank)
+    f = AdaSVD(iters=2, damp=0.0).factorize(W, stats, rank)
     M = torch.linalg.solve(stats.H, (W @ (stats.H + stats.Delta)).T).T
     floor = calib_err2(W, Xf, X, M, torch.eye(W.shape[1], dtype=F64))
     scale = (calib_err2(W, Xf, X, torch.zeros_like(W), torch.eye(W.shape[1], dtype=F64)) - floor) ** 0.5
@@ -80,7 +81,7 @@ def test_factorize_reports_the_gram_error_and_converges_to_the_alignment_optimum
     assert f.diagnostics["calib_err_after"] < f.diagnostics["calib_err_before"]
     assert f.A.shape == (14, rank) and f.B.shape == (rank, 10)
     # many iterations reach the closed-form optimum of the same objective (CEALC at beta = 1)
-    far = AdaSVD(iters=300, damp=0.0, rank_alloc="uniform").factorize(W, stats, rank)
+    far = AdaSVD(iters=300, damp=0.0).factorize(W, stats, rank)
     A1, B1 = cealc_factors(W, stats.H, stats.Delta, rank, beta=1.0)
     torch.testing.assert_close(far.A @ far.B, A1 @ B1, rtol=1e-7, atol=1e-9)
 
@@ -145,21 +146,26 @@ def test_importance_ranks_a_block_that_passes_its_input_through_lowest(tiny_gqa)
     cfg = EngineConfig(device=CPU, batch_size=2)
     imp = layer_importance(model, layout, calib_batch(), cfg)
     assert imp[0] == pytest.approx(0.0, abs=1e-6) and imp[1] > 1e-3
-    ranks = AdaSVD().allocate(model, layout, 0.4, calib_batch(), cfg)
+    plan = AdaCR(importance="one_minus_cos").plan(model, layout, 0.4, calib_batch(), cfg, AdaSVD())
+    ranks = plan.ranks
     check_plan(model, layout, ranks)
     assert set(ranks) == set(plan_ranks(model, layout, 0.4))
     assert all(ranks[f"model.layers.0.{p}"] < ranks[f"model.layers.1.{p}"] for p in layout.projections)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # allocate leaves the weights alone
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the plan leaves the weights alone
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"iters": -1}, "iters"), ({"iters": 1.5}, "iters"), ({"rank_alloc": "greedy"}, "rank_alloc"),
-    ({"min_keep": 0.0}, "min_keep"), ({"max_keep": 1.5}, "max_keep"), ({"damp": -0.1}, "damp"),
-])
+@pytest.mark.parametrize("kwargs,match", [({"iters": -1}, "iters"), ({"iters": 1.5}, "iters"), ({"damp": -0.1}, "damp")])
 def test_bad_hyper_parameters_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaSVD(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"min_keep": 0.0}, "min_keep"), ({"max_keep": 1.5}, "max_keep"),
+                                          ({"importance": "sin"}, "method.importance")])
+def test_bad_adacr_settings_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaCR(**kwargs)
 
 
 def test_end_to_end_run_with_adacr_and_adacomp(tmp_path):
@@ -184,27 +190,28 @@ def test_end_to_end_run_with_the_published_reading(tmp_path):
     assert 1 < rec["metrics"]["ppl"]["wiki_books"]["compressed"] < float("inf")
 
 
-def test_uniform_rank_alloc_switches_adacr_off(tiny_gqa):
-    cfg = EngineConfig(device=CPU, batch_size=2)
-    assert AdaSVD(rank_alloc="uniform").allocate(tiny_gqa, layout_for(tiny_gqa), 0.4, calib_batch(), cfg) is None
+def test_uniform_rank_alloc_switches_adacr_off(tmp_path):
+    rec = run(make_cfg("method=adasvd", "ratio=0.4", "method.rank_alloc=uniform", results_dir=tmp_path))
+    assert rec["params"]["rank_alloc"] == "uniform"
+    assert not any("layer_importance" in d for d in rec["layers"].values())
 
 
 # ------------------------------------------------------------------ the published reading vs the first one
 def test_published_v_step_projects_the_weight_onto_the_left_factor():
     """``B = A^+ W``: the product is ``W`` projected onto ``A``'s columns (no activations in the V-step)."""
     W, Xf, X = two_streams()
-    f = AdaSVD(adacomp="published", iters=1, rank_alloc="uniform", damp=0.0).factorize(W, gram(Xf, X), 4)
+    f = AdaSVD(adacomp="published", iters=1, damp=0.0).factorize(W, gram(Xf, X), 4)
     AB = f.A @ f.B
     torch.testing.assert_close(AB, f.A @ torch.linalg.pinv(f.A) @ W, rtol=1e-8, atol=1e-9)
-    mine = AdaSVD(adacomp="activations", iters=1, rank_alloc="uniform", damp=0.0).factorize(W, gram(Xf, X), 4)
+    mine = AdaSVD(adacomp="activations", iters=1, damp=0.0).factorize(W, gram(Xf, X), 4)
     assert not torch.allclose(AB, mine.A @ mine.B)  # the two V-steps differ once Delta != 0
 
 
 def test_the_two_v_steps_agree_on_the_fp_stream():
     W, Xf, _ = two_streams(seed=3)
     stats = gram(Xf, Xf)  # Delta = 0: G = S
-    pub = AdaSVD(adacomp="published", iters=2, rank_alloc="uniform").factorize(W, stats, 5)
-    act = AdaSVD(adacomp="activations", iters=2, rank_alloc="uniform").factorize(W, stats, 5)
+    pub = AdaSVD(adacomp="published", iters=2).factorize(W, stats, 5)
+    act = AdaSVD(adacomp="activations", iters=2).factorize(W, stats, 5)
     torch.testing.assert_close(pub.A @ pub.B, act.A @ act.B, rtol=1e-8, atol=1e-9)
 
 
@@ -217,7 +224,6 @@ def test_the_two_importance_readings_are_complements(tiny_gqa):
         assert a + b == pytest.approx(1.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("kw, key", [({"adacomp": "both"}, "method.adacomp"), ({"importance": "sin"}, "method.importance")])
-def test_unknown_variant_names_are_named(kw, key):
-    with pytest.raises(ValueError, match=key):
-        AdaSVD(**kw)
+def test_unknown_variant_names_are_named():
+    with pytest.raises(ValueError, match="method.adacomp"):
+        AdaSVD(adacomp="both")

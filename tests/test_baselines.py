@@ -133,7 +133,7 @@ def test_svdllm_update_is_a_no_op_without_drift():
 # ---- ASVD's sensitivity-based truncation rank search --------------------------------------------------------
 
 def test_strs_ranks_hit_the_budget_within_one_rank_and_follow_sensitivity():
-    from baselines.asvd import strs_ranks
+    from saes.engine.allocators import strs_ranks
     from saes.core.lowrank import rank_for_ratio
     g = torch.Generator().manual_seed(0)
     cands = tuple(0.1 * k for k in range(1, 10))

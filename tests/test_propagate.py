@@ -7,7 +7,7 @@ import torch
 import transformers
 from torch import nn
 
-from baselines.asvd import ASVD
+from saes.engine.allocators import STRS
 from saes.engine.config import EngineConfig
 from saes.engine.layout import layout_for, plan_ranks, projections
 from saes.engine.loop import block_kinds
@@ -80,8 +80,8 @@ def test_the_strs_sensitivity_pass_leaves_the_model_as_it_was():
     layout = layout_for(model)
     modules = dict(model.named_modules())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    table = ASVD(rank_alloc="strs", strs={"nsamples": 2, "seqlen": 16}).sensitivity(
-        model, layout, calib_batch(), EngineConfig(device=CPU, batch_size=2))
+    table = STRS(nsamples=2, seqlen=16).sensitivity(model, layout, calib_batch(), EngineConfig(device=CPU, batch_size=2),
+                                                    0.5, 1e-6, torch.float64)
     assert list(table) == projections(model, layout)
     assert dict(model.named_modules()) == modules  # the same objects: nothing swapped in and left behind
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

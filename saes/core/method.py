@@ -58,14 +58,26 @@ class Method(ABC):
     def check_setting(self, blocks: int, ratio: float) -> None:
         """Named errors for settings that depend on the model's depth, before the model loads (none by default)."""
 
+    @property
+    def plans_ranks(self) -> bool:
+        """Whether :meth:`allocate` gives the method's own rank plan (ERC-SVD's partial layers); such a method
+        takes no shared allocator (``method.rank_alloc``, :mod:`saes.engine.allocators`) at the same time."""
+        return False
+
     def allocate(self, model: nn.Module, layout: "BlockLayout", ratio: float, calib_ids: torch.Tensor | None,
                  cfg: "EngineConfig") -> dict[str, int | None] | None:
-        """Per-projection ranks for the global ``ratio`` (mixed-rank methods; ``None``: the projection stays
-        dense), or None for uniform ranks; :mod:`saes.engine.allocation` holds the budget rule.
+        """The method's own per-projection ranks for the global ``ratio`` (``None`` in the plan: the projection
+        stays dense), or None; :mod:`saes.engine.allocation` holds the budget rule. Mixed ranks any method
+        can take are the shared allocators of :mod:`saes.engine.allocators`.
 
         Called on the dense model before compression, with the shared calibration tokens
         (``None`` for data-free methods). Must not modify the model."""
         return None
+
+    def sensitivity_scaling(self) -> tuple[float, float]:
+        """``(alpha, floor)`` of the activation-aware truncation STRS measures sensitivity with: ASVD's
+        defaults (Yuan et al. 2023), so any method reuses the rank distribution ASVD finds; ASVD its own."""
+        return 0.5, 1e-6
 
     def prepare(self, model: nn.Module, layout: "BlockLayout", calib_ids: torch.Tensor | None,
                 cfg: "EngineConfig") -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from saes.core.lowrank import check_ratio, count_parameters, rank_for_ratio
 from saes.core.method import DTYPES as PRECISIONS, Method
+from saes.engine.allocators import ALLOCATOR_KEYS, Allocator, Plan, build_allocator
 from saes.engine.config import CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks
 from saes.engine.loop import compress_model, needs_calibration
@@ -78,10 +79,12 @@ def validate_eval(cfg: DictConfig) -> None:
 
 
 def build_method(cfg: DictConfig) -> Method:
-    """The method of ``cfg.method``; a constructor's ``ValueError``/``TypeError`` becomes a ``ValueError``
-    naming the method config (unwrapped from Hydra's wrapper)."""
+    """The method of ``cfg.method`` (its rank allocator's keys aside: :func:`build_allocator`); a constructor's
+    ``ValueError``/``TypeError`` becomes a ``ValueError`` naming the method config (unwrapped from Hydra's wrapper)."""
+    node = OmegaConf.to_container(cfg.method, resolve=True)
+    assert isinstance(node, dict)
     try:
-        method = instantiate(cfg.method)
+        method = instantiate({k: v for k, v in node.items() if k not in ALLOCATOR_KEYS})
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, (ValueError, TypeError)):
@@ -92,6 +95,16 @@ def build_method(cfg: DictConfig) -> Method:
     return method
 
 
+def shared_allocator(cfg: DictConfig, method: Method) -> Allocator | None:
+    """The shared rank allocator ``method.rank_alloc`` names (None: uniform ranks or the method's own plan)."""
+    allocator = build_allocator(cfg.method)
+    if allocator is not None and method.plans_ranks:
+        raise ValueError(f"method.rank_alloc={allocator.name} and {cfg.method.name}'s own rank plan exclude each "
+                         f"other: set method.rank_alloc=uniform, or turn the method's plan off (for ERC-SVD: "
+                         f"method.plc.k=null)")
+    return allocator
+
+
 def check_int(key: str, value: Any, minimum: int | None = None) -> int:
     """``value`` of config key ``key`` as an int (not a bool, not a string), at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
@@ -100,7 +113,7 @@ def check_int(key: str, value: Any, minimum: int | None = None) -> int:
     return value
 
 
-def check_ranks_before_loading(cfg: DictConfig, method: Method) -> None:
+def check_ranks_before_loading(cfg: DictConfig, method: Method, allocator: Allocator | None) -> None:
     """The uniform rank plan of ``ratio`` from the model's config alone (shapes on the meta device): a ratio
     that rounds a rank to 0 is refused before the weights load, the dense evaluation and any pre-pass. The
     uniform plan's total is every method's budget, so it must exist whatever the allocation. The method's
@@ -108,6 +121,8 @@ def check_ranks_before_loading(cfg: DictConfig, method: Method) -> None:
     model = skeleton(model_config(cfg.model))
     plan_ranks_for(model, float(cfg.ratio))
     method.check_setting(len(model.get_submodule(layout_for(model).layers)), float(cfg.ratio))
+    if allocator is not None:
+        allocator.check(float(cfg.ratio))
 
 
 def plan_ranks_for(model: nn.Module, ratio: float) -> dict[str, int]:
@@ -135,6 +150,7 @@ class Job:
     ppl: PplSettings
     zeroshot: zeroshot.Plan | None
     method: Method | None = None  # a compression run
+    allocator: Allocator | None = None  # its shared rank allocator (None: uniform or the method's own plan)
     lora: LoraSettings | None = None
     saved: Saved | None = None  # a load= run
 
@@ -162,10 +178,11 @@ def ppl_settings(cfg: DictConfig) -> PplSettings:
 def compression_job(cfg: DictConfig) -> Job:
     validate(cfg)
     method = build_method(cfg)
+    allocator = shared_allocator(cfg, method)
     resolved = resolved_config(cfg)
     return Job(config=resolved, key=config_key(resolved), path=record_path(cfg.results_dir, resolved),
                name=f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}", label=method.name,
-               ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval), method=method,
+               ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval), method=method, allocator=allocator,
                lora=LoraSettings.from_config(cfg.finetune) if cfg.get("finetune") else None)
 
 
@@ -230,7 +247,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # gives the claim up (finished blocks stay for the rerun).
     claim = None
     if job.saved is None:
-        check_ranks_before_loading(cfg, job.method)
+        check_ranks_before_loading(cfg, job.method, job.allocator)
         claim = resume_dir(cfg, job.key) if cfg.get("resume") else None
     with owned(claim):
         got = compress(cfg, job, timings) if job.saved is None else load(cfg, job, timings)
@@ -291,15 +308,16 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         layout = layout_for(loaded.model)
     model, tok = loaded.model, loaded.tokenizer
     with timings.phase("data"):
-        calib_ids = calibration_tokens(cfg, tok) if needs_calibration(job.method, cfg.calib.track_fidelity) else None
+        wants = needs_calibration(job.method, cfg.calib.track_fidelity) or job.allocator is not None
+        calib_ids = calibration_tokens(cfg, tok) if wants else None
         eval_ids, skipped = eval_tokens(cfg, tok)
     dense = dense_model(cfg, loaded.identity, device)
     with timings.phase("eval_dense"):
         dense_ppl = dense_perplexity(model, dense, job.ppl, eval_ids, bool(cfg.get("offload")))
         dense_zs = dense_zeroshot(model, tok, dense, job.zeroshot) if job.zeroshot is not None else None
     dense_params = count_parameters(model)
-    report, rank_alloc = compress_in_place(cfg, model, layout, job.method, calib_ids, device, timings,
-                                           loaded.identity, job.key)
+    report, rank_alloc = compress_in_place(cfg, model, layout, job.method, job.allocator, calib_ids, device,
+                                           timings, loaded.identity, job.key)
     finetuned = None
     if job.lora is not None:  # SVD-LLM's optional LoRA stage (a dagger in the tables)
         with timings.phase("finetune"):
@@ -425,18 +443,27 @@ def resume_dir(cfg: DictConfig, key: str) -> Path:
 
 
 def compress_in_place(cfg: DictConfig, model: nn.Module, layout: BlockLayout, method: Method,
-                      calib_ids: torch.Tensor | None, device: torch.device, timings: Timings, identity: str,
-                      key: str) -> tuple[CompressionReport, str]:
-    """Prepare the method, plan the ranks, compress in place; returns the report and ``uniform``/``mixed``."""
+                      allocator: Allocator | None, calib_ids: torch.Tensor | None, device: torch.device,
+                      timings: Timings, identity: str, key: str) -> tuple[CompressionReport, str]:
+    """Prepare the method, plan the ranks (the shared allocator's, the method's own or uniform), compress in
+    place; returns the report (the allocator's per-projection diagnostics in its layers) and ``uniform``/``mixed``."""
     engine_cfg = engine_config(cfg, device, identity, key)
     ratio = float(cfg.ratio)
     with timings.phase("prepare"):
         method.prepare(model, layout, calib_ids, engine_cfg)
-        ranks = method.allocate(model, layout, ratio, calib_ids, engine_cfg)
-        rank_alloc = "uniform" if ranks is None else "mixed"
-        ranks = plan_ranks(model, layout, ratio) if ranks is None else ranks
+        if allocator is not None:
+            assert calib_ids is not None
+            plan = allocator.plan(model, layout, ratio, calib_ids, engine_cfg, method)
+        else:
+            own = method.allocate(model, layout, ratio, calib_ids, engine_cfg)
+            plan = None if own is None else Plan(own)
+        rank_alloc = "uniform" if plan is None else "mixed"
+        ranks = plan_ranks(model, layout, ratio) if plan is None else plan.ranks
         check_plan(model, layout, ranks)
     report = compress_model(model, method, ranks, calib_ids, engine_cfg)
+    if plan is not None:
+        for name, diag in plan.diagnostics.items():
+            report.layers[name].update(diag)
     timings.phases.update(report.timings)
     return report, rank_alloc
 

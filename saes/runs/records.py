@@ -34,6 +34,12 @@ ABSENT_IF: dict[str, Any] = {
     "method.adacomp": "activations", "method.importance": "one_minus_cos",
     "method.aces.selector": "surrogate", "method.aces.grid": None,
 }
+# The shared rank allocators (saes.engine.allocators): method.rank_alloc and an allocator's settings enter the key
+# only while in use, except in the methods whose own configs held them before the allocators were shared (their
+# records hash them always).
+ALLOCATOR_SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("method.strs",),
+                                                  "adacr": ("method.min_keep", "method.max_keep", "method.importance")}
+OWN_ALLOCATOR = {"asvd": "strs", "asvd_strs": "strs", "adasvd": "adacr"}
 SCHEMA_VERSION = 1
 _ALWAYS = object()
 
@@ -55,7 +61,22 @@ def config_key(cfg: dict[str, Any]) -> str:
         _drop(semantic, k)
     for k, value in ABSENT_IF.items():
         _drop(semantic, k, value)
+    _drop_unused_allocators(semantic)
     return digest(semantic, 12)
+
+
+def _drop_unused_allocators(cfg: dict[str, Any]) -> None:
+    method = cfg.get("method")
+    if not isinstance(method, dict):
+        return
+    own = OWN_ALLOCATOR.get(str(method.get("name")))
+    used = method.get("rank_alloc", "uniform")
+    for allocator, keys in ALLOCATOR_SETTINGS.items():
+        if allocator not in (used, own):
+            for k in keys:
+                _drop(cfg, k)
+    if used == "uniform" and own is None:
+        _drop(cfg, "method.rank_alloc")
 
 
 def run_stem(cfg: dict[str, Any]) -> Path:

@@ -1,0 +1,368 @@
+"""Rank allocators any method takes: ``method.rank_alloc=uniform|strs|adacr``.
+
+An allocator turns the global ratio into per-projection ranks on the dense model, before compression,
+under the one budget rule of :mod:`saes.engine.allocation` (the uniform plan's total, never exceeded, missed
+by less than one rank of one projection). The method then factorises each projection at its planned rank,
+so any allocator combines with any method (the paper's Table 8: SAES-SVD with ASVD's rank distribution).
+Each allocator's settings sit in the method's config (``conf/rank_alloc/shared.yaml``); the settings of an
+allocator not in use do not enter a record's key (``saes.runs.records``).
+
+``uniform`` (no allocator)
+    Every projection loses ``ratio`` of its parameters (:func:`saes.engine.layout.plan_ranks`).
+
+``strs``: ASVD's sensitivity-based truncation rank search (Yuan et al. 2023, Sec. 3.3)
+    For every projection alone and every candidate fraction of parameters kept, the calibration perplexity
+    of the model with only that projection truncated by ASVD's activation-aware SVD (``W S`` truncated, ``S``
+    undone, ``S = diag(mean|x|)^alpha``); then a binary search over a perplexity threshold, each projection
+    taking the smallest candidate whose perplexity stays under it, to the largest set that fits the budget.
+    Our choices where the paper is silent: candidates ``0.1 .. 0.9`` (``method.strs.candidates``); the
+    sensitivity is measured on the first ``strs.nsamples`` calibration sequences, cut to their first
+    ``strs.seqlen`` tokens if set (the whole model's perplexity, re-running only the blocks from the truncated
+    projection's block on cached dense inputs); the scaling uses the whole calibration set's ``mean|x|``; the
+    budget the discrete candidates leave unused is handed out rank by rank, most sensitive projections first,
+    without passing their next candidate. The truncation is ASVD's with ASVD's ``alpha``/``floor`` when the
+    method is ASVD, and with ASVD's defaults (0.5, 1e-6) otherwise (:meth:`Method.sensitivity_scaling`), so a
+    method with ``rank_alloc=strs`` reuses the rank distribution ASVD discovers, as the paper's Table 8 does.
+    The table depends on the model, the calibration tokens, the scaling, the candidates and the sensitivity
+    tokens only (not the ratio, not the method): it is cached under ``<results_dir>/cache/asvd_strs/``.
+
+``adacr``: AdaSVD's adaptive compression ratios (Li et al. 2025; its README's overview figure)
+    Layer importance on the dense model, ``c_l = mean_t cos(x_t, y_t)`` over all calibration tokens with
+    ``x``/``y`` the input/output hidden states of decoder block ``l``: ``I_l = c_l`` (``importance=cos``, the
+    figure's reading) or ``1 - c_l`` (``one_minus_cos``, ShortGPT's Block Influence). Then
+    ``I~_l = I_l / mean(I)``, ``keep_l = mrr + I~_l (trr - mrr)``, ``ratio_l = 1 - keep_l`` with
+    ``trr = 1 - ratio`` and ``mrr = min_keep trr`` (no default is stated; ours keeps every ratio valid).
+    ``keep_l`` is clipped to ``[mrr, max_keep]``; if anything clips, the slope is re-solved by bisection so
+    that the mean (weighted by the blocks' dense parameters) is still ``trr``. All projections of a block share
+    ``ratio_l``. Tokens whose input or output hidden state is exactly zero are left out (cosine undefined).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from saes.core.linalg import truncated_svd
+from saes.core.lowrank import check_ratio, rank_for_ratio
+from saes.core.stats import StreamingStats
+from saes.engine.allocation import ranks_for_layer_ratios
+from saes.engine.config import EngineConfig
+from saes.engine.layout import BlockLayout, plan_ranks, projections
+from saes.engine.propagate import BlockPass, dense_blocks, replaced
+from saes.io import digest, read_json, token_digest, write_json_atomic
+
+if TYPE_CHECKING:
+    from saes.core.method import Method
+
+log = logging.getLogger(__name__)
+
+RANK_ALLOCS = ("uniform", "strs", "adacr")
+# Each allocator's settings: keys of the method config (conf/rank_alloc/shared.yaml).
+SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("strs",), "adacr": ("min_keep", "max_keep", "importance")}
+ALLOCATOR_KEYS = ("rank_alloc", *(k for keys in SETTINGS.values() for k in keys))
+IMPORTANCE = ("cos", "one_minus_cos")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Ranks per projection (``None``: it stays dense) and what the allocator records per projection."""
+    ranks: dict[str, int | None]
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class Allocator(ABC):
+    name: str
+
+    def check(self, ratio: float) -> None:
+        """Named errors for a ratio the settings cannot meet, before the model loads (none by default)."""
+
+    @abstractmethod
+    def plan(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor,
+             cfg: EngineConfig, method: "Method") -> Plan:
+        """Ranks for the global ``ratio`` on the dense model (left unchanged), within the uniform plan's total."""
+
+
+def build_allocator(method_cfg: Mapping[str, Any]) -> Allocator | None:
+    """The allocator ``method_cfg["rank_alloc"]`` names with its settings (``None`` for uniform ranks);
+    a bad name or setting is a ``ValueError`` naming the key."""
+    name = method_cfg.get("rank_alloc", "uniform")
+    if name not in RANK_ALLOCS:
+        raise ValueError(f"method.rank_alloc must be one of {RANK_ALLOCS}; got {name!r}")
+    try:
+        if name == "strs":
+            return STRS(**dict(method_cfg.get("strs") or {}))
+        if name == "adacr":
+            return AdaCR(**{k: method_cfg[k] for k in SETTINGS["adacr"] if k in method_cfg})
+    except TypeError as exc:  # an unknown key under method.strs
+        raise ValueError(f"method.rank_alloc={name}: {exc}") from exc
+    return None
+
+
+def uniform_budget(model: nn.Module, layout: BlockLayout, ratio: float) -> tuple[dict[str, int], int]:
+    """The uniform plan (it also rejects a bad ratio) and its parameter total, every allocator's budget."""
+    uniform = plan_ranks(model, layout, ratio)
+    return uniform, sum(r * sum(model.get_submodule(p).weight.shape) for p, r in uniform.items())
+
+
+# ----------------------------------------------------------------------------- adaCR
+class AdaCR(Allocator):
+    name = "adacr"
+
+    def __init__(self, min_keep: float = 0.5, max_keep: float = 1.0, importance: str = "cos") -> None:
+        if not 0.0 < min_keep <= 1.0:
+            raise ValueError(f"method.min_keep (adaCR's mrr / trr) must lie in (0, 1]; got {min_keep}")
+        if not 0.0 < max_keep <= 1.0:
+            raise ValueError(f"method.max_keep (adaCR) must lie in (0, 1]; got {max_keep}")
+        if importance not in IMPORTANCE:
+            raise ValueError(f"method.importance (adaCR) must be one of {IMPORTANCE}; got {importance!r}")
+        self.min_keep, self.max_keep, self.importance = float(min_keep), float(max_keep), importance
+
+    def check(self, ratio: float) -> None:
+        adacr_keep([1.0], ratio, self.min_keep, self.max_keep)  # a max_keep below 1 - ratio
+
+    def plan(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor,
+             cfg: EngineConfig, method: "Method") -> Plan:
+        uniform, budget = uniform_budget(model, layout, ratio)
+        self.check(ratio)
+        shapes = {p: (*model.get_submodule(p).weight.shape, int(p[len(layout.layers) + 1:].split(".")[0]))
+                  for p in uniform}
+        sizes = [0.0] * len(model.get_submodule(layout.layers))
+        for m, n, i in shapes.values():
+            sizes[i] += m * n
+        importance = layer_importance(model, layout, calib_ids, cfg, self.importance)
+        ratios = adacr_ratios(importance, ratio, self.min_keep, self.max_keep, sizes)
+        ranks = ranks_for_layer_ratios(shapes, ratios, budget)
+        return Plan({p: ranks[p] for p in uniform},
+                    {p: {"layer_importance": importance[i], "layer_ratio": ratios[i]} for p, (_, _, i) in shapes.items()})
+
+
+def adacr_keep(importance: Sequence[float], ratio: float, min_keep: float = 0.5, max_keep: float = 1.0,
+               weights: Sequence[float] | None = None) -> list[float]:
+    """Retention ratio per layer: ``keep_l = mrr + I~_l (trr - mrr)``, ``I~ = I / mean(I)``, ``mrr = min_keep trr``.
+
+    ``weights`` (the layers' dense parameter counts; equal by default) define the means, so the
+    weighted mean of the result is ``trr = 1 - ratio``. Values are clipped to ``[mrr, max_keep]``;
+    if any is, the slope is re-solved by bisection to keep that mean.
+    """
+    trr = 1.0 - check_ratio(ratio)
+    if not 0.0 < min_keep <= 1.0 or not trr <= max_keep <= 1.0:
+        raise ValueError(f"need 0 < min_keep <= 1 and 1 - ratio <= max_keep <= 1 (method.min_keep, method.max_keep); "
+                         f"got {min_keep}, {max_keep} at ratio {ratio}")
+    imp = torch.as_tensor(importance, dtype=torch.float64)
+    w = torch.ones_like(imp) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if imp.ndim != 1 or imp.numel() == 0 or w.shape != imp.shape or not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"importance must be a non-empty list of finite values >= 0 (one per layer); got {importance}")
+    if not (w > 0).all():
+        raise ValueError("layer weights must be positive")
+    w = w / w.sum()
+    mean_imp = float((w * imp).sum())
+    if mean_imp == 0.0:  # no layer changes its input: nothing to tell them apart
+        return [trr] * imp.numel()
+    norm, mrr = imp / mean_imp, min_keep * trr
+
+    def keep(t: float) -> torch.Tensor:
+        return (mrr + t * norm).clamp(mrr, max_keep)
+
+    def mean(t: float) -> float:
+        return float((w * keep(t)).sum())
+
+    lo, hi = 0.0, trr - mrr  # the paper's slope: exact unless something clips
+    if mean(hi) < trr - 1e-12:
+        while mean(hi) < trr - 1e-12:  # clipping at max_keep lost mass: a steeper slope is needed
+            lo, hi = hi, 2.0 * hi + 1.0
+            if hi > 1e12:
+                raise ValueError(f"adaCR cannot reach retention {trr} under max_keep={max_keep}")
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if mean(mid) < trr else (lo, mid)
+    return keep(hi).tolist()
+
+
+def adacr_ratios(importance: Sequence[float], ratio: float, min_keep: float = 0.5, max_keep: float = 1.0,
+                 weights: Sequence[float] | None = None) -> list[float]:
+    """Layer-wise compression ratios (fraction removed), ``1 - keep_l``; see :func:`adacr_keep`."""
+    return [1.0 - k for k in adacr_keep(importance, ratio, min_keep, max_keep, weights)]
+
+
+@torch.no_grad()
+def layer_importance(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor,
+                     cfg: EngineConfig, kind: str = "one_minus_cos") -> list[float]:
+    """``I_l = mean_t cos(x_t, y_t)`` (``kind="cos"``) or ``1 - mean_t cos`` (``one_minus_cos``) per decoder
+    block on the dense model (FP stream), one block on ``cfg.device`` at a time; the weights are not changed."""
+    importance: list[float] = []
+
+    def measure(step: BlockPass) -> None:
+        total, count = 0.0, 0
+        for x, y in zip(step.inputs, step.outputs):
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            defined = (x.norm(dim=-1) > 0) & (y.norm(dim=-1) > 0)  # cos of a zero vector means nothing
+            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)[defined]
+            total, count = total + float(cos.double().sum()), count + cos.numel()
+        if count == 0:
+            raise ValueError(f"block {step.index}: every calibration hidden state is zero")
+        cos = total / count
+        importance.append(max(0.0, cos if kind == "cos" else 1.0 - cos))  # clamp rounding just below 0
+
+    dense_blocks(model, layout, calib_ids, cfg, on_block=measure)
+    return importance
+
+
+# ----------------------------------------------------------------------------- STRS
+def activation_scale(absmean: torch.Tensor, alpha: float, floor: float) -> torch.Tensor:
+    """ASVD's diagonal ``S = diag(mean|x|)^alpha``, floored at ``floor * max S`` (channels that never fire)."""
+    s = absmean.pow(alpha)
+    return s.clamp_min(floor * float(s.max()))
+
+
+class STRS(Allocator):
+    name = "strs"
+
+    def __init__(self, candidates: Sequence[float] = tuple(0.1 * k for k in range(1, 10)), nsamples: int = 8,
+                 seqlen: int | None = None) -> None:
+        self.candidates = tuple(float(c) for c in candidates)
+        if not self.candidates or any(not 0 < c < 1 for c in self.candidates) or \
+                sorted(set(self.candidates)) != list(self.candidates):
+            raise ValueError(f"method.strs.candidates must be increasing kept fractions in (0, 1); got {self.candidates}")
+        if isinstance(nsamples, bool) or int(nsamples) < 1:
+            raise ValueError(f"method.strs.nsamples must be >= 1; got {nsamples}")
+        if seqlen is not None and int(seqlen) < 2:
+            raise ValueError(f"method.strs.seqlen must be >= 2 or null; got {seqlen}")
+        self.nsamples, self.seqlen = int(nsamples), None if seqlen is None else int(seqlen)
+
+    def plan(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor,
+             cfg: EngineConfig, method: "Method") -> Plan:
+        uniform, budget = uniform_budget(model, layout, ratio)
+        alpha, floor = method.sensitivity_scaling()
+        table = self.sensitivity(model, layout, calib_ids, cfg, alpha, floor, method.compute_dtype)
+        shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in table}
+        ranks = strs_ranks(table, shapes, self.candidates, budget)
+        return Plan({p: ranks[p] for p in uniform})
+
+    def sensitivity(self, model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor, cfg: EngineConfig,
+                    alpha: float, floor: float, dtype: torch.dtype) -> dict[str, list[float]]:
+        """``table[name][k]``: calibration perplexity with only ``name`` kept at ``candidates[k]`` (cached)."""
+        sens_ids = calib_ids[: self.nsamples, : self.seqlen]
+        key = {"model": cfg.model_identity, "calib": token_digest(calib_ids), "sens": token_digest(sens_ids),
+               "alpha": alpha, "floor": floor, "candidates": self.candidates,
+               "dtype": str(dtype), "layers": layout.layers}
+        path = None if cfg.cache_dir is None else Path(cfg.cache_dir) / "asvd_strs" / f"{digest(key, 16)}.json"
+        if path is not None and path.is_file():
+            log.info("STRS: sensitivity table from %s", path)
+            return read_json(path)["table"]
+        table = strs_sensitivity(model, layout, calib_ids, sens_ids, cfg, alpha, floor, self.candidates, dtype)
+        if path is not None:
+            write_json_atomic(path, {"key": key, "table": table})
+        return table
+
+
+@torch.no_grad()
+def _absmean_and_block_inputs(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor, sens_ids: torch.Tensor,
+                              cfg: EngineConfig) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Dense ``mean|x|`` at every projection (whole calibration set) and each block's input (sensitivity set)."""
+    acc = {name: StreamingStats(model.get_submodule(name).in_features, {"absmean"}, dtype=torch.float64)
+           for name in projections(model, layout)}
+    dense_blocks(model, layout, calib_ids, cfg, on_input=lambda name, x: acc[name].update(x))
+    inputs: list[torch.Tensor] = []  # per block, on the CPU: the tail forwards' starting points
+    dense_blocks(model, layout, sens_ids, cfg,
+                 on_block=lambda step: inputs.append(torch.cat([x.cpu() for x in step.inputs])))
+    return {k: a.finalize(k).absmean for k, a in acc.items()}, inputs
+
+
+@torch.no_grad()
+def _tail_nll(model: nn.Module, layout: BlockLayout, i: int, h: torch.Tensor, ids: torch.Tensor,
+              cfg: EngineConfig) -> float:
+    """Mean token NLL of the model run from block ``i`` on its cached input ``h`` (the model's own forward)."""
+    total, n = 0.0, 0
+    with replaced(model, layout.layers, nn.ModuleList(list(model.get_submodule(layout.layers))[i:])):
+        for start in range(0, ids.shape[0], cfg.batch_size):
+            x = ids[start:start + cfg.batch_size].to(cfg.device)
+            out = model(inputs_embeds=h[start:start + cfg.batch_size].to(cfg.device), labels=x, use_cache=False)
+            tokens = x.numel() - x.shape[0]
+            total, n = total + float(out.loss) * tokens, n + tokens
+    return total / n
+
+
+def _fixed_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` computing with ``weight`` and ``bias`` as given (built on ``meta``: no initialisation)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    lin.bias = bias
+    return lin
+
+
+@torch.no_grad()
+def strs_sensitivity(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor, sens_ids: torch.Tensor,
+                     cfg: EngineConfig, alpha: float, floor: float, candidates: Sequence[float],
+                     dtype: torch.dtype) -> dict[str, list[float]]:
+    """``table[name][k]``: the sensitivity set's perplexity with only ``name`` truncated to ``candidates[k]``,
+    its ``W S`` truncated and ``S`` undone; the model itself is left as it was."""
+    absmean, inputs = _absmean_and_block_inputs(model, layout, calib_ids, sens_ids, cfg)
+    model.to(cfg.device)  # the tail forwards run the model's own code from block i on
+    table: dict[str, list[float]] = {}
+    names = [(i, name) for i in range(len(inputs)) for name in layout.projections]
+    for i, proj in tqdm(names, desc="strs sensitivity", unit="layer"):
+        name = f"{layout.layers}.{i}.{proj}"
+        lin: nn.Linear = model.get_submodule(name)
+        W = lin.weight
+        s = activation_scale(absmean[name], alpha, floor).to(dtype)
+        full = truncated_svd(W.to(dtype) * s, min(W.shape))
+        m, n = W.shape
+        row = []
+        for kept in candidates:
+            r = rank_for_ratio(m, n, 1.0 - kept)
+            approx = ((full.U[:, :r] * full.S[:r]) @ full.Vh[:r]) / s
+            with replaced(model, name, _fixed_linear(approx.to(W.dtype).to(W.device), lin.bias)):
+                row.append(math.exp(_tail_nll(model, layout, i, inputs[i], sens_ids, cfg)))
+        table[name] = row
+    return table
+
+
+def strs_ranks(table: dict[str, list[float]], shapes: dict[str, tuple[int, int]], candidates: tuple[float, ...],
+               budget: int) -> dict[str, int]:
+    """Binary search of the perplexity threshold (Sec. 3.3), then the unused budget handed out rank by rank.
+
+    For a threshold ``tau`` each projection keeps the smallest candidate whose perplexity is
+    ``<= tau`` (the largest candidate if none is); the parameters kept fall as ``tau`` rises,
+    so the smallest ``tau`` whose plan fits ``budget`` is found by bisection over the table's values.
+    """
+    def rank(name: str, k: int) -> int:
+        m, n = shapes[name]
+        return rank_for_ratio(m, n, 1.0 - candidates[k])
+
+    def choice(tau: float) -> dict[str, int]:
+        return {name: next((k for k, p in enumerate(row) if p <= tau), len(row) - 1) for name, row in table.items()}
+
+    def cost(ks: dict[str, int]) -> int:
+        return sum(rank(name, k) * sum(shapes[name]) for name, k in ks.items())
+
+    taus = sorted({p for row in table.values() for p in row if math.isfinite(p)})
+    lo, hi = 0, len(taus) - 1
+    if not taus or cost(choice(taus[hi])) > budget:
+        raise ValueError("STRS: even the smallest candidates exceed the parameter budget; add smaller candidates "
+                         "(method.strs.candidates)")
+    while lo < hi:  # smallest index whose plan fits
+        mid = (lo + hi) // 2
+        if cost(choice(taus[mid])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    ks = choice(taus[lo])
+    ranks = {name: rank(name, k) for name, k in ks.items()}
+    left = budget - cost(ks)
+    for name in sorted(ks, key=lambda nm: -table[nm][ks[nm]]):  # most sensitive first
+        m, n = shapes[name]
+        cap = rank(name, ks[name] + 1) if ks[name] + 1 < len(candidates) else min(m, n)
+        extra = min(cap - ranks[name], left // (m + n))
+        ranks[name] += extra
+        left -= extra * (m + n)
+    return ranks

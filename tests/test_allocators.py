@@ -1,0 +1,102 @@
+"""The shared rank allocators (``method.rank_alloc``, issue 15 §1): any method takes any allocator, the plan keeps
+the one budget rule and passes the plan check, uniform ranks leave the record key as it was, bad input is named
+before the model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from saes.core.lowrank import rank_for_ratio
+from saes.runs.pipeline import prepare, run
+from saes.runs.records import config_key
+
+from .conftest import make_cfg
+
+METHODS = ("svd", "fwsvd", "asvd", "svdllm", "svdllm_update", "adasvd", "saes", "dipsvd", "ercsvd")
+STRS_SMALL = ("method.strs.nsamples=2", "method.strs.seqlen=32", "method.strs.candidates=[0.2,0.4,0.6,0.8]")
+
+
+def _budget(rec: dict, ratio: float) -> tuple[int, int]:
+    layers = rec["layers"].values()
+    budget = sum(rank_for_ratio(d["m"], d["n"], ratio) * (d["m"] + d["n"]) for d in layers)
+    return budget, sum(d["rank"] * (d["m"] + d["n"]) for d in layers)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("alloc", ("strs", "adacr"))
+def test_every_allocator_with_every_method_keeps_the_budget(tmp_path, method, alloc):
+    ratio = 0.4
+    extra = ["method.plc.k=null"] if method == "ercsvd" else []
+    rec = run(make_cfg(f"method={method}", f"ratio={ratio}", f"method.rank_alloc={alloc}", *extra,
+                       *(STRS_SMALL if alloc == "strs" else ()), results_dir=tmp_path))
+    assert rec["params"]["rank_alloc"] == "mixed"
+    budget, used = _budget(rec, ratio)
+    widest = max(d["m"] + d["n"] for d in rec["layers"].values())
+    assert used <= budget and budget - used < widest  # never over, short by less than one rank of one projection
+    assert all(1 <= d["rank"] <= min(d["m"], d["n"]) for d in rec["layers"].values())
+    if alloc == "adacr":  # the allocator's per-projection record
+        assert all({"layer_importance", "layer_ratio"} <= set(d) for d in rec["layers"].values())
+    assert 1 < rec["metrics"]["ppl"]["wiki_books"]["compressed"] < float("inf")
+
+
+def test_the_strs_table_is_shared_by_methods_and_ratios(tmp_path):
+    """SAES-SVD with STRS reuses the sensitivity table ASVD computed (same scaling, tokens, candidates): one file."""
+    run(make_cfg("method=asvd", "ratio=0.4", "method.rank_alloc=strs", *STRS_SMALL, results_dir=tmp_path))
+    saes = run(make_cfg("method=saes", "ratio=0.2", "method.rank_alloc=strs", *STRS_SMALL, results_dir=tmp_path))
+    assert len(list((tmp_path / "cache" / "asvd_strs").glob("*.json"))) == 1
+    assert saes["params"]["rank_alloc"] == "mixed"
+
+
+def test_uniform_allocation_keeps_the_record_key_and_the_result(tmp_path):
+    """``rank_alloc=uniform`` (the default) hashes as absent for methods that never had it, and an unused
+    allocator's settings never enter the key; a mixed-rank config has its own key."""
+    cfg = make_cfg("method=saes", "ratio=0.4", results_dir=tmp_path)
+    resolved = json.loads(json.dumps(prepare(cfg).config))
+    method = {k: v for k, v in resolved["method"].items()
+              if k not in ("rank_alloc", "strs", "min_keep", "max_keep", "importance")}
+    assert config_key({**resolved, "method": method}) == config_key(resolved)  # as before the allocators existed
+    moved = make_cfg("method=saes", "ratio=0.4", "method.min_keep=0.3", "method.strs.nsamples=3", results_dir=tmp_path)
+    assert prepare(moved).key == prepare(cfg).key  # unused settings: same run
+    mixed = make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=adacr", results_dir=tmp_path)
+    assert prepare(mixed).key != prepare(cfg).key
+    tuned = make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=adacr", "method.min_keep=0.3", results_dir=tmp_path)
+    assert prepare(tuned).key != prepare(mixed).key
+    a = run(cfg)
+    b = run(make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=uniform", "force=true", results_dir=tmp_path))
+    assert a["key"] == b["key"] and a["metrics"]["ppl"] == b["metrics"]["ppl"]
+
+
+def test_own_allocators_still_hash_their_settings(tmp_path):
+    """ASVD and AdaSVD held ``rank_alloc`` and their allocator's settings before the allocators were shared; their
+    committed records hash them, so they stay in those methods' keys."""
+    asvd = make_cfg("method=asvd", "ratio=0.4", results_dir=tmp_path)
+    assert prepare(asvd).key != prepare(make_cfg("method=asvd", "ratio=0.4", "method.strs.nsamples=3",
+                                                 results_dir=tmp_path)).key
+    ada = make_cfg("method=adasvd", "ratio=0.4", results_dir=tmp_path)
+    assert prepare(ada).key != prepare(make_cfg("method=adasvd", "ratio=0.4", "method.min_keep=0.3",
+                                                results_dir=tmp_path)).key
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("method.rank_alloc=greedy",), "method.rank_alloc"),
+    (("method.rank_alloc=adacr", "method.min_keep=0"), "method.min_keep"),
+    (("method.rank_alloc=adacr", "method.importance=sin"), "method.importance"),
+    (("method.rank_alloc=adacr", "method.max_keep=0.5"), "max_keep"),  # below 1 - ratio: checked before loading
+    (("method.rank_alloc=strs", "method.strs.candidates=[0.5,0.2]"), "method.strs.candidates"),
+    (("method.rank_alloc=strs", "+method.strs.size=3"), "method.rank_alloc=strs"),
+    (("method=ercsvd", "method.rank_alloc=adacr"), "method.plc.k=null"),
+])
+def test_bad_allocator_settings_are_named_before_the_model_loads(tmp_path, monkeypatch, overrides, match):
+    import saes.runs.pipeline as pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_model", no_loading)
+    cfg = make_cfg(*(o for o in overrides if o.startswith("method=")), "ratio=0.4",
+                   *(o for o in overrides if not o.startswith("method=")), results_dir=tmp_path)
+    with pytest.raises(ValueError, match=match):
+        run(cfg)
+    assert not (tmp_path / "runs").exists()
