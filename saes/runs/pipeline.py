@@ -29,7 +29,7 @@ from saes.core.lowrank import check_ratio, count_parameters, rank_for_ratio
 from saes.core.method import DTYPES as PRECISIONS, Method
 from saes.engine.allocators import ALLOCATOR_KEYS, Allocator, Plan, build_allocator
 from saes.engine.config import CompressionReport, EngineConfig
-from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks
+from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks, projections
 from saes.engine.loop import compress_model, needs_calibration
 from saes.engine.resume import owned, release
 from saes.evaluation import zeroshot
@@ -41,6 +41,7 @@ from saes.inputs.models import DTYPES, load_model, model_config, model_identity,
 from saes.io import read_json, sha256_file, token_digest, write_json_atomic
 from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
 from saes.runs.finetune import LoraSettings, check_finetune, lora_finetune
+from saes.runs.quantize import QuantSettings, memory, quantize_model
 from saes.runs.records import SCHEMA_VERSION, config_key, environment, flatten, record_path, run_stem, wandb_run
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,12 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ validate
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of everything a compression run needs, before loading anything heavy."""
-    check_ratio(cfg.ratio)
+    if cfg.get("quant"):
+        check_quant(cfg)
+    if not (cfg.ratio == 0 and cfg.get("quant")):  # ratio=0: the dense model, only worth a run when quantized
+        if cfg.ratio == 0:
+            raise ValueError("ratio=0 compresses nothing; it is a run only with quant=gptq (GPTQ of the dense model)")
+        check_ratio(cfg.ratio)
     check_int("seed", cfg.seed)
     check_int("calib.seed", cfg.calib.seed)
     if cfg.calib.propagate not in (None, "fp", "compressed"):
@@ -60,6 +66,18 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
     data_mod.check_source(cfg.calib, "calib", cfg.calib.source)
     validate_eval(cfg)
+
+
+def check_quant(cfg: DictConfig) -> QuantSettings:
+    """``quant=gptq``: its settings, and the settings it cannot be combined with, named before any work."""
+    q = QuantSettings.from_config(cfg.quant)
+    for key, clash, why in (("save", bool(cfg.save), "a saved folder holds factors, not packed low-bit weights"),
+                            ("finetune", bool(cfg.get("finetune")), "LoRA on fake-quantized factors is not a stage here")):
+        if clash:
+            raise ValueError(f"quant={q.method} with {key}={cfg.get(key)}: not supported ({why}); drop one of them")
+    if cfg.ratio == 0 and cfg.method.get("rank_alloc", "uniform") != "uniform":
+        raise ValueError(f"ratio=0 (no compression) with method.rank_alloc={cfg.method.rank_alloc}: nothing to allocate")
+    return q
 
 
 def validate_eval(cfg: DictConfig) -> None:
@@ -118,6 +136,8 @@ def check_ranks_before_loading(cfg: DictConfig, method: Method, allocator: Alloc
     that rounds a rank to 0 is refused before the weights load, the dense evaluation and any pre-pass. The
     uniform plan's total is every method's budget, so it must exist whatever the allocation. The method's
     depth-dependent settings (ERC-SVD's ``plc.k``) are checked against the same skeleton."""
+    if float(cfg.ratio) == 0.0:  # nothing is compressed (quant=gptq of the dense model)
+        return
     model = skeleton(model_config(cfg.model))
     plan_ranks_for(model, float(cfg.ratio))
     method.check_setting(len(model.get_submodule(layout_for(model).layers)), float(cfg.ratio))
@@ -151,6 +171,7 @@ class Job:
     zeroshot: zeroshot.Plan | None
     method: Method | None = None  # a compression run
     allocator: Allocator | None = None  # its shared rank allocator (None: uniform or the method's own plan)
+    quant: QuantSettings | None = None  # quantization after compression (and LoRA)
     lora: LoraSettings | None = None
     saved: Saved | None = None  # a load= run
 
@@ -183,7 +204,8 @@ def compression_job(cfg: DictConfig) -> Job:
     return Job(config=resolved, key=config_key(resolved), path=record_path(cfg.results_dir, resolved),
                name=f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}", label=method.name,
                ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval), method=method, allocator=allocator,
-               lora=LoraSettings.from_config(cfg.finetune) if cfg.get("finetune") else None)
+               lora=LoraSettings.from_config(cfg.finetune) if cfg.get("finetune") else None,
+               quant=QuantSettings.from_config(cfg.quant) if cfg.get("quant") else None)
 
 
 def loaded_job(cfg: DictConfig) -> Job:
@@ -196,6 +218,8 @@ def loaded_job(cfg: DictConfig) -> Job:
     validate_eval(cfg)
     if cfg.save:
         raise ValueError("save=true with load=<folder>: the folder is already saved; drop one of them")
+    if cfg.get("quant"):
+        raise ValueError("quant=gptq with load=<folder>: quantization is a stage of a compression run; drop load=")
     folder = Path(cfg.load).expanduser().resolve()
     manifest = read_manifest(folder)
     lacking = [k for k in ("base", "method", "ratio") if manifest.get(k) is None]
@@ -287,6 +311,7 @@ class Obtained:
     layers: dict[str, Any]
     blocks: list[Any] = field(default_factory=list)
     finetune: dict[str, Any] | None = None
+    quant: dict[str, Any] | None = None  # quant=gptq: memory and losses
     loaded_from: dict[str, Any] | None = None  # a load= run
 
     @property
@@ -308,7 +333,8 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         layout = layout_for(loaded.model)
     model, tok = loaded.model, loaded.tokenizer
     with timings.phase("data"):
-        wants = needs_calibration(job.method, cfg.calib.track_fidelity) or job.allocator is not None
+        wants = (needs_calibration(job.method, cfg.calib.track_fidelity) or job.allocator is not None
+                 or job.quant is not None)
         calib_ids = calibration_tokens(cfg, tok) if wants else None
         eval_ids, skipped = eval_tokens(cfg, tok)
     dense = dense_model(cfg, loaded.identity, device)
@@ -322,6 +348,20 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     if job.lora is not None:  # SVD-LLM's optional LoRA stage (a dagger in the tables)
         with timings.phase("finetune"):
             finetuned = lora_finetune(model, tok, job.lora, device)
+    quantized = None
+    if job.quant is not None:  # GPTQ of the factors and the dense projections (Table 10)
+        assert calib_ids is not None
+        with timings.phase("quantize"):
+            dense_linear = sum(d["m"] * d["n"] for d in report.layers.values())
+            done = quantize_model(model, layout, calib_ids, job.quant, device, cfg.calib.batch_size)
+            quantized = {**memory(model, layout, job.quant, done["linear_bits"], dense_linear),
+                         "seconds": done["seconds"], "loss_total": sum(done["losses"].values())}
+            for name, loss in done["losses"].items():  # per projection: gptq_loss (dense), gptq_loss_A/_B (factors)
+                proj, _, factor = name.rpartition(".")
+                if factor in ("A", "B") and proj in report.layers:
+                    report.layers[proj][f"gptq_loss_{factor}"] = loss
+                else:
+                    report.layers[name]["gptq_loss"] = loss
     calibration = {
         "source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
         "seed": cfg.calib.seed, "split": data_mod.split_mode(cfg.calib.source, cfg.calib.get("split")),
@@ -332,7 +372,7 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     return Obtained(model, tok, loaded.identity, eval_ids, skipped, dense_ppl, dense_zs, calibration,
                     shapes=[(d["m"], d["n"], d["rank"]) for d in report.layers.values()], dense_params=dense_params,
                     params_extra={"rank_alloc": rank_alloc}, layers=report.layers, blocks=report.blocks,
-                    finetune=finetuned)
+                    finetune=finetuned, quant=quantized)
 
 
 def load(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
@@ -450,14 +490,18 @@ def compress_in_place(cfg: DictConfig, model: nn.Module, layout: BlockLayout, me
     engine_cfg = engine_config(cfg, device, identity, key)
     ratio = float(cfg.ratio)
     with timings.phase("prepare"):
-        method.prepare(model, layout, calib_ids, engine_cfg)
-        if allocator is not None:
-            assert calib_ids is not None
-            plan = allocator.plan(model, layout, ratio, calib_ids, engine_cfg, method)
+        plan: Plan | None
+        if ratio == 0.0:  # quant=gptq of the dense model: every projection stays dense
+            plan = Plan({p: None for p in projections(model, layout)})
         else:
-            own = method.allocate(model, layout, ratio, calib_ids, engine_cfg)
-            plan = None if own is None else Plan(own)
-        rank_alloc = "uniform" if plan is None else "mixed"
+            method.prepare(model, layout, calib_ids, engine_cfg)
+            if allocator is not None:
+                assert calib_ids is not None
+                plan = allocator.plan(model, layout, ratio, calib_ids, engine_cfg, method)
+            else:
+                own = method.allocate(model, layout, ratio, calib_ids, engine_cfg)
+                plan = None if own is None else Plan(own)
+        rank_alloc = "dense" if ratio == 0.0 else "uniform" if plan is None else "mixed"
         ranks = plan_ranks(model, layout, ratio) if plan is None else plan.ranks
         check_plan(model, layout, ranks)
     report = compress_model(model, method, ranks, calib_ids, engine_cfg)
@@ -509,6 +553,8 @@ def build_record(job: Job, got: Obtained, metrics: dict[str, Any], params: dict[
                   memory=peak_memory())
     if got.loaded_from is None:
         record["finetune"] = got.finetune
+    if got.quant is not None:
+        record["quant"] = got.quant
     record.update(layers=got.layers, blocks=got.blocks, saved_to=None if saved_to is None else str(saved_to), env=env)
     return record
 
