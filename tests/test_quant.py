@@ -136,3 +136,15 @@ def test_bad_quant_settings_are_named_before_the_model_loads(tmp_path, monkeypat
     with pytest.raises(ValueError, match=match):
         run(make_cfg("ratio=0.4", *overrides, results_dir=tmp_path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_gptq_gives_the_field_librarys_quantized_weights():
+    """The same ``W`` and ``H`` through llm-compressor 0.14.0.1's ``quantize_weight`` (run on CPU in a separate
+    environment; its output stored in tests/data) and through ours: the same weights, bit for bit."""
+    from pathlib import Path
+
+    ref = torch.load(Path(__file__).parent / "data" / "gptq_reference.pt", weights_only=False)
+    for name, s in ref["settings"].items():
+        ours = gptq(ref["W"], ref["H"], s["bits"], s["group_size"], sym=False, damp=0.01, block=128)
+        assert torch.equal(ours.weight, s["Q"]), name
+        assert ours.loss == pytest.approx(s["loss"], rel=1e-5)

@@ -12,10 +12,15 @@ Grid (the paper's and its reference code's min-max grid): per output row and per
 consecutive input columns (``None``: one group per row), ``scale = (max - min) / (2^b - 1)`` over the group's
 values with ``min <= 0 <= max`` enforced, ``zero = round(-min / scale)``, ``q = clamp(round(w / scale) + zero,
 0, 2^b - 1)``, dequantized ``scale (q - zero)``; ``sym=True`` uses ``max = -min = max|w|`` and the middle zero
-``(2^b - 1 + 1) / 2``. A group's scale is fixed when its first column is reached, from the weights as updated
-by the feedback of the blocks before it (the reference code's order). Damping: ``H + damp mean(diag H) I``;
-inputs that never fire (``H_jj = 0``) get ``H_jj = 1`` and a zero weight column, as in the reference code.
+``(2^b - 1 + 1) / 2``. Every group's grid is fixed before the first column is quantized, from the original
+weights ("static groups", as llm-compressor's GPTQ modifier does; the paper's reference code instead sets a group's
+grid when its first column is reached, from weights updated only up to the last 128-column block). Damping:
+``H + damp mean(diag H) I``; inputs that never fire (``H_jj = 0``) get ``H_jj = 1`` and a zero weight column.
 Everything is computed in ``dtype`` (float32 like the field's implementations unless asked otherwise).
+
+Checked against llm-compressor 0.14.0.1's ``quantize_weight`` (CPU, separate environment; the same ``W`` and ``H``):
+the same quantized weights, bit for bit, at 4 bits / groups of 128, 3 bits / 32 and 4 bits per row
+(``tests/data/gptq_reference.pt``, ``tests/test_quant.py``).
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = 1
         raise ValueError(f"H must be [{n}, {n}] for a weight [{m}, {n}]; got {tuple(H.shape)}")
     W = W.to(dtype).clone()
     H = H.to(dtype).clone()
+    size = n if group_size is None else group_size
+    grids = [grid(W[:, c:c + size], bits, sym) for c in range(0, n, size)]  # static: from the original weights
+    scales = torch.stack([g[0] for g in grids], dim=1)
+    zeros = torch.stack([g[1] for g in grids], dim=1)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -87,11 +96,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = 1
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky factor of H^{-1}
 
     Q = torch.zeros_like(W)
-    scales, zeros = [], []
     loss = torch.zeros((), dtype=dtype)
-    if group_size is None:
-        scale, zero = grid(W, bits, sym)
-        scales, zeros = [scale], [zero]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()
@@ -99,16 +104,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = 1
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if group_size is not None and j % group_size == 0:
-                scale, zero = grid(W[:, j:j + group_size], bits, sym)
-                scales.append(scale)
-                zeros.append(zero)
             w, d = W1[:, i], Hinv1[i, i]
-            q = quantize(w, scale, zero, bits)
+            q = quantize(w, scales[:, j // size], zeros[:, j // size], bits)
             Q[:, j] = q
             loss += ((w - q) ** 2).sum() / d ** 2 / 2
             err = (w - q) / d
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Quantized(Q, torch.stack(scales, dim=1), torch.stack(zeros, dim=1), float(loss))
+    return Quantized(Q, scales, zeros, float(loss))
