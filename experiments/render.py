@@ -150,7 +150,8 @@ def header(js: Sequence[Job], experiments: Sequence[str], ctx: Context, shared: 
         own = " ".join(j.own_overrides)
         return f"{j.experiment}: {own}" if len(experiments) > 1 else own
 
-    lines = [f"Ours: **{model}**, scale preset **{scale}** (`conf/scale/{scale}.yaml`). Made by "
+    preset = f"scale preset **{scale}** (`conf/scale/{scale}.yaml`)" if scale else "the default config (no scale preset)"
+    lines = [f"Ours: **{model}**, {preset}. Made by "
              + ", ".join(f"`{c}`" for c in commands(experiments, ctx.overrides))
              + "; rebuilt from the records by `python -m experiments.tables`. These are our numbers on this model, "
              "not the paper's on LLaMA: compare shapes (ordering, gaps closed), not values.",
