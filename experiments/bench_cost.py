@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from saes.core.linalg import full_svd
 from saes.core.method import DTYPES as PRECISIONS
@@ -36,6 +35,7 @@ from saes.engine.loop import compress_model
 from saes.evaluation.perplexity import perplexity
 from saes.inputs import data as data_mod
 from saes.inputs.models import load_model, resolve_device
+from saes.runs.pipeline import build_method
 from saes.runs.records import environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +67,7 @@ def _sync(device: torch.device) -> None:
 def compress_timed(cfg: Any, base: torch.nn.Module, method_name: str, ratio: float, ids: torch.Tensor,
                    device: torch.device, reference: bool) -> tuple[torch.nn.Module, dict[str, float]]:
     """A fresh copy of ``base`` compressed by ``method_name``; the phase times."""
-    mcfg = config([f"method={method_name}"]).method
-    method = instantiate(mcfg)
+    method = build_method(config([f"method={method_name}"]))
     model = copy.deepcopy(base)
     layout = layout_for(model)
     calib = cfg.calib

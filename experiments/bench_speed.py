@@ -49,7 +49,7 @@ def model_cfg(name: str, dtype: str | None = None) -> Any:
 
 def svd_folders(name: str, ratios: list[float], out: Path) -> dict[float, Path]:
     """SVD-compressed copies of model ``name`` at each ratio, saved once (keyed by the model's identity)."""
-    from hydra.utils import instantiate
+    from saes.runs.pipeline import build_method
 
     from saes.engine.config import EngineConfig
     from saes.engine.layout import layout_for, plan_ranks
@@ -69,7 +69,7 @@ def svd_folders(name: str, ratios: list[float], out: Path) -> dict[float, Path]:
             continue
         print(f"compressing {name} with svd at ratio {ratio} (once) -> {folder}", flush=True)
         model = copy.deepcopy(dense.model)
-        compress_model(model, instantiate(run_cfg.method), plan_ranks(model, layout_for(model), ratio), None,
+        compress_model(model, build_method(run_cfg), plan_ranks(model, layout_for(model), ratio), None,
                        EngineConfig(device=torch.device("cpu")))
         save_compressed(model, dense.tokenizer, folder, {"base": dense.identity, "method": {"name": "svd"},
                                                          "ratio": ratio})

@@ -87,15 +87,14 @@ class CurveProbe(Method):
 
 def run_curve(overrides: list[str], layer: int | None, proj: str, points: int) -> tuple[Path, dict[str, Any]]:
     """Replay the run of ``overrides`` up to the projection, write and return the curve's JSON."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from experiments.sweeps import compose
-    from saes.runs.pipeline import engine_config
+    from saes.runs.pipeline import build_method, engine_config
 
     cfg = compose(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    method = instantiate(cfg.method)
+    method = build_method(cfg)
     if not isinstance(method, SAES) or not method.aces_enabled:
         raise SystemExit("rer_curve needs method=saes with ACES on (the curve marks the beta ACES picks)")
     key = config_key(resolved)

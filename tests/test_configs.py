@@ -2,13 +2,13 @@
 
 
 import pytest
-from hydra.utils import instantiate
 
 from saes.core.method import Method
+from saes.runs.pipeline import build_method
 
 from .conftest import CONF, make_cfg
 
-GROUPS = ["model", "method", "calib", "eval", "logger"]
+GROUPS = ["model", "method", "calib", "eval", "logger", "quant", "finetune"]
 
 
 def options(group: str) -> list[str]:
@@ -20,7 +20,7 @@ def test_every_config_composes(group, option):
     cfg = make_cfg(f"{group}={option}")
     assert cfg[group] is not None
     if group == "method":
-        assert isinstance(instantiate(cfg.method), Method)
+        assert isinstance(build_method(cfg), Method)
         assert cfg.method.name == option
 
 

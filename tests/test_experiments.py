@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra.utils import instantiate
 
 from experiments import ablation, aces_bounds, cost, figures, paper, records, sweeps, table1, tables
 from experiments.rer_curve import run_curve
 from saes.core.method import Method
-from saes.runs.pipeline import run, summary
+from saes.runs.pipeline import build_method, run, summary
 from saes.runs.records import config_key
 
 from .conftest import CONF, ROOT
@@ -124,7 +123,7 @@ def test_every_experiment_composes_and_its_sweep_expands(experiment, n_jobs):
     configs = [sweeps.compose(o) for o in overrides]
     assert len({config_key(sweeps.to_dict(c)) for c in configs}) == n_jobs  # every job is a distinct run
     for c in configs:
-        assert isinstance(instantiate(c.method), Method)
+        assert isinstance(build_method(c), Method)
         assert (c.calib.nsamples, c.calib.seqlen, c.eval.ppl.max_windows, c.eval.zeroshot.limit) == (32, 512, 16, 100)
         if experiment == "cost":
             assert not c.calib.reuse_stats and not c.resume and not c.calib.track_fidelity and c.ratio == 0.2
@@ -415,7 +414,7 @@ def test_comparison_sweeps_find_the_committed_records(experiment, n_jobs):
     assert len(js) == n_jobs and len({config_key(j.config) for j in js}) == n_jobs
     for j in js:
         assert j.record is not None and j.record["key"] == config_key(j.config), j.overrides
-    assert isinstance(instantiate(sweeps.compose(js[0].overrides).method), Method)
+    assert isinstance(build_method(sweeps.compose(js[0].overrides)), Method)
 
 
 def test_comparison_tables_rebuild_the_committed_ones_cell_for_cell():
