@@ -447,3 +447,40 @@ def test_load_records_flattens_each_record_into_one_row(tmp_path):
     saes = df[(df["config.method.name"] == "saes") & (df["config.ratio"] == 0.2)]
     assert saes["metrics.ppl.wiki_books.compressed"].tolist() == [24.0]
     assert len(records.load_records(tmp_path, method="svdllm")) == 8 and records.load_records(tmp_path / "none").empty
+
+
+# -------------------------------------------------------------------------------------------- Tables 8 and 10
+def test_table8_rows_name_the_allocator_and_the_gap_closed_against_svdllm(tmp_path):
+    from experiments import table8
+
+    js = sweeps.jobs("table8", TINY, tmp_path)
+    assert len(js) == 14 and {j.row for j in js} == {"asvd_strs", "saes", "saes+strs", "saes+adacr", "svdllm",
+                                                     "svdllm+strs", "svdllm+adacr"}
+    ppl = {"asvd_strs": 500.0, "saes": 60.0, "saes+strs": 50.0, "saes+adacr": 55.0, "svdllm": 100.0,
+           "svdllm+strs": 90.0, "svdllm+adacr": 95.0}
+    for j in js:
+        if (j.row, j.ratio) != ("svdllm+adacr", 0.4):
+            write(j, synthetic_record(j.config, ppl[j.row] * (1 + j.ratio), dense_ppl=20.0))
+    md = table8.build(sweeps.Context(tmp_path, TINY)).markdown()
+    # gap closed at 0.2: (120 - 60) / (120 - 20) for SAES + STRS
+    assert row_cells(md, "0.2", "SAES-SVD + STRS*")[3:5] == ["60.00", "60.0%"]
+    assert row_cells(md, "0.2", "SAES-SVD")[6] == "7.17"  # the paper's Table 8 beside ours
+    assert row_cells(md, "0.4", "SVD-LLM + adaCR*")[3] == "missing"
+
+
+def test_table10_compares_at_the_bits_stored_per_dense_linear_weight(tmp_path):
+    from experiments import table10
+
+    js = sweeps.jobs("table10", TINY, tmp_path)
+    assert len(js) == 7 and {j.ratio for j in js} == {0.0, 0.25, 0.5}
+    for j in js[:-1]:
+        rec = synthetic_record(j.config, 10.0 + j.config["quant"]["bits"] + j.ratio)
+        bits = (1 - j.ratio) * (j.config["quant"]["bits"] + 20 / 128)
+        rec["quant"] = {"bits": j.config["quant"]["bits"], "bits_per_dense_linear_weight": bits, "model_megabytes": bits}
+        write(j, rec)
+    md = table10.build(sweeps.Context(tmp_path, TINY)).markdown()
+    lines = [line for line in md.splitlines() if line.startswith("| GPTQ") or " + GPTQ" in line]
+    bits = [float(line.split("|")[2]) for line in lines if "missing" not in line]
+    assert bits == sorted(bits, reverse=True) and len(bits) == 6  # most bits first
+    assert has_cells(md, "| GPTQ (3-bit) | 3.16 |") and has_cells(md, "| SVD-LLM @0.5 + GPTQ (4-bit) | missing |")
+    assert has_cells(md, "| LLaMA2-7B | SAES+GPTQ (equal 3bit) | 7.64 | 0.44 |")
