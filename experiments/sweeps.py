@@ -156,13 +156,19 @@ def saes_variant(method: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-ALLOCATOR_NAMES = {"uniform": "uniform ranks", "strs": "STRS", "adacr": "adaCR"}
+ALLOCATOR_NAMES = {"uniform": "uniform ranks", "strs": "STRS", "adacr": "adaCR",
+                   "adacr:one_minus_cos": "adaCR (1 - cos)"}
 
 
 def shared_allocator(method: dict[str, Any]) -> str | None:
-    """The shared rank allocator a method config takes beyond its own default (None: its own ranks)."""
+    """The shared rank allocator a method config takes beyond its own default (None: its own ranks), with adaCR's
+    importance when it is not the default ``cos``."""
     alloc = method.get("rank_alloc")
-    return None if alloc in (None, OWN_ALLOCATOR.get(str(method.get("name")), "uniform")) else str(alloc)
+    if alloc in (None, OWN_ALLOCATOR.get(str(method.get("name")), "uniform")):
+        return None
+    if alloc == "adacr" and method.get("importance", "cos") != "cos":
+        return f"adacr:{method['importance']}"
+    return str(alloc)
 
 
 def row_id(cfg: dict[str, Any]) -> str:

@@ -454,10 +454,11 @@ def test_table8_rows_name_the_allocator_and_the_gap_closed_against_svdllm(tmp_pa
     from experiments import table8
 
     js = sweeps.jobs("table8", TINY, tmp_path)
-    assert len(js) == 14 and {j.row for j in js} == {"asvd_strs", "saes", "saes+strs", "saes+adacr", "svdllm",
-                                                     "svdllm+strs", "svdllm+adacr"}
-    ppl = {"asvd_strs": 500.0, "saes": 60.0, "saes+strs": 50.0, "saes+adacr": 55.0, "svdllm": 100.0,
-           "svdllm+strs": 90.0, "svdllm+adacr": 95.0}
+    assert len(js) == 16 and {j.row for j in js} == {"asvd_strs", "saes", "saes+strs", "saes+adacr",
+                                                     "saes+adacr:one_minus_cos", "svdllm", "svdllm+strs",
+                                                     "svdllm+adacr"}
+    ppl = {"asvd_strs": 500.0, "saes": 60.0, "saes+strs": 50.0, "saes+adacr": 55.0, "saes+adacr:one_minus_cos": 52.0,
+           "svdllm": 100.0, "svdllm+strs": 90.0, "svdllm+adacr": 95.0}
     for j in js:
         if (j.row, j.ratio) != ("svdllm+adacr", 0.4):
             write(j, synthetic_record(j.config, ppl[j.row] * (1 + j.ratio), dense_ppl=20.0))
@@ -466,6 +467,7 @@ def test_table8_rows_name_the_allocator_and_the_gap_closed_against_svdllm(tmp_pa
     assert row_cells(md, "0.2", "SAES-SVD + STRS*")[3:5] == ["60.00", "60.0%"]
     assert row_cells(md, "0.2", "SAES-SVD")[6] == "7.17"  # the paper's Table 8 beside ours
     assert row_cells(md, "0.4", "SVD-LLM + adaCR*")[3] == "missing"
+    assert row_cells(md, "0.2", "SAES-SVD + adaCR (1 - cos)*")[3] == "52.00"
 
 
 def test_table10_compares_at_the_bits_stored_per_dense_linear_weight(tmp_path):
