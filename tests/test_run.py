@@ -58,7 +58,7 @@ def test_saes_ablation_and_svd_configs_run(tmp_path):
 
 @pytest.mark.parametrize("override,match", [
     ("ratio=1.2", r"ratio must lie in \(0, 1\)"),
-    ("ratio=0", r"ratio must lie in \(0, 1\)"),
+    ("ratio=0", r"ratio=0 compresses nothing.*quant=gptq"),
     ("ratio=0.999", "rank 0"),
     ("eval.ppl.sources=[nowhere]", "unknown text source"),
     ("method.aces.beta_min=0.9", "beta_min <= beta_max"),
