@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from saes.io import read_json
-from saes.runs.records import OWN_ALLOCATOR, record_path
+from saes.runs.records import record_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -156,6 +156,7 @@ def saes_variant(method: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+DEFAULT_ALLOCATOR = {"asvd_strs": "strs", "adasvd": "adacr"}  # what conf/method/<name>.yaml sets (else uniform)
 ALLOCATOR_NAMES = {"uniform": "uniform ranks", "strs": "STRS", "adacr": "adaCR",
                    "adacr:one_minus_cos": "adaCR (1 - cos)"}
 
@@ -164,7 +165,7 @@ def shared_allocator(method: dict[str, Any]) -> str | None:
     """The shared rank allocator a method config takes beyond its own default (None: its own ranks), with adaCR's
     importance when it is not the default ``cos``."""
     alloc = method.get("rank_alloc")
-    if alloc in (None, OWN_ALLOCATOR.get(str(method.get("name")), "uniform")):
+    if alloc in (None, DEFAULT_ALLOCATOR.get(str(method.get("name")), "uniform")):
         return None
     if alloc == "adacr" and method.get("importance", "cos") != "cos":
         return f"adacr:{method['importance']}"

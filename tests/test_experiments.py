@@ -486,3 +486,14 @@ def test_table10_compares_at_the_bits_stored_per_dense_linear_weight(tmp_path):
     assert bits == sorted(bits, reverse=True) and len(bits) == 6  # most bits first
     assert has_cells(md, "| GPTQ (3-bit) | 3.16 |") and has_cells(md, "| SVD-LLM @0.5 + GPTQ (4-bit) | missing |")
     assert has_cells(md, "| LLaMA2-7B | SAES+GPTQ (equal 3bit) | 7.64 | 0.44 |")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["method=asvd"], "ASVD"), (["method=asvd_strs"], "ASVD (STRS)*"), (["method=adasvd"], "AdaSVD*"),
+    (["method=adasvd", "method.rank_alloc=uniform"], "AdaSVD + uniform ranks"),
+    (["method=saes", "method.rank_alloc=adacr"], "SAES-SVD + adaCR*"),
+    (["method=saes", "method.rank_alloc=adacr", "method.importance=one_minus_cos"], "SAES-SVD + adaCR (1 - cos)*"),
+])
+def test_labels_name_a_shared_allocator_only_beyond_the_methods_own_default(overrides, expected):
+    cfg = sweeps.to_dict(sweeps.compose(overrides))
+    assert sweeps.label(sweeps.Job("x", overrides, cfg, None, Path("nowhere.json"), None)) == expected
