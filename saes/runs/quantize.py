@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saes.core.gptq import check_settings, gptq
+from saes.core.lowrank import count_parameters
 from saes.core.stats import StreamingStats
 from saes.engine.layout import BlockLayout
 from saes.engine.propagate import capture_block_inputs, forward_capturing, through
@@ -108,13 +109,7 @@ def memory(model: nn.Module, layout: BlockLayout, q: QuantSettings, linear_bits:
     """Memory of the quantized model (module docstring): the linears' bits, per dense linear weight, and the model's."""
     blocks = model.get_submodule(layout.layers)
     linear_params = sum(mod.weight.numel() for b in blocks for mod in b.modules() if isinstance(mod, nn.Linear))
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    other_bits = (total - linear_params) * SCALE_BITS
+    other_bits = (count_parameters(model) - linear_params) * SCALE_BITS  # tied embeddings counted once
     return {"bits": q.bits, "group_size": q.group_size, "linear_params": linear_params,
             "bits_per_linear_weight": linear_bits / linear_params,
             "bits_per_dense_linear_weight": linear_bits / dense_linear_params,
