@@ -21,9 +21,10 @@ Our choices: float64 throughout, and the ridge of SVD-LLM in this harness (relat
 only if ``H`` is not positive definite) applied to ``H`` before weighting, so that weight 1 reproduces
 ``method=svdllm`` exactly; its code adds ``1e-6 I`` only when an inverse fails.
 
-Dip-SVD's global protection (per-block ratios from Bayesian optimisation of calibration perplexity,
-or a gradient-and-effective-rank heuristic) is not implemented here: the method runs with uniform
-ranks (see the README's list of what is not reimplemented).
+Dip-SVD's global protection (per-block ratios) is a rank allocator any method can take,
+``method.rank_alloc=dip`` (the gradient-and-effective-rank heuristic its code ships;
+:mod:`saes.engine.allocators`); this method alone runs with uniform ranks, and Table 1's Dip-SVD* row is
+both together (``experiment=table1_dip``).
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from saes.core.linalg import check_finite, truncated_svd
 from saes.core.method import Factors, Method
 from saes.core.stats import SiteStats
 from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout, projections
+from saes.engine.propagate import sequence_gradients
 
 log = logging.getLogger(__name__)
 
@@ -40,36 +40,12 @@ log = logging.getLogger(__name__)
 def fisher_column_importance(model: nn.Module, names: list[str], ids: torch.Tensor,
                              device: torch.device) -> dict[str, torch.Tensor]:
     """``I_j = mean_d sum_i (dL(d)/dW_ij)^2`` for each named ``nn.Linear``, one sequence ``d`` at a time."""
-    linears = {name: model.get_submodule(name) for name in names}
-    acc = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    hooks = []
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, lin in linears.items():
-            lin.weight.requires_grad_(True)
+    acc = {name: torch.zeros(model.get_submodule(name).in_features, dtype=torch.float64) for name in names}
 
-            def reduce(p: torch.Tensor, name: str = name) -> None:  # runs as soon as the gradient is complete
-                acc[name] += p.grad.double().square().sum(0).cpu()
-                p.grad = None
+    def reduce(name: str, grad: torch.Tensor) -> None:
+        acc[name] += grad.double().square().sum(0).cpu()
 
-            hooks.append(lin.weight.register_post_accumulate_grad_hook(reduce))
-        model.eval().to(device)
-        for row in tqdm(ids, desc="fwsvd fisher", unit="seq"):
-            x = row[None].to(device)
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError("FWSVD: the LM loss on a calibration sequence is not finite")
-            loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(was_training)
+    sequence_gradients(model, names, ids, device, reduce, "fwsvd fisher")
     return {name: a / ids.shape[0] for name, a in acc.items()}
 
 

@@ -157,7 +157,7 @@ def saes_variant(method: dict[str, Any]) -> tuple[str, str] | None:
 
 
 DEFAULT_ALLOCATOR = {"asvd_strs": "strs", "adasvd": "adacr"}  # what conf/method/<name>.yaml sets (else uniform)
-ALLOCATOR_NAMES = {"uniform": "uniform ranks", "strs": "STRS", "adacr": "adaCR",
+ALLOCATOR_NAMES = {"uniform": "uniform ranks", "strs": "STRS", "adacr": "adaCR", "dip": "global protection",
                    "adacr:one_minus_cos": "adaCR (1 - cos)"}
 
 

@@ -1,6 +1,6 @@
 """Table 1 (with Tables 5/6 and Figure 1b): every method at four ratios, beside the paper's rows.
 
-Sweeps ``experiment=table1`` and ``experiment=table1_lora``; built by ``python -m experiments.tables``.
+Sweeps ``experiment=table1``, ``experiment=table1_lora`` and ``experiment=table1_dip``; built by ``python -m experiments.tables``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from experiments.render import MISSING, Document, Table, avg_head, dense_record,
 from experiments.sweeps import Context, Job, cell, label, unique_rows
 
 NAME, TITLE = "table1", "Table 1: every method at four ratios (with Tables 5/6 and Figure 1b)"
-EXPERIMENTS = ("table1", "table1_lora")
+EXPERIMENTS = ("table1", "table1_lora", "table1_dip")
 TASKS = {"openbookqa": "OpenbookQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG.",
          "hellaswag": "HellaS.", "piqa": "PIQA", "mathqa": "MathQA", "boolq": "BoolQ", "lambada_openai": "LAMBADA"}
 MATCH: dict[str, dict[str, str | None]] = {  # our row id per paper row name, per reference table (our reading)
     "table1_llama7b.csv": {"Baseline": "dense", "FWSVD": "fwsvd", "ASVD": "asvd_strs", "SVD-LLM": "svdllm+lora",
-                           "Dobi-SVD": None, "Dip-SVD": "dipsvd", "Ours": "saes"},  # None: not reimplemented
+                           "Dobi-SVD": None, "Dip-SVD": "dipsvd+dip", "Ours": "saes"},  # None: not reimplemented
     "table5_llama2_7b.csv": {"Original": "dense", "SVD": "svd", "FWSVD": "fwsvd", "ASVD": "asvd_strs",
                              "SVD-LLM": "svdllm", "AdaSVD": "adasvd", "Ours": "saes"},
     "table6_llama3_8b.csv": {"SVD-LLM": "svdllm", "Ours": "saes"},

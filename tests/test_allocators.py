@@ -25,7 +25,7 @@ def _budget(rec: dict, ratio: float) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("alloc", ("strs", "adacr"))
+@pytest.mark.parametrize("alloc", ("strs", "adacr", "dip"))
 def test_every_allocator_with_every_method_keeps_the_budget(tmp_path, method, alloc):
     ratio = 0.4
     extra = ["method.plc.k=null"] if method == "ercsvd" else []
@@ -38,6 +38,8 @@ def test_every_allocator_with_every_method_keeps_the_budget(tmp_path, method, al
     assert all(1 <= d["rank"] <= min(d["m"], d["n"]) for d in rec["layers"].values())
     if alloc == "adacr":  # the allocator's per-projection record
         assert all({"layer_importance", "layer_ratio"} <= set(d) for d in rec["layers"].values())
+    if alloc == "dip":
+        assert all({"grad_sensitivity", "effective_rank", "layer_ratio"} <= set(d) for d in rec["layers"].values())
     assert 1 < rec["metrics"]["ppl"]["wiki_books"]["compressed"] < float("inf")
 
 
@@ -55,7 +57,7 @@ def test_uniform_allocation_keeps_the_record_key_and_the_result(tmp_path):
     cfg = make_cfg("method=saes", "ratio=0.4", results_dir=tmp_path)
     resolved = json.loads(json.dumps(prepare(cfg).config))
     method = {k: v for k, v in resolved["method"].items()
-              if k not in ("rank_alloc", "strs", "min_keep", "max_keep", "importance")}
+              if k not in ("rank_alloc", "strs", "min_keep", "max_keep", "importance", "dip")}
     assert config_key({**resolved, "method": method}) == config_key(resolved)  # as before the allocators existed
     moved = make_cfg("method=saes", "ratio=0.4", "method.min_keep=0.3", "method.strs.nsamples=3", results_dir=tmp_path)
     assert prepare(moved).key == prepare(cfg).key  # unused settings: same run
@@ -86,6 +88,8 @@ def test_own_allocators_still_hash_their_settings(tmp_path):
     (("method.rank_alloc=adacr", "method.max_keep=0.5"), "max_keep"),  # below 1 - ratio: checked before loading
     (("method.rank_alloc=strs", "method.strs.candidates=[0.5,0.2]"), "method.strs.candidates"),
     (("method.rank_alloc=strs", "+method.strs.size=3"), "method.rank_alloc=strs"),
+    (("method.rank_alloc=dip", "method.dip.beta=2"), "method.dip.beta"),
+    (("method.rank_alloc=dip", "+method.dip.size=3"), "method.rank_alloc=dip"),
     (("method=ercsvd", "method.rank_alloc=adacr"), "method.plc.k=null"),
 ])
 def test_bad_allocator_settings_are_named_before_the_model_loads(tmp_path, monkeypatch, overrides, match):

@@ -1,4 +1,4 @@
-"""Rank allocators any method takes: ``method.rank_alloc=uniform|strs|adacr``.
+"""Rank allocators any method takes: ``method.rank_alloc=uniform|strs|adacr|dip``.
 
 An allocator turns the global ratio into per-projection ranks on the dense model, before compression,
 under the one budget rule of :mod:`saes.engine.allocation` (the uniform plan's total, never exceeded, missed
@@ -35,6 +35,29 @@ allocator not in use do not enter a record's key (``saes.runs.records``).
     ``keep_l`` is clipped to ``[mrr, max_keep]``; if anything clips, the slope is re-solved by bisection so
     that the mean (weighted by the blocks' dense parameters) is still ``trr``. All projections of a block share
     ``ratio_l``. Tokens whose input or output hidden state is exactly zero are left out (cosine undefined).
+
+``dip``: Dip-SVD's global protection, the heuristic its code ships (Ding et al. 2025; repository
+920927/DipSVD, ``dx_heuristic.py``), restated on the dense model with ``N`` blocks:
+    1. gradient sensitivity ``g_l = sum_d sum_W ||dL(d)/dW||_F / ||W||_F`` over the block's projection weights
+       and calibration sequences ``d``; blocks cut into four contiguous segments at ``N//4, N//2, 3N//4``,
+       ``g`` divided by its sum within each; ``S_l = 1 / g_l``;
+    2. effective rank ``e_l``: the smallest ``k`` with ``sum_{i<=k} sigma_i >= energy * sum_i sigma_i`` for the
+       singular values of block ``l``'s output hidden states of one sequence, averaged over the sequences;
+       ``E_l = (mean(e) - e_l) / std(e)`` (a block whose output spans fewer directions scores higher);
+    3. ``Ŝ = (S - min S + 1e-5) / (max S - min S)``, ``Ê`` alike, ``w_l = Ŝ_l^beta Ê_l^(1 - beta)``;
+    4. ``keep_l = trr + spread (2 (w_l - min w) / (max w - min w) - 1)`` with ``trr = 1 - ratio``, then scaled,
+       ``keep_l <- clip(t keep_l, min_keep, max_keep)``, by the ``t`` that brings the mean back to ``trr``.
+    Its code's values: ``beta = 0.3``, ``spread = 0.25``, ``energy = 0.95``, clip ``[0.3, 0.98]``. Its clipped
+    rescaling is iterated a fixed number of times and then corrected without the floor (clip ``[0, 1]``); ours
+    solves for ``t`` by bisection (exact mean, the mean weighted by the blocks' dense parameters), and drops the
+    floor (``[0, 1]``) when ``trr`` does not lie strictly inside ``(min_keep, max_keep)`` (ratio 0.8 with the
+    defaults), which is what its fallback amounts to; negative ``keep_l`` count as 0 (rank 1 after the budget
+    rule). Its sensitivity texts are 26 hand-written sentences in batches of 8; ours are the first
+    ``dip.nsamples`` calibration sequences, one gradient per sequence, and the effective ranks are taken on
+    the same sequences (each block's own output; the model's last hidden state in its code is after the final
+    norm). Its Bayesian-optimisation search (GPyOpt over per-block ratios, 180 evaluations of calibration
+    perplexity, each a full compression) is not reimplemented: it costs two orders of magnitude more than a run
+    here, and its code's fixed ratio lists come from that search on LLaMA/Vicuna/DeepSeek only.
 """
 
 from __future__ import annotations
@@ -42,7 +65,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +81,7 @@ from saes.core.stats import StreamingStats
 from saes.engine.allocation import ranks_for_layer_ratios
 from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout, plan_ranks, projections
-from saes.engine.propagate import BlockPass, dense_blocks, replaced
+from saes.engine.propagate import BlockPass, dense_blocks, replaced, sequence_gradients
 from saes.io import digest, read_json, token_digest, write_json_atomic
 
 if TYPE_CHECKING:
@@ -66,9 +89,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RANK_ALLOCS = ("uniform", "strs", "adacr")
+RANK_ALLOCS = ("uniform", "strs", "adacr", "dip")
 # Each allocator's settings: keys of the method config (conf/rank_alloc/shared.yaml).
-SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("strs",), "adacr": ("min_keep", "max_keep", "importance")}
+SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("strs",), "adacr": ("min_keep", "max_keep", "importance"),
+                                        "dip": ("dip",)}
 ALLOCATOR_KEYS = ("rank_alloc", *(k for keys in SETTINGS.values() for k in keys))
 IMPORTANCE = ("cos", "one_minus_cos")
 
@@ -103,9 +127,16 @@ def build_allocator(method_cfg: Mapping[str, Any]) -> Allocator | None:
             return STRS(**dict(method_cfg.get("strs") or {}))
         if name == "adacr":
             return AdaCR(**{k: method_cfg[k] for k in SETTINGS["adacr"] if k in method_cfg})
-    except TypeError as exc:  # an unknown key under method.strs
+        if name == "dip":
+            return DipGlobal(**dict(method_cfg.get("dip") or {}))
+    except TypeError as exc:  # an unknown key under method.strs / method.dip
         raise ValueError(f"method.rank_alloc={name}: {exc}") from exc
     return None
+
+
+def block_of(layout: BlockLayout, name: str) -> int:
+    """The decoder block index of a projection's full name (``model.layers.3.mlp.up_proj`` -> 3)."""
+    return int(name[len(layout.layers) + 1:].split(".")[0])
 
 
 def uniform_budget(model: nn.Module, layout: BlockLayout, ratio: float) -> tuple[dict[str, int], int]:
@@ -134,16 +165,22 @@ class AdaCR(Allocator):
              cfg: EngineConfig, method: "Method") -> Plan:
         uniform, budget = uniform_budget(model, layout, ratio)
         self.check(ratio)
-        shapes = {p: (*model.get_submodule(p).weight.shape, int(p[len(layout.layers) + 1:].split(".")[0]))
-                  for p in uniform}
-        sizes = [0.0] * len(model.get_submodule(layout.layers))
-        for m, n, i in shapes.values():
-            sizes[i] += m * n
+        shapes, sizes = block_shapes(model, layout, uniform)
         importance = layer_importance(model, layout, calib_ids, cfg, self.importance)
         ratios = adacr_ratios(importance, ratio, self.min_keep, self.max_keep, sizes)
         ranks = ranks_for_layer_ratios(shapes, ratios, budget)
         return Plan({p: ranks[p] for p in uniform},
                     {p: {"layer_importance": importance[i], "layer_ratio": ratios[i]} for p, (_, _, i) in shapes.items()})
+
+
+def block_shapes(model: nn.Module, layout: BlockLayout, names: Iterable[str]
+                 ) -> tuple[dict[str, tuple[int, int, int]], list[float]]:
+    """``name -> (m, n, block)`` for :func:`ranks_for_layer_ratios`, and each block's dense parameters."""
+    shapes = {p: (*model.get_submodule(p).weight.shape, block_of(layout, p)) for p in names}
+    sizes = [0.0] * len(model.get_submodule(layout.layers))
+    for m, n, i in shapes.values():
+        sizes[i] += m * n
+    return shapes, sizes
 
 
 def adacr_keep(importance: Sequence[float], ratio: float, min_keep: float = 0.5, max_keep: float = 1.0,
@@ -215,6 +252,125 @@ def layer_importance(model: nn.Module, layout: BlockLayout, calib_ids: torch.Ten
 
     dense_blocks(model, layout, calib_ids, cfg, on_block=measure)
     return importance
+
+
+# ----------------------------------------------------------------------------- Dip-SVD's global protection
+class DipGlobal(Allocator):
+    name = "dip"
+
+    def __init__(self, beta: float = 0.3, spread: float = 0.25, energy: float = 0.95, min_keep: float = 0.3,
+                 max_keep: float = 0.98, nsamples: int = 8) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"method.dip.beta (weight of the gradient sensitivity) must lie in [0, 1]; got {beta}")
+        if not 0.0 <= spread < 1.0:
+            raise ValueError(f"method.dip.spread must lie in [0, 1); got {spread}")
+        if not 0.0 < energy < 1.0:
+            raise ValueError(f"method.dip.energy (effective-rank threshold) must lie in (0, 1); got {energy}")
+        if not 0.0 <= min_keep < max_keep <= 1.0:
+            raise ValueError(f"method.dip.min_keep / max_keep need 0 <= min_keep < max_keep <= 1; "
+                             f"got {min_keep}, {max_keep}")
+        if isinstance(nsamples, bool) or int(nsamples) < 1:
+            raise ValueError(f"method.dip.nsamples must be >= 1; got {nsamples}")
+        self.beta, self.spread, self.energy = float(beta), float(spread), float(energy)
+        self.min_keep, self.max_keep, self.nsamples = float(min_keep), float(max_keep), int(nsamples)
+
+    def plan(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor,
+             cfg: EngineConfig, method: "Method") -> Plan:
+        uniform, budget = uniform_budget(model, layout, ratio)
+        shapes, sizes = block_shapes(model, layout, uniform)
+        ids = calib_ids[: self.nsamples]
+        ranks_e = block_effective_ranks(model, layout, ids, cfg, self.energy)
+        grads = block_gradient_sensitivity(model, layout, ids, cfg)
+        keep = dip_keep(grads, ranks_e, ratio, self.beta, self.spread, self.min_keep, self.max_keep, sizes)
+        ranks = ranks_for_layer_ratios(shapes, [1.0 - k for k in keep], budget)
+        return Plan({p: ranks[p] for p in uniform},
+                    {p: {"grad_sensitivity": grads[i], "effective_rank": ranks_e[i], "layer_ratio": 1.0 - keep[i]}
+                     for p, (_, _, i) in shapes.items()})
+
+
+def block_gradient_sensitivity(model: nn.Module, layout: BlockLayout, ids: torch.Tensor,
+                               cfg: EngineConfig) -> list[float]:
+    """``g_l = sum_d sum_W ||dL(d)/dW||_F / ||W||_F`` over block ``l``'s projections and the sequences ``d`` of
+    ``ids`` (one gradient per sequence, the dense model on ``cfg.device``; put back where it was)."""
+    home = next(model.parameters()).device
+    names = projections(model, layout)
+    norms = {name: float(model.get_submodule(name).weight.detach().double().norm()) for name in names}
+    g = [0.0] * len(model.get_submodule(layout.layers))
+
+    def add(name: str, grad: torch.Tensor) -> None:
+        g[block_of(layout, name)] += float(grad.double().norm()) / (norms[name] + 1e-8)  # its code's 1e-8
+
+    sequence_gradients(model, names, ids, cfg.device, add, "dip sensitivity")
+    model.to(home)
+    return g
+
+
+def effective_rank(h: torch.Tensor, energy: float) -> int:
+    """Smallest ``k`` with ``sum_{i<=k} sigma_i >= energy * sum_i sigma_i`` for the singular values of ``h``
+    (``[tokens, d]``)."""
+    s = torch.linalg.svdvals(h.double())
+    cum = torch.cumsum(s, 0) / s.sum()
+    return int(torch.searchsorted(cum, torch.tensor([energy], dtype=cum.dtype))) + 1
+
+
+@torch.no_grad()
+def block_effective_ranks(model: nn.Module, layout: BlockLayout, ids: torch.Tensor, cfg: EngineConfig,
+                          energy: float) -> list[float]:
+    """Per block, the effective rank of its output hidden states, one sequence at a time, averaged."""
+    out: list[float] = []
+
+    def measure(step: BlockPass) -> None:
+        ranks = [effective_rank(seq, energy) for y in step.outputs for seq in y]
+        out.append(sum(ranks) / len(ranks))
+
+    dense_blocks(model, layout, ids, cfg, on_block=measure)
+    return out
+
+
+def _minmax(v: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """``(v - min v + eps) / (max v - min v)``; all ones if ``v`` is constant (nothing tells the blocks apart)."""
+    span = v.max() - v.min()
+    return torch.ones_like(v) if span == 0 else (v - v.min() + eps) / span
+
+
+def dip_keep(grad_sensitivity: Sequence[float], eff_rank: Sequence[float], ratio: float, beta: float = 0.3,
+             spread: float = 0.25, min_keep: float = 0.3, max_keep: float = 0.98,
+             weights: Sequence[float] | None = None) -> list[float]:
+    """Dip-SVD's per-block retention from its two scores (steps 1-4 of the module docstring); the mean weighted
+    by ``weights`` (the blocks' dense parameters; equal by default) is ``1 - ratio``."""
+    trr = 1.0 - check_ratio(ratio)
+    g = torch.as_tensor(grad_sensitivity, dtype=torch.float64)
+    e = torch.as_tensor(eff_rank, dtype=torch.float64)
+    w = torch.ones_like(g) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if g.ndim != 1 or g.numel() == 0 or e.shape != g.shape or w.shape != g.shape:
+        raise ValueError("dip_keep: one gradient sensitivity, effective rank and weight per block")
+    if not (torch.isfinite(g).all() and (g > 0).all() and torch.isfinite(e).all() and (w > 0).all()):
+        raise ValueError(f"dip_keep: gradient sensitivities must be finite and > 0 (a block with no gradient?); got "
+                         f"{grad_sensitivity}")
+    n = g.numel()
+    quarters = torch.tensor_split(g, [n // 4, n // 2, 3 * n // 4])  # its code's boundaries (numpy.split)
+    S = 1.0 / torch.cat([q / (q.sum() + 1e-8) for q in quarters])  # its code's segment normalisation and 1e-8
+    std = e.std(unbiased=False)
+    E = torch.zeros_like(e) if std == 0 else (e.mean() - e) / std
+    score = _minmax(S, 1e-5).pow(beta) * _minmax(E, 1e-5).pow(1.0 - beta)
+    keep = torch.full_like(g, trr) if score.max() == score.min() else \
+        (trr + spread * (2.0 * _minmax(score) - 1.0)).clamp_min(0.0)
+    lo, hi = (min_keep, max_keep) if min_keep < trr < max_keep else (0.0, 1.0)
+    w = w / w.sum()
+
+    def mean(t: float) -> float:
+        return float((w * (t * keep).clamp(lo, hi)).sum())
+
+    if mean(1e12) < trr - 1e-12:
+        raise ValueError(f"Dip-SVD's ratios cannot keep {trr} of the parameters under max_keep={hi} "
+                         "(method.dip.max_keep)")
+    t_lo, t_hi = 0.0, 1.0
+    while mean(t_hi) < trr:
+        t_lo, t_hi = t_hi, 2.0 * t_hi
+    for _ in range(200):
+        mid = 0.5 * (t_lo + t_hi)
+        t_lo, t_hi = (mid, t_hi) if mean(mid) < trr else (t_lo, mid)
+    return (t_hi * keep).clamp(lo, hi).tolist()
 
 
 # ----------------------------------------------------------------------------- STRS

@@ -3,6 +3,7 @@
 :func:`dense_blocks` is the one dense block-by-block pass for methods' whole-model pre-passes (AdaSVD's
 layer importance, ASVD's ``mean|x|`` and sensitivity inputs); the engine's two-stream loop uses the
 same pieces (:func:`capture_block_inputs`, :func:`forward_capturing`, :func:`through`).
+:func:`sequence_gradients` is the one whole-model backward pass (FWSVD's Fisher, Dip-SVD's block sensitivity).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from saes.core.lowrank import set_submodule
 from saes.engine.config import EngineConfig
@@ -168,3 +170,42 @@ def replaced(root: nn.Module, name: str, module: nn.Module) -> Iterator[nn.Modul
         yield module
     finally:
         set_submodule(root, name, original)
+
+
+def sequence_gradients(model: nn.Module, names: Iterable[str], ids: torch.Tensor, device: torch.device | str,
+                       on_grad: Callable[[str, torch.Tensor], None], desc: str) -> None:
+    """Backpropagate the LM loss of each sequence of ``ids`` alone (one gradient per sequence) on ``device``.
+
+    ``on_grad(name, grad)`` sees the gradient of each named ``nn.Linear``'s weight as soon as it is complete,
+    after which it is freed, so at most one such gradient exists at a time; only those weights require grad
+    during the pass. The parameters' ``requires_grad`` flags and the model's mode are restored; the model is
+    left on ``device``. A non-finite loss is a ``FloatingPointError`` naming ``desc`` and the sequence."""
+    linears = {name: model.get_submodule(name) for name in names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    hooks = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, lin in linears.items():
+            lin.weight.requires_grad_(True)
+
+            def seen(p: torch.Tensor, name: str = name) -> None:  # runs as soon as the gradient is complete
+                on_grad(name, p.grad)
+                p.grad = None
+
+            hooks.append(lin.weight.register_post_accumulate_grad_hook(seen))
+        model.eval().to(device)
+        for i, row in enumerate(tqdm(ids, desc=desc, unit="seq")):
+            x = row[None].to(device)
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the LM loss on calibration sequence {i} is not finite")
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)

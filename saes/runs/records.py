@@ -38,7 +38,8 @@ ABSENT_IF: dict[str, Any] = {
 # only while in use, except in the methods whose own configs held them before the allocators were shared (their
 # records hash them always).
 ALLOCATOR_SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("method.strs",),
-                                                  "adacr": ("method.min_keep", "method.max_keep", "method.importance")}
+                                                  "adacr": ("method.min_keep", "method.max_keep", "method.importance"),
+                                                  "dip": ("method.dip",)}
 OWN_ALLOCATOR = {"asvd": "strs", "asvd_strs": "strs", "adasvd": "adacr"}
 SCHEMA_VERSION = 1
 _ALWAYS = object()
