@@ -28,7 +28,7 @@ from saes.runs.records import config_key
 
 from .conftest import CONF, ROOT
 
-EXPERIMENTS = {"table1": 32, "table1_lora": 4, "ablation": 20, "aces_bounds": 12, "cost": 4}
+EXPERIMENTS = {"table1": 32, "table1_lora": 4, "table1_dip": 4, "ablation": 20, "aces_bounds": 12, "cost": 4}
 TINY = ["model=tiny_llama", "logger=none"]
 TASKS = ["arc_easy", "piqa", "mathqa"]
 
@@ -80,19 +80,20 @@ def write(job: sweeps.Job, rec: dict[str, Any]) -> None:
 
 
 PPL = {"svd": 1e6, "fwsvd": 5e4, "asvd": 300.0, "asvd_strs": 200.0, "svdllm": 40.0, "svdllm_update": 35.0,
-       "adasvd": 30.0, "saes": 20.0}
+       "adasvd": 30.0, "dipsvd": 38.0, "saes": 20.0}
+TABLE1 = ("table1", "table1_lora", "table1_dip")
 
 
 def fill_table1(results: Path, skip: tuple[str, float] | None = ("adasvd", 0.4), **kw: Any) -> list[sweeps.Job]:
-    """Synthetic records for every table1 / table1_lora job except ``skip``; PPL grows with the ratio."""
-    js = sweeps.jobs("table1", TINY, results) + sweeps.jobs("table1_lora", TINY, results)
+    """Synthetic records for every table1 / table1_lora / table1_dip job except ``skip``; PPL grows with the ratio."""
+    js = [j for e in TABLE1 for j in sweeps.jobs(e, TINY, results)]
     for j in js:
         if skip and (j.row, j.ratio) == skip:
             continue
         base = PPL[j.config["method"]["name"]] * (0.5 if j.config.get("finetune") else 1.0)
         write(j, synthetic_record(j.config, base * (1 + j.ratio), {"arc_easy": 0.4, "piqa": 0.6},
                                   betas={"0": 0.25, "1": 0.75}, **kw))
-    return sweeps.jobs("table1", TINY, results) + sweeps.jobs("table1_lora", TINY, results)
+    return [j for e in TABLE1 for j in sweeps.jobs(e, TINY, results)]
 
 
 def has_cells(md: str, line: str) -> bool:
@@ -178,7 +179,7 @@ def test_table1_shows_every_recorded_number_and_a_missing_run_as_missing(tmp_pat
     assert not doc.refused
     md = doc.markdown()
     assert row_cells(md, "0.4", "AdaSVD*")[2:] == ["missing"] * 5
-    assert "Runs recorded: 35 of 36. Missing: table1: method=adasvd ratio=0.4." in md  # which sweep makes it
+    assert "Runs recorded: 39 of 40. Missing: table1: method=adasvd ratio=0.4." in md  # which sweep makes it
     saes = row_cells(md, "0.2", "SAES-SVD")
     assert saes[2:] == ["24.00", "0.400", "0.600", "0.500", "0.0%"]
     assert row_cells(md, "0.0", "dense")[2] == "10.00"
@@ -327,7 +328,7 @@ def dry(text: Path, experiment: str = "ablation") -> list[str]:
     """Overrides for a dry run at ratio 0.2: the tiny preset, a local text; table1 scores one zero-shot task
     (four examples), the other accuracy experiments none (the same code path, already covered); cost has none."""
     tasks = {"table1": ["eval.zeroshot.tasks=[arc_easy]"], "table1_lora": ["eval.zeroshot.tasks=[arc_easy]"],
-             "cost": []}.get(experiment, ["eval.zeroshot.tasks=[]"])
+             "table1_dip": ["eval.zeroshot.tasks=[arc_easy]"], "cost": []}.get(experiment, ["eval.zeroshot.tasks=[]"])
     return [*TINY, "scale=tiny", "calib.source=local", f"calib.path={text}", "eval.ppl.sources=[local]",
             f"eval.ppl.path={text}", *tasks, "ratio=0.2"]
 
@@ -346,7 +347,7 @@ def test_dry_sweep_of_every_experiment_runs_and_fills_its_tables(tmp_path, text_
             rec = run(sweeps.compose([*j.overrides, *lora, f"results_dir={tmp_path}"]))
             assert summary(rec) and (lora or rec["key"] == config_key(j.config))  # found where the tables look
     md = {}
-    for build, experiment, recorded in ((table1.build, "table1", "8 of 9"), (ablation.build, "ablation", "5 of 5"),
+    for build, experiment, recorded in ((table1.build, "table1", "9 of 10"), (ablation.build, "ablation", "5 of 5"),
                                         (aces_bounds.build, "aces_bounds", "12 of 12"), (cost.build, "cost", "2 of 4")):
         doc = build(sweeps.Context(tmp_path, overrides[experiment]))
         md[experiment] = doc.markdown()
@@ -441,7 +442,7 @@ def test_display_names_come_from_the_method_configs_and_leave_record_keys_alone(
 def test_load_records_flattens_each_record_into_one_row(tmp_path):
     fill_table1(tmp_path, skip=("saes", 0.6))
     df = records.load_records(tmp_path, model="tiny_llama")
-    assert len(df) == 35 and df["key"].is_unique
+    assert len(df) == 39 and df["key"].is_unique
     assert {"config.method.name", "config.ratio", "metrics.ppl.wiki_books.compressed", "params.linears_ratio",
             "timings.total"} <= set(df.columns)
     saes = df[(df["config.method.name"] == "saes") & (df["config.ratio"] == 0.2)]
