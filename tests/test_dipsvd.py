@@ -79,13 +79,36 @@ def test_dip_retentions_keep_the_budget_mean_and_the_clip() -> None:
     gen = torch.Generator().manual_seed(0)
     g, e = (torch.rand(30, generator=gen) + 0.1).tolist(), (torch.rand(30, generator=gen) * 100).tolist()
     sizes = (torch.rand(30, generator=gen) + 0.5).tolist()
-    for ratio in (0.2, 0.4, 0.6, 0.8):
+    for ratio in (0.2, 0.4, 0.6):
         keep = torch.tensor(dip_keep(g, e, ratio, weights=sizes), dtype=torch.float64)
         w = torch.tensor(sizes, dtype=torch.float64)
         assert float((w * keep).sum() / w.sum()) == pytest.approx(1 - ratio, abs=1e-9)
-        lo, hi = (0.3, 0.98) if 0.3 < 1 - ratio < 0.98 else (0.0, 1.0)
-        assert lo - 1e-12 <= float(keep.min()) and float(keep.max()) <= hi + 1e-12
+        assert 0.3 - 1e-12 <= float(keep.min()) and float(keep.max()) <= 0.98 + 1e-12
         assert float(keep.max() - keep.min()) > 0.1  # the scores do tell the blocks apart
+    # 1 - ratio at or below the clip's floor: its code's rescaling ends with every block at 1 - ratio
+    assert dip_keep(g, e, 0.8, weights=sizes) == pytest.approx([0.2] * 30)
+
+
+def _source_normalisation(a: list[float], target_sum: float) -> list[float]:
+    """Dip-SVD's own rescaling loop as its heuristic describes it (25 clipped rescalings to [0.3, 0.98] until the
+    sum is within 1e-5, then one more rescaling clipped to [0, 1]), restated to check our bisection against."""
+    x = torch.tensor(a, dtype=torch.float64)
+    for _ in range(25):
+        if abs(float(x.sum()) - target_sum) < 1e-5:
+            break
+        x = (x * target_sum / x.sum()).clamp(0.3, 0.98)
+    if abs(float(x.sum()) - target_sum) > 1e-5:
+        x = (x + (target_sum - x.sum()) * x / x.sum()).clamp(0.0, 1.0)
+    return x.tolist()
+
+
+def test_dip_rescaling_matches_its_codes_loop_where_that_converges() -> None:
+    from saes.engine.allocators import dip_keep, dip_spread
+    gen = torch.Generator().manual_seed(4)
+    g, e = (torch.rand(32, generator=gen) + 0.1).tolist(), (torch.rand(32, generator=gen) * 100).tolist()
+    for ratio in (0.2, 0.4, 0.6):
+        spread = dip_spread(g, e, ratio)
+        assert dip_keep(g, e, ratio) == pytest.approx(_source_normalisation(spread, 32 * (1 - ratio)), abs=1e-4)
 
 
 def test_dip_retentions_follow_both_scores() -> None:
