@@ -53,6 +53,11 @@ def build(ctx: Context) -> Document:
         notes = ["Avg: mean accuracy (lm-eval's `acc`, or the metric the runs averaged) over the tasks every run "
                  "scored; Drop: its relative drop from the dense model's. * mixed ranks, † LoRA fine-tuning after "
                  "compression."]
+        if any(j.record is None for j in js if j.row == "asvd_strs"):
+            notes.append("ASVD (STRS)* missing: its default sensitivity table costs one calibration perplexity per "
+                         "projection and candidate fraction (SmolLM2 at the cpu preset: 1890 tail forwards, about "
+                         "1.8 h on a 2-core CPU, not affordable in the CPU reproduction; README, What has been run "
+                         "at CPU scale); the comparison grid has it with a 1 x 256-token table.")
         lost = [t for t in asked if t not in tasks]
         if lost:
             notes.append(f"Tasks asked for but not scored in every run: {', '.join(lost)} "

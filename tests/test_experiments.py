@@ -191,6 +191,10 @@ def test_table1_shows_every_recorded_number_and_a_missing_run_as_missing(tmp_pat
     assert "7.17" in md  # the paper's SAES-SVD at 0.2, from results/reference
     assert "ratio 0.2: ours Ours < SVD-LLM; paper Ours < SVD-LLM (same order)" in md
     assert all(j.record is not None for j in js if (j.row, j.ratio) != ("adasvd", 0.4))
+    assert "ASVD (STRS)* missing" not in md  # the reason is given only where its cells are missing
+    fill_table1(tmp_path / "no_strs", skip=("asvd_strs", 0.6))
+    assert "ASVD (STRS)* missing: its default sensitivity table" in \
+        table1.build(sweeps.Context(tmp_path / "no_strs", TINY)).markdown()
     tex = doc.latex()
     assert "\\begin{tabular}" in tex and "SVD-LLM$^\\dagger$" in tex and "\\%" in tex
 
