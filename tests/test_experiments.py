@@ -411,7 +411,7 @@ def table_cells(md: str) -> tuple[list[list[list[str]]], list[str]]:
 COMMITTED_RECORDS = ROOT / "results"
 
 
-@pytest.mark.parametrize("experiment,n_jobs", {"compare_baselines": 39, "foundation": 8, "foundation_damp": 6}.items())
+@pytest.mark.parametrize("experiment,n_jobs", {"compare_baselines": 42, "foundation": 8, "foundation_damp": 6}.items())
 def test_comparison_sweeps_find_the_committed_records(experiment, n_jobs):
     """The sweeps that replaced compare_baselines.py and bench_foundation.py give the keys of the records they
     made (nothing to rerun), and each job's method builds."""
