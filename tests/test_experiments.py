@@ -81,19 +81,18 @@ def write(job: sweeps.Job, rec: dict[str, Any]) -> None:
 
 PPL = {"svd": 1e6, "fwsvd": 5e4, "asvd": 300.0, "asvd_strs": 200.0, "svdllm": 40.0, "svdllm_update": 35.0,
        "adasvd": 30.0, "dipsvd": 38.0, "saes": 20.0}
-TABLE1 = ("table1", "table1_lora", "table1_dip")
 
 
 def fill_table1(results: Path, skip: tuple[str, float] | None = ("adasvd", 0.4), **kw: Any) -> list[sweeps.Job]:
     """Synthetic records for every table1 / table1_lora / table1_dip job except ``skip``; PPL grows with the ratio."""
-    js = [j for e in TABLE1 for j in sweeps.jobs(e, TINY, results)]
+    js = [j for e in table1.EXPERIMENTS for j in sweeps.jobs(e, TINY, results)]
     for j in js:
         if skip and (j.row, j.ratio) == skip:
             continue
         base = PPL[j.config["method"]["name"]] * (0.5 if j.config.get("finetune") else 1.0)
         write(j, synthetic_record(j.config, base * (1 + j.ratio), {"arc_easy": 0.4, "piqa": 0.6},
                                   betas={"0": 0.25, "1": 0.75}, **kw))
-    return [j for e in TABLE1 for j in sweeps.jobs(e, TINY, results)]
+    return [j for e in table1.EXPERIMENTS for j in sweeps.jobs(e, TINY, results)]
 
 
 def has_cells(md: str, line: str) -> bool:
