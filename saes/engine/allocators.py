@@ -64,10 +64,11 @@ allocator not in use do not enter a record's key (``saes.runs.records``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -432,9 +433,25 @@ class STRS(Allocator):
         if path is not None and path.is_file():
             log.info("STRS: sensitivity table from %s", path)
             return read_json(path)["table"]
-        table = strs_sensitivity(model, layout, calib_ids, sens_ids, cfg, alpha, floor, self.candidates, dtype)
+        # Rows land in a partial file as they are measured, so a stopped run resumes where it stopped (the
+        # table at the default size is hours of CPU time); the partial file has the same key as the table.
+        partial = None if path is None else path.with_name(path.stem + ".partial.json")
+        done: dict[str, list[float]] = {}
+        if partial is not None and partial.is_file():
+            saved = read_json(partial)
+            if saved.get("key") == json.loads(json.dumps(key)):
+                done = saved["table"]
+                log.info("STRS: resuming the sensitivity table, %d projections from %s", len(done), partial)
+
+        def keep(table: dict[str, list[float]]) -> None:
+            if partial is not None:
+                write_json_atomic(partial, {"key": key, "table": table})
+
+        table = strs_sensitivity(model, layout, calib_ids, sens_ids, cfg, alpha, floor, self.candidates, dtype,
+                                 done=done, on_row=keep)
         if path is not None:
             write_json_atomic(path, {"key": key, "table": table})
+            partial.unlink(missing_ok=True)
         return table
 
 
@@ -476,15 +493,20 @@ def _fixed_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
 @torch.no_grad()
 def strs_sensitivity(model: nn.Module, layout: BlockLayout, calib_ids: torch.Tensor, sens_ids: torch.Tensor,
                      cfg: EngineConfig, alpha: float, floor: float, candidates: Sequence[float],
-                     dtype: torch.dtype) -> dict[str, list[float]]:
+                     dtype: torch.dtype, done: Mapping[str, list[float]] | None = None,
+                     on_row: Callable[[dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
     """``table[name][k]``: the sensitivity set's perplexity with only ``name`` truncated to ``candidates[k]``,
-    its ``W S`` truncated and ``S`` undone; the model itself is left as it was."""
+    its ``W S`` truncated and ``S`` undone; the model itself is left as it was. Rows already in ``done`` (a
+    resumed table) are taken as they are; ``on_row(table)`` is called after each new row."""
     absmean, inputs = _absmean_and_block_inputs(model, layout, calib_ids, sens_ids, cfg)
     model.to(cfg.device)  # the tail forwards run the model's own code from block i on
     table: dict[str, list[float]] = {}
     names = [(i, name) for i in range(len(inputs)) for name in layout.projections]
     for i, proj in tqdm(names, desc="strs sensitivity", unit="layer"):
         name = f"{layout.layers}.{i}.{proj}"
+        if done is not None and name in done:
+            table[name] = list(done[name])
+            continue
         lin: nn.Linear = model.get_submodule(name)
         W = lin.weight
         s = activation_scale(absmean[name], alpha, floor).to(dtype)
@@ -497,6 +519,8 @@ def strs_sensitivity(model: nn.Module, layout: BlockLayout, calib_ids: torch.Ten
             with replaced(model, name, _fixed_linear(approx.to(W.dtype).to(W.device), lin.bias)):
                 row.append(math.exp(_tail_nll(model, layout, i, inputs[i], sens_ids, cfg)))
         table[name] = row
+        if on_row is not None:
+            on_row(table)
     return table
 
 
