@@ -7,12 +7,14 @@ import torch
 import transformers
 from torch import nn
 
+from saes.engine import allocators
 from saes.engine.allocators import STRS
 from saes.engine.config import EngineConfig
 from saes.engine.layout import layout_for, plan_ranks, projections
 from saes.engine.loop import block_kinds
 from saes.engine.propagate import BlockPass, dense_blocks, replaced
 from saes.inputs.models import tiny_llama
+from saes.io import read_json
 
 from .conftest import calib_batch
 
@@ -85,6 +87,40 @@ def test_the_strs_sensitivity_pass_leaves_the_model_as_it_was():
     assert list(table) == projections(model, layout)
     assert dict(model.named_modules()) == modules  # the same objects: nothing swapped in and left behind
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_stopped_strs_table_resumes_to_the_table_an_unstopped_run_makes(tmp_path, monkeypatch):
+    """The table's rows land in a partial file as they are measured; a run stopped mid-table measures only the
+    rows it lacks and ends with the same table as one that never stopped (and no partial file)."""
+    model = tiny_llama().eval()
+    layout = layout_for(model)
+    strs, ids = STRS(candidates=(0.3, 0.7), nsamples=2, seqlen=16), calib_batch()
+    args = (0.5, 1e-6, torch.float64)
+    whole = strs.sensitivity(model, layout, ids, EngineConfig(device=CPU, batch_size=2), *args)  # nothing cached
+    cfg = EngineConfig(device=CPU, batch_size=2, cache_dir=tmp_path)
+    real, calls = allocators._tail_nll, {"n": 0}
+
+    def stop_at_the_sixth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the third projection's second candidate
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(allocators, "_tail_nll", stop_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        strs.sensitivity(model, layout, ids, cfg, *args)
+    [partial] = (tmp_path / "asvd_strs").glob("*.partial.json")
+    assert list(read_json(partial)["table"]) == list(whole)[:2]
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    calls["n"] = 0
+    monkeypatch.setattr(allocators, "_tail_nll", counting)
+    assert strs.sensitivity(model, layout, ids, cfg, *args) == whole
+    assert calls["n"] == 2 * (len(whole) - 2)  # only the missing rows were measured
+    assert not partial.exists() and len(list((tmp_path / "asvd_strs").glob("*.json"))) == 1
 
 
 class _Done:
