@@ -53,11 +53,7 @@ def build(ctx: Context) -> Document:
         notes = ["Avg: mean accuracy (lm-eval's `acc`, or the metric the runs averaged) over the tasks every run "
                  "scored; Drop: its relative drop from the dense model's. * mixed ranks, † LoRA fine-tuning after "
                  "compression."]
-        if any(j.record is None for j in js if j.row == "asvd_strs"):
-            notes.append("ASVD (STRS)* missing: its default sensitivity table costs one calibration perplexity per "
-                         "projection and candidate fraction (SmolLM2 at the cpu preset: 1890 tail forwards, about "
-                         "1.8 h on a 2-core CPU, not affordable in the CPU reproduction; README, What has been run "
-                         "at CPU scale); the comparison grid has it with a 1 x 256-token table.")
+        notes += strs_notes([j for j in js if j.row == "asvd_strs"])
         lost = [t for t in asked if t not in tasks]
         if lost:
             notes.append(f"Tasks asked for but not scored in every run: {', '.join(lost)} "
@@ -72,6 +68,24 @@ def build(ctx: Context) -> Document:
         return out
 
     return prepare(ctx, NAME, TITLE, EXPERIMENTS, blocks)
+
+
+def strs_notes(js: list[Job]) -> list[str]:
+    """What ASVD (STRS)*'s cells rest on: the size of the sensitivity set its records used (read from them, with the
+    preset that set it), and why a cell is missing where one is."""
+    out = []
+    sizes = sorted({(int(j.record["config"]["method"]["strs"]["nsamples"]),
+                     int(j.record["config"]["method"]["strs"]["seqlen"] or j.record["config"]["calib"]["seqlen"]))
+                    for j in js if j.record is not None})
+    if sizes:
+        presets = "".join(sorted({f"; preset `conf/scale/{j.scale}.yaml`" for j in js if j.scale}))
+        out.append("ASVD (STRS)*: its sensitivity table (one calibration perplexity per projection and candidate kept "
+                   f"fraction) measured on {' / '.join(f'{n} x {t}' for n, t in sizes)} calibration tokens "
+                   f"(`method.strs`{presets}; the method's default is 8 sequences, `conf/rank_alloc/shared.yaml`).")
+    if any(j.record is None for j in js):
+        out.append("ASVD (STRS)* missing: not run; its sensitivity table is most of its cost (one calibration "
+                   "perplexity per projection and candidate fraction; cached after the first ratio, resumed if stopped).")
+    return out
 
 
 def beside_paper(js: list[Job], ref_file: str, src: str, tasks: list[str]) -> list[str | Table]:

@@ -191,9 +191,10 @@ def test_table1_shows_every_recorded_number_and_a_missing_run_as_missing(tmp_pat
     assert "ratio 0.2: ours Ours < SVD-LLM; paper Ours < SVD-LLM (same order)" in md
     assert all(j.record is not None for j in js if (j.row, j.ratio) != ("adasvd", 0.4))
     assert "ASVD (STRS)* missing" not in md  # the reason is given only where its cells are missing
+    # the sensitivity set its records used, read from them (the cpu preset: 2 of its 512-token sequences)
+    assert "measured on 2 x 512 calibration tokens (`method.strs`; preset `conf/scale/cpu.yaml`" in md
     fill_table1(tmp_path / "no_strs", skip=("asvd_strs", 0.6))
-    assert "ASVD (STRS)* missing: its default sensitivity table" in \
-        table1.build(sweeps.Context(tmp_path / "no_strs", TINY)).markdown()
+    assert "ASVD (STRS)* missing: not run" in table1.build(sweeps.Context(tmp_path / "no_strs", TINY)).markdown()
     tex = doc.latex()
     assert "\\begin{tabular}" in tex and "SVD-LLM$^\\dagger$" in tex and "\\%" in tex
 

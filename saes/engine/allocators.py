@@ -24,7 +24,8 @@ allocator not in use do not enter a record's key (``saes.runs.records``).
     method is ASVD, and with ASVD's defaults (0.5, 1e-6) otherwise (:meth:`Method.sensitivity_scaling`), so a
     method with ``rank_alloc=strs`` reuses the rank distribution ASVD discovers, as the paper's Table 8 does.
     The table depends on the model, the calibration tokens, the scaling, the candidates and the sensitivity
-    tokens only (not the ratio, not the method): it is cached under ``<results_dir>/cache/asvd_strs/``.
+    tokens only (not the ratio, not the method): it is cached under ``<results_dir>/cache/asvd_strs/``, and its
+    rows land in a ``.partial.json`` beside it as they are measured, so a stopped run resumes mid-table.
 
 ``adacr``: AdaSVD's adaptive compression ratios (Li et al. 2025; its README's overview figure)
     Layer importance on the dense model, ``c_l = mean_t cos(x_t, y_t)`` over all calibration tokens with
