@@ -278,7 +278,7 @@ def fig4(bench: tuple[Path, dict[str, Any]] | None, model: str, path: Path) -> P
 def build_all(ctx: "Context", skip: set[str]) -> list[Path]:
     """Every figure whose table was built and not refused (``skip``: their names); returns the files written."""
     out_dir = ctx.figures_dir
-    t1 = ctx.jobs("table1", "table1_lora")
+    t1 = ctx.jobs("table1", "table1_lora", "table1_strs")
     written = []
     if "table1" not in skip:
         written += [fig1a(ctx.jobs("table1"), out_dir / "fig1a_cosine.png"),

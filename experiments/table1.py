@@ -1,6 +1,6 @@
 """Table 1 (with Tables 5/6 and Figure 1b): every method at four ratios, beside the paper's rows.
 
-Sweeps ``experiment=table1``, ``experiment=table1_lora`` and ``experiment=table1_dip``; built by ``python -m experiments.tables``.
+Sweeps ``experiment=table1``, ``table1_lora``, ``table1_dip`` and ``table1_strs``; built by ``python -m experiments.tables``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from experiments.render import MISSING, Document, Table, avg_head, dense_record,
 from experiments.sweeps import Context, Job, cell, label, unique_rows
 
 NAME, TITLE = "table1", "Table 1: every method at four ratios (with Tables 5/6 and Figure 1b)"
-EXPERIMENTS = ("table1", "table1_lora", "table1_dip")
+EXPERIMENTS = ("table1", "table1_lora", "table1_dip", "table1_strs")
 TASKS = {"openbookqa": "OpenbookQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG.",
          "hellaswag": "HellaS.", "piqa": "PIQA", "mathqa": "MathQA", "boolq": "BoolQ", "lambada_openai": "LAMBADA"}
 MATCH: dict[str, dict[str, str | None]] = {  # our row id per paper row name, per reference table (our reading)
@@ -72,13 +72,13 @@ def build(ctx: Context) -> Document:
 
 def strs_notes(js: list[Job]) -> list[str]:
     """What ASVD (STRS)*'s cells rest on: the size of the sensitivity set its records used (read from them, with the
-    preset that set it), and why a cell is missing where one is."""
+    experiment that sets it), and why a cell is missing where one is."""
     out = []
     sizes = sorted({(int(j.record["config"]["method"]["strs"]["nsamples"]),
                      int(j.record["config"]["method"]["strs"]["seqlen"] or j.record["config"]["calib"]["seqlen"]))
                     for j in js if j.record is not None})
     if sizes:
-        presets = "".join(sorted({f"; preset `conf/scale/{j.scale}.yaml`" for j in js if j.scale}))
+        presets = "".join(sorted({f"; `conf/experiment/{j.experiment}.yaml`" for j in js}))
         out.append("ASVD (STRS)*: its sensitivity table (one calibration perplexity per projection and candidate kept "
                    f"fraction) measured on {' / '.join(f'{n} x {t}' for n, t in sizes)} calibration tokens "
                    f"(`method.strs`{presets}; the method's default is 8 sequences, `conf/rank_alloc/shared.yaml`).")

@@ -28,7 +28,7 @@ from saes.runs.records import config_key
 
 from .conftest import CONF, ROOT
 
-EXPERIMENTS = {"table1": 32, "table1_lora": 4, "table1_dip": 4, "ablation": 20, "aces_bounds": 12, "cost": 4}
+EXPERIMENTS = {"table1": 28, "table1_lora": 4, "table1_dip": 4, "table1_strs": 4, "ablation": 20, "aces_bounds": 12, "cost": 4}
 TINY = ["model=tiny_llama", "logger=none"]
 TASKS = ["arc_easy", "piqa", "mathqa"]
 
@@ -84,7 +84,7 @@ PPL = {"svd": 1e6, "fwsvd": 5e4, "asvd": 300.0, "asvd_strs": 200.0, "svdllm": 40
 
 
 def fill_table1(results: Path, skip: tuple[str, float] | None = ("adasvd", 0.4), **kw: Any) -> list[sweeps.Job]:
-    """Synthetic records for every table1 / table1_lora / table1_dip job except ``skip``; PPL grows with the ratio."""
+    """Synthetic records for every job of Table 1's sweeps except ``skip``; PPL grows with the ratio."""
     js = [j for e in table1.EXPERIMENTS for j in sweeps.jobs(e, TINY, results)]
     for j in js:
         if skip and (j.row, j.ratio) == skip:
@@ -191,8 +191,8 @@ def test_table1_shows_every_recorded_number_and_a_missing_run_as_missing(tmp_pat
     assert "ratio 0.2: ours Ours < SVD-LLM; paper Ours < SVD-LLM (same order)" in md
     assert all(j.record is not None for j in js if (j.row, j.ratio) != ("adasvd", 0.4))
     assert "ASVD (STRS)* missing" not in md  # the reason is given only where its cells are missing
-    # the sensitivity set its records used, read from them (the cpu preset: 2 of its 512-token sequences)
-    assert "measured on 2 x 512 calibration tokens (`method.strs`; preset `conf/scale/cpu.yaml`" in md
+    # the sensitivity set its records used, read from them (table1_strs: 2 of the cpu preset's 512-token sequences)
+    assert "measured on 2 x 512 calibration tokens (`method.strs`; `conf/experiment/table1_strs.yaml`" in md
     fill_table1(tmp_path / "no_strs", skip=("asvd_strs", 0.6))
     assert "ASVD (STRS)* missing: not run" in table1.build(sweeps.Context(tmp_path / "no_strs", TINY)).markdown()
     tex = doc.latex()
@@ -332,7 +332,8 @@ def dry(text: Path, experiment: str = "ablation") -> list[str]:
     """Overrides for a dry run at ratio 0.2: the tiny preset, a local text; table1 scores one zero-shot task
     (four examples), the other accuracy experiments none (the same code path, already covered); cost has none."""
     tasks = {"table1": ["eval.zeroshot.tasks=[arc_easy]"], "table1_lora": ["eval.zeroshot.tasks=[arc_easy]"],
-             "table1_dip": ["eval.zeroshot.tasks=[arc_easy]"], "cost": []}.get(experiment, ["eval.zeroshot.tasks=[]"])
+             "table1_dip": ["eval.zeroshot.tasks=[arc_easy]"], "table1_strs": ["eval.zeroshot.tasks=[arc_easy]"],
+             "cost": []}.get(experiment, ["eval.zeroshot.tasks=[]"])
     return [*TINY, "scale=tiny", "calib.source=local", f"calib.path={text}", "eval.ppl.sources=[local]",
             f"eval.ppl.path={text}", *tasks, "ratio=0.2"]
 
