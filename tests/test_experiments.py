@@ -412,10 +412,12 @@ def table_cells(md: str) -> tuple[list[list[list[str]]], list[str]]:
 COMMITTED_RECORDS = ROOT / "results"
 
 
-@pytest.mark.parametrize("experiment,n_jobs", {"compare_baselines": 42, "foundation": 8, "foundation_damp": 6}.items())
+@pytest.mark.parametrize("experiment,n_jobs", {"compare_baselines": 42, "foundation": 8, "foundation_damp": 6,
+                                               "table1": 28, "table1_lora": 4, "table1_dip": 4, "table1_strs": 4}.items())
 def test_comparison_sweeps_find_the_committed_records(experiment, n_jobs):
-    """The sweeps that replaced compare_baselines.py and bench_foundation.py give the keys of the records they
-    made (nothing to rerun), and each job's method builds."""
+    """The sweeps that replaced compare_baselines.py and bench_foundation.py, and Table 1's, give the keys of the
+    records they made (nothing to rerun; a config change that moves a committed record's key fails here), and each
+    job's method builds."""
     js = sweeps.jobs(experiment, [], COMMITTED_RECORDS)
     assert len(js) == n_jobs and len({config_key(j.config) for j in js}) == n_jobs
     for j in js:
