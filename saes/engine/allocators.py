@@ -445,11 +445,10 @@ class STRS(Allocator):
                 log.info("STRS: resuming the sensitivity table, %d projections from %s", len(done), partial)
 
         def keep(table: dict[str, list[float]]) -> None:
-            if partial is not None:
-                write_json_atomic(partial, {"key": key, "table": table})
+            write_json_atomic(partial, {"key": key, "table": table})
 
         table = strs_sensitivity(model, layout, calib_ids, sens_ids, cfg, alpha, floor, self.candidates, dtype,
-                                 done=done, on_row=keep)
+                                 done=done, on_row=None if partial is None else keep)
         if path is not None:
             write_json_atomic(path, {"key": key, "table": table})
             partial.unlink(missing_ok=True)
