@@ -25,13 +25,16 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)  ## create .venv and install everything (torch CPU build pinned)
 
-run: $(STAMP)  ## compress the embedded SmolLM2-135M with SAES-SVD and evaluate it, even if recorded (ARGS=... overrides)
-	$(BIN)/python run.py force=true $(ARGS)
+# `make run` writes under RUN_DIR (ignored by git), never over the committed records in results/.
+RUN_DIR ?= outputs/make-run
+run: $(STAMP)  ## compress the embedded SmolLM2-135M with SAES-SVD and evaluate it into $(RUN_DIR) (ARGS=... overrides)
+	$(BIN)/python run.py force=true results_dir=$(RUN_DIR) $(ARGS)
+	@echo "record written under $(RUN_DIR)/runs/ (the committed one: results/runs/smollm2_135m/saes/ratio0.2/)"
 
-test: $(STAMP)  ## the full test suite, the embedded-model tests included (what CI runs)
-	$(BIN)/python -m pytest $(ARGS)
+test: $(STAMP)  ## the full test suite, the embedded-model tests included (what CI runs); the 15 slowest at the end
+	$(BIN)/python -m pytest --durations=15 $(ARGS)
 
-test-fast: $(STAMP)  ## tests on the tiny random models only
+test-fast: $(STAMP)  ## the inner loop: everything but the tests marked slow (about 3 minutes)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 bench: $(STAMP)  ## dense vs SVD vs SAES-SVD on SmolLM2: PPL, phase times, peak memory (ARGS: Hydra overrides of the runs)

@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ class DataUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Text:
-    docs: list[str]
+    docs: Sequence[str]
     sep: str  # how the documents are joined before tokenising
 
 
@@ -148,12 +148,16 @@ def wiki_books_documents() -> list[str]:
     return passages
 
 
+# The packaged texts never change within a process: a sweep run in one process (Hydra's basic launcher) or
+# the test suite reads and splits each once.
+@lru_cache(maxsize=4)
 def _wiki_books(split: Split) -> Text:
-    return Text(hash_split(wiki_books_documents(), split), "\n\n")
+    return Text(tuple(hash_split(wiki_books_documents(), split)), "\n\n")
 
 
+@lru_cache(maxsize=4)
 def _wiki_qa(split: Split) -> Text:
-    return Text(hash_split(wiki_qa_documents(), split), "\n\n")
+    return Text(tuple(hash_split(wiki_qa_documents(), split)), "\n\n")
 
 
 SPLIT_MODES = ("whole", "hash")  # how a local file becomes text: all of it, or the hash part of the split asked
@@ -225,9 +229,30 @@ def load_text(source: str, split: Split, path: str | None = None, mode: str | No
 
 # -------------------------------------------------------------------------- tokens
 def tokenize(tokenizer: Any, text: Text) -> torch.Tensor:
-    """Join and tokenise once (the papers' protocol); returns ``[L]`` int64 ids."""
-    ids = tokenizer(text.sep.join(text.docs), return_tensors="pt", verbose=False).input_ids[0]
-    return ids.to(torch.int64)
+    """Join and tokenise once (the papers' protocol); returns ``[L]`` int64 ids (a fresh tensor).
+
+    Fast tokenizers' results are memoised in the process by the tokenizer's full serialisation and the
+    text's digest (tokenising is deterministic), so the jobs of a sweep in one process, and the tests,
+    tokenise each text once: on the byte-level test tokenizer that is most of a tiny run's time."""
+    joined = text.sep.join(text.docs)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: no serialisation to key on
+        return _encode(tokenizer, joined)
+    key = (type(tokenizer).__name__, hashlib.sha256(backend.to_str().encode()).hexdigest(),
+           hashlib.sha256(joined.encode()).hexdigest())
+    if key not in _TOKENS:
+        while len(_TOKENS) >= _TOKENS_KEPT:
+            _TOKENS.pop(next(iter(_TOKENS)))
+        _TOKENS[key] = _encode(tokenizer, joined)
+    return _TOKENS[key].clone()
+
+
+_TOKENS: dict[tuple[str, str, str], torch.Tensor] = {}
+_TOKENS_KEPT = 8
+
+
+def _encode(tokenizer: Any, joined: str) -> torch.Tensor:
+    return tokenizer(joined, return_tensors="pt", verbose=False).input_ids[0].to(torch.int64)
 
 
 def calibration_ids(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int,
