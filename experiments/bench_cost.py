@@ -35,7 +35,7 @@ from saes.engine.loop import compress_model
 from saes.evaluation.perplexity import perplexity
 from saes.inputs import data as data_mod
 from saes.inputs.models import load_model, resolve_device
-from saes.runs.pipeline import build_method
+from saes.runs.job import build_method
 from saes.runs.records import environment
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -49,7 +49,7 @@ def model_cfg(name: str, dtype: str | None = None) -> Any:
 
 def svd_folders(name: str, ratios: list[float], out: Path) -> dict[float, Path]:
     """SVD-compressed copies of model ``name`` at each ratio, saved once (keyed by the model's identity)."""
-    from saes.runs.pipeline import build_method
+    from saes.runs.job import build_method
 
     from saes.engine.config import EngineConfig
     from saes.engine.layout import layout_for, plan_ranks

@@ -90,7 +90,8 @@ def run_curve(overrides: list[str], layer: int | None, proj: str, points: int) -
     from omegaconf import OmegaConf
 
     from experiments.sweeps import compose
-    from saes.runs.pipeline import build_method, engine_config
+    from saes.runs.job import build_method
+    from saes.runs.pipeline import engine_config
 
     cfg = compose(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
