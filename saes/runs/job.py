@@ -7,6 +7,7 @@ converts the config groups into the typed settings the library below ``saes.runs
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"calib.stats_dtype must be one of {sorted(PRECISIONS)}; got {cfg.calib.stats_dtype!r}")
     if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2 or cfg.calib.batch_size < 1:
         raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
-    data_mod.check_source(cfg.calib, "calib", cfg.calib.source)
+    data_mod.check_source("calib", cfg.calib.source, cfg.calib.get("path"), cfg.calib.get("split"))
     validate_eval(cfg)
 
 
@@ -64,19 +65,38 @@ def check_quant(cfg: DictConfig) -> QuantSettings:
 
 
 def validate_eval(cfg: DictConfig) -> None:
-    """Checks shared by compression runs and ``load=`` runs: evaluation, model dtype, device."""
+    """Checks shared by compression runs and ``load=`` runs: the results folder, evaluation, model dtype,
+    device."""
+    check_results_dir(cfg.results_dir)
     ppl = cfg.eval.ppl
     if ppl.seqlen < 2 or (ppl.max_windows is not None and ppl.max_windows < 1):
         raise ValueError(f"eval.ppl.seqlen must be >= 2 and eval.ppl.max_windows >= 1 or null; got {ppl.seqlen}, {ppl.max_windows}")
     check_int("eval.ppl.batch_size", ppl.batch_size, minimum=1)
     for src in ppl.sources:
-        data_mod.check_source(ppl, "eval.ppl", src)
+        data_mod.check_source("eval.ppl", src, ppl.get("path"), ppl.get("split"))
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
     if cfg.get("finetune"):
         check_finetune(cfg.finetune)
     zeroshot.plan(cfg.eval)  # eval.zeroshot: bad input fails here
     resolve_device(cfg.device)
+
+
+def check_results_dir(value: Any) -> Path:
+    """``results_dir``, created if missing (the run writes its caches and record there), and writable: a
+    folder that cannot be made is named now, not by a traceback once the dense model has been scored."""
+    folder = Path(str(value)).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"results_dir={value!r} is not a folder (a file is there); set results_dir to a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"results_dir={value!r} cannot be created ({exc.strerror or exc}: {exc.filename}); set "
+                         "results_dir to a folder this user can write") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"results_dir={value!r} is not writable by this user; set results_dir to a folder it can "
+                         "write")
+    return folder
 
 
 def build_method(cfg: DictConfig) -> Method:
