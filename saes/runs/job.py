@@ -19,7 +19,7 @@ from torch import nn
 
 from saes.core.lowrank import check_ratio, rank_for_ratio
 from saes.core.method import DTYPES as PRECISIONS, Method
-from saes.engine.allocators import ALLOCATOR_KEYS, Allocator, build_allocator
+from saes.engine.allocators import RANK_ALLOCS, STRS, AdaCR, Allocator, DipGlobal
 from saes.engine.layout import layout_for, plan_ranks
 from saes.evaluation import zeroshot
 from saes.evaluation.perplexity import PplSettings
@@ -78,7 +78,7 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
     if cfg.get("finetune"):
         check_finetune(cfg.finetune)
-    zeroshot.plan(cfg.eval)  # eval.zeroshot: bad input fails here
+    zeroshot_plan(cfg.eval)  # eval.zeroshot: bad input fails here
     resolve_device(cfg.device)
 
 
@@ -114,6 +114,30 @@ def build_method(cfg: DictConfig) -> Method:
     if not isinstance(method, Method):
         raise TypeError(f"method config {cfg.method.name!r} does not build a saes.core.method.Method")
     return method
+
+
+# Each shared allocator's settings: keys of the method config (conf/rank_alloc/shared.yaml), not the method's.
+ALLOCATOR_SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("strs",), "adacr": ("min_keep", "max_keep", "importance"),
+                                                  "dip": ("dip",)}
+ALLOCATOR_KEYS = ("rank_alloc", *(k for keys in ALLOCATOR_SETTINGS.values() for k in keys))
+
+
+def build_allocator(method_cfg: DictConfig) -> Allocator | None:
+    """The allocator ``method.rank_alloc`` names with its settings (``None`` for uniform ranks); a bad name or
+    setting is a ``ValueError`` naming the key."""
+    name = method_cfg.get("rank_alloc", "uniform")
+    if name not in RANK_ALLOCS:
+        raise ValueError(f"method.rank_alloc must be one of {RANK_ALLOCS}; got {name!r}")
+    try:
+        if name == "strs":
+            return STRS(**dict(method_cfg.get("strs") or {}))
+        if name == "adacr":
+            return AdaCR(**{k: method_cfg[k] for k in ALLOCATOR_SETTINGS["adacr"] if k in method_cfg})
+        if name == "dip":
+            return DipGlobal(**dict(method_cfg.get("dip") or {}))
+    except TypeError as exc:  # an unknown key under method.strs / method.dip
+        raise ValueError(f"method.rank_alloc={name}: {exc}") from exc
+    return None
 
 
 def shared_allocator(cfg: DictConfig, method: Method) -> Allocator | None:
@@ -194,6 +218,16 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return resolved
 
 
+def zeroshot_plan(eval_cfg: DictConfig) -> zeroshot.Plan | None:
+    """``eval.zeroshot`` as a :class:`zeroshot.Plan` (None: zero-shot is off); bad settings are named here."""
+    zs = eval_cfg.get("zeroshot")
+    if zs is None:
+        return None
+    return zeroshot.plan(zs.get("tasks"), limit=zs.get("limit"), batch_size=zs.get("batch_size", 16),
+                         offline=zs.get("offline", "auto"), average_metric=zs.get("average_metric", "acc"),
+                         bootstrap_iters=zs.get("bootstrap_iters", 1000))
+
+
 def ppl_settings(cfg: DictConfig) -> PplSettings:
     ppl = cfg.eval.ppl
     return PplSettings(seqlen=ppl.seqlen, max_windows=ppl.max_windows, batch_size=ppl.batch_size)
@@ -206,7 +240,7 @@ def compression_job(cfg: DictConfig) -> Job:
     resolved = resolved_config(cfg)
     return Job(config=resolved, key=config_key(resolved), path=record_path(cfg.results_dir, resolved),
                name=f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}", label=method.name,
-               ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval), method=method, allocator=allocator,
+               ppl=ppl_settings(cfg), zeroshot=zeroshot_plan(cfg.eval), method=method, allocator=allocator,
                lora=LoraSettings.from_config(cfg.finetune) if cfg.get("finetune") else None,
                quant=QuantSettings.from_config(cfg.quant) if cfg.get("quant") else None)
 
@@ -241,7 +275,7 @@ def loaded_job(cfg: DictConfig) -> Job:
     key = config_key({**config, "manifest_sha256": manifest_sha})
     return Job(config=config, key=key, path=record_path(cfg.results_dir, config).with_name(f"loaded-{key}.json"),
                name=f"{cfg.model.name}/{method_cfg['name']}/r{manifest['ratio']}/loaded",
-               label=f"{method_cfg['name']} (loaded)", ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval),
+               label=f"{method_cfg['name']} (loaded)", ppl=ppl_settings(cfg), zeroshot=zeroshot_plan(cfg.eval),
                saved=Saved(folder, manifest, manifest_sha, identity))
 
 
