@@ -24,7 +24,8 @@ from saes.engine.layout import layout_for, plan_ranks
 from saes.evaluation import zeroshot
 from saes.evaluation.perplexity import PplSettings
 from saes.inputs import data as data_mod
-from saes.inputs.models import DTYPES, model_config, model_identity, resolve_device, skeleton
+from saes.inputs.models import (DTYPES, Chunk, GGUFSource, ModelSpec, model_config, model_identity, resolve_device,
+                                skeleton)
 from saes.io import sha256_file
 from saes.runs.checkpoint import MANIFEST, CheckpointError, read_manifest
 from saes.runs.finetune import LoraSettings, check_finetune
@@ -165,7 +166,7 @@ def check_ranks_before_loading(cfg: DictConfig, method: Method, allocator: Alloc
     depth-dependent settings (ERC-SVD's ``plc.k``) are checked against the same skeleton."""
     if float(cfg.ratio) == 0.0:  # nothing is compressed (quant=gptq of the dense model)
         return
-    model = skeleton(model_config(cfg.model))
+    model = skeleton(model_config(model_spec(cfg.model)))
     plan_ranks_for(model, float(cfg.ratio))
     method.check_setting(len(model.get_submodule(layout_for(model).layers)), float(cfg.ratio))
     if allocator is not None:
@@ -218,6 +219,16 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return resolved
 
 
+def model_spec(model_cfg: DictConfig) -> ModelSpec:
+    """The ``model`` config group as the :class:`ModelSpec` the loaders of :mod:`saes.inputs.models` take."""
+    gguf = model_cfg.get("gguf")
+    return ModelSpec(
+        source=model_cfg.source, dtype=model_cfg.dtype, path=model_cfg.get("path"), hub_id=model_cfg.get("hub_id"),
+        revision=model_cfg.get("revision"), tiny=dict(model_cfg.get("tiny") or {}),
+        gguf=None if gguf is None else GGUFSource(gguf.package, gguf.file, gguf.get("checksums"),
+                                                  tuple(Chunk(c.package, c.file) for c in gguf.get("chunks") or ())))
+
+
 def zeroshot_plan(eval_cfg: DictConfig) -> zeroshot.Plan | None:
     """``eval.zeroshot`` as a :class:`zeroshot.Plan` (None: zero-shot is off); bad settings are named here."""
     zs = eval_cfg.get("zeroshot")
@@ -263,7 +274,7 @@ def loaded_job(cfg: DictConfig) -> Job:
     if lacking:
         raise CheckpointError(f"{folder / MANIFEST} lacks {lacking}: it was not written by run.py save=true")
     check_manifest_ratio(folder, manifest)
-    identity = model_identity(cfg.model)
+    identity = model_identity(model_spec(cfg.model))
     if manifest["base"] != identity:
         raise CheckpointError(f"{folder} was compressed from base {manifest['base']!r}, but model={cfg.model.name} "
                               f"is {identity!r}: pass the model it was made from (model=... or model.path=...)")

@@ -40,7 +40,7 @@ from saes.inputs.models import DTYPES, load_model, resolve_device
 from saes.io import read_json, token_digest, write_json_atomic
 from saes.runs.checkpoint import MANIFEST, load_compressed, save_compressed
 from saes.runs.finetune import lora_finetune
-from saes.runs.job import Job, check_ranks_before_loading, manifest_shapes, prepare
+from saes.runs.job import Job, check_ranks_before_loading, manifest_shapes, model_spec, prepare
 from saes.runs.quantize import memory, quantize_model
 from saes.runs.records import SCHEMA_VERSION, environment, flatten, run_stem, wandb_run
 
@@ -134,7 +134,7 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     assert job.method is not None
     device = resolve_device(cfg.device)
     with timings.phase("load"):
-        loaded = load_model(cfg.model)
+        loaded = load_model(model_spec(cfg.model))
         layout = layout_for(loaded.model)
     model, tok = loaded.model, loaded.tokenizer
     with timings.phase("data"):
