@@ -32,6 +32,7 @@ from saes.runs.finetune import LoraSettings, check_finetune
 from saes.runs.quantize import QuantSettings
 from saes.runs.records import config_key, record_path
 
+
 # ------------------------------------------------------------------ validate
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of everything a compression run needs, before loading anything heavy."""

@@ -5,9 +5,9 @@ under the one budget rule of :mod:`saes.engine.allocation` (the uniform plan's t
 by less than one rank of one projection). The method then factorises each projection at its planned rank,
 so any allocator combines with any method (the paper's Table 8: SAES-SVD with ASVD's rank distribution).
 Each allocator's settings sit in the method's config (``conf/rank_alloc/shared.yaml``); the settings of an
-allocator not in use do not enter a record's key (``saes.runs.records``).
+allocator not in use do not enter a record's key (``saes.runs.records``); ``saes.runs.job.build_allocator``
+reads them and builds the allocator.
 
-``uniform`` (no allocator)
 The allocators, one module each behind :class:`Allocator` (:mod:`.base`, with the budget helpers they share):
 
 ``uniform`` (no allocator)
