@@ -72,9 +72,9 @@ def test_bad_input_raises_a_named_error_and_leaves_no_record(tmp_path, override,
 
 
 @pytest.mark.parametrize("where,match", [
-    ("/proc/x", r"results_dir='/proc/x' cannot be created \(No such file or directory"),
+    ("/proc/x", r"results_dir='/proc/x': cannot create a folder in /proc \(No such file or directory\)"),
     ("file", r"results_dir=.* is not a folder"),
-    ("file/sub", r"results_dir=.* cannot be created \(Not a directory"),
+    ("file/sub", r"results_dir=.* cannot be created: .*file is a file"),
 ])
 def test_a_results_dir_that_cannot_be_made_is_named_before_the_model_loads(tmp_path, monkeypatch, where, match):
     from saes.runs import pipeline
@@ -84,6 +84,7 @@ def test_a_results_dir_that_cannot_be_made_is_named_before_the_model_loads(tmp_p
     results_dir = where if where.startswith("/") else str(tmp_path / where)
     with pytest.raises(ValueError, match=match):
         run(make_cfg("method=svd", f"results_dir={results_dir}"))
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # the check leaves nothing behind
 
 
 @pytest.mark.parametrize("group", ["calib", "eval.ppl"])

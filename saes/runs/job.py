@@ -8,6 +8,7 @@ converts the config groups into the typed settings the library below ``saes.runs
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,19 +86,20 @@ def validate_eval(cfg: DictConfig) -> None:
 
 
 def check_results_dir(value: Any) -> Path:
-    """``results_dir``, created if missing (the run writes its caches and record there), and writable: a
-    folder that cannot be made is named now, not by a traceback once the dense model has been scored."""
-    folder = Path(str(value)).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"results_dir={value!r} is not a folder (a file is there); set results_dir to a folder")
+    """``results_dir`` can take the run's caches and record: a writable folder, or one that can be made. Probed
+    by making and removing a folder in it or in its nearest existing parent, so bad input leaves nothing behind
+    and a folder that cannot be made (``/proc/x``) is named now, not by a traceback once the dense model has
+    been scored."""
+    folder = Path(str(value)).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        why = "is not a folder" if existing == folder else f"cannot be created: {existing} is a file"
+        raise ValueError(f"results_dir={value!r} {why}; set results_dir to a folder this user can write")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".results-dir-check-", dir=existing))
     except OSError as exc:
-        raise ValueError(f"results_dir={value!r} cannot be created ({exc.strerror or exc}: {exc.filename}); set "
+        raise ValueError(f"results_dir={value!r}: cannot create a folder in {existing} ({exc.strerror}); set "
                          "results_dir to a folder this user can write") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"results_dir={value!r} is not writable by this user; set results_dir to a folder it can "
-                         "write")
     return folder
 
 
