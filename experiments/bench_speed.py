@@ -38,25 +38,26 @@ from torch import nn
 
 from experiments.speed import document
 from experiments.sweeps import ROOT, compose
-from saes.inputs.models import DTYPES, load_model, resolve_device
+from saes.inputs.models import DTYPES, ModelSpec, load_model, resolve_device
 from saes.runs.checkpoint import load_compressed, read_manifest, save_compressed
+from saes.runs.job import model_spec
 
 
-def model_cfg(name: str, dtype: str | None = None) -> Any:
+def model_cfg(name: str, dtype: str | None = None) -> ModelSpec:
     """The ``model`` config group entry ``name`` (conf/model/<name>.yaml), as run.py composes it."""
-    return compose([f"model={name}"] + ([f"model.dtype={dtype}"] if dtype else [])).model
+    return model_spec(compose([f"model={name}"] + ([f"model.dtype={dtype}"] if dtype else [])).model)
 
 
 def svd_folders(name: str, ratios: list[float], out: Path) -> dict[float, Path]:
     """SVD-compressed copies of model ``name`` at each ratio, saved once (keyed by the model's identity)."""
-    from saes.runs.pipeline import build_method
+    from saes.runs.job import build_method
 
     from saes.engine.config import EngineConfig
     from saes.engine.layout import layout_for, plan_ranks
     from saes.engine.loop import compress_model
 
     run_cfg = compose([f"model={name}", "model.dtype=float32", "method=svd"])
-    cfg = run_cfg.model
+    cfg = model_spec(run_cfg.model)
     folders: dict[float, Path] = {}
     dense = None
     for ratio in ratios:

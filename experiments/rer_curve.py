@@ -90,7 +90,8 @@ def run_curve(overrides: list[str], layer: int | None, proj: str, points: int) -
     from omegaconf import OmegaConf
 
     from experiments.sweeps import compose
-    from saes.runs.pipeline import build_method, engine_config
+    from saes.runs.job import build_method, model_spec
+    from saes.runs.pipeline import engine_config
 
     cfg = compose(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -98,7 +99,7 @@ def run_curve(overrides: list[str], layer: int | None, proj: str, points: int) -
     if not isinstance(method, SAES) or not method.aces_enabled:
         raise SystemExit("rer_curve needs method=saes with ACES on (the curve marks the beta ACES picks)")
     key = config_key(resolved)
-    loaded = load_model(cfg.model)
+    loaded = load_model(model_spec(cfg.model))
     model, layout = loaded.model, layout_for(loaded.model)
     n_blocks = len(model.get_submodule(layout.layers))
     index = n_blocks // 2 if layer is None else layer

@@ -4,7 +4,7 @@
 import pytest
 
 from saes.core.method import Method
-from saes.runs.pipeline import build_method
+from saes.runs.job import build_method
 
 from .conftest import CONF, make_cfg
 

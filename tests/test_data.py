@@ -44,6 +44,11 @@ def test_local_text_file_source(tmp_path, tokenizer):
     assert data.calibration_ids(tokenizer, "local", 4, 32, 0, str(path)).shape == (4, 32)
     with pytest.raises(data.DataUnavailable, match="no such file"):
         data.load_text("local", "calib", str(tmp_path / "missing.txt"))
+    for not_a_file in ("/dev/null", str(tmp_path)):  # a device, a folder: named as such, not as missing
+        with pytest.raises(data.DataUnavailable, match="is not a regular file"):
+            data.load_text("local", "eval", not_a_file, key="eval.ppl")
+        with pytest.raises(ValueError, match=f"calib.path='{not_a_file}' is not a regular file"):
+            data.check_source("calib", "local", not_a_file)
 
 
 def test_too_little_text_is_a_clear_error(tokenizer, tmp_path):

@@ -73,7 +73,7 @@ def test_bad_hyper_parameters_are_named(kw: dict, key: str) -> None:
         DipSVD(**kw)
 
 
-# ---- global protection (method.rank_alloc=dip, saes/engine/allocators.py) -----------------------------------
+# ---- global protection (method.rank_alloc=dip, saes/engine/allocators/dip.py) -------------------------------
 def test_dip_retentions_keep_the_budget_mean_and_the_clip() -> None:
     from saes.engine.allocators import dip_keep
     gen = torch.Generator().manual_seed(0)

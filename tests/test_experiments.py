@@ -23,7 +23,8 @@ import pytest
 from experiments import ablation, aces_bounds, cost, figures, paper, records, sweeps, table1, tables
 from experiments.rer_curve import run_curve
 from saes.core.method import Method
-from saes.runs.pipeline import build_method, run, summary
+from saes.runs.job import build_method
+from saes.runs.pipeline import run, summary
 from saes.runs.records import config_key
 
 from .conftest import CONF, ROOT

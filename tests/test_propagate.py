@@ -7,7 +7,7 @@ import torch
 import transformers
 from torch import nn
 
-from saes.engine import allocators
+from saes.engine.allocators import strs as strs_allocator
 from saes.engine.allocators import STRS
 from saes.engine.config import EngineConfig
 from saes.engine.layout import layout_for, plan_ranks, projections
@@ -98,7 +98,7 @@ def test_a_stopped_strs_table_resumes_to_the_table_an_unstopped_run_makes(tmp_pa
     args = (0.5, 1e-6, torch.float64)
     whole = strs.sensitivity(model, layout, ids, EngineConfig(device=CPU, batch_size=2), *args)  # nothing cached
     cfg = EngineConfig(device=CPU, batch_size=2, cache_dir=tmp_path)
-    real, calls = allocators._tail_nll, {"n": 0}
+    real, calls = strs_allocator._tail_nll, {"n": 0}
 
     def stop_at_the_sixth(*a, **k):
         calls["n"] += 1
@@ -106,7 +106,7 @@ def test_a_stopped_strs_table_resumes_to_the_table_an_unstopped_run_makes(tmp_pa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(allocators, "_tail_nll", stop_at_the_sixth)
+    monkeypatch.setattr(strs_allocator, "_tail_nll", stop_at_the_sixth)
     with pytest.raises(KeyboardInterrupt):
         strs.sensitivity(model, layout, ids, cfg, *args)
     [partial] = (tmp_path / "asvd_strs").glob("*.partial.json")
@@ -117,7 +117,7 @@ def test_a_stopped_strs_table_resumes_to_the_table_an_unstopped_run_makes(tmp_pa
         return real(*a, **k)
 
     calls["n"] = 0
-    monkeypatch.setattr(allocators, "_tail_nll", counting)
+    monkeypatch.setattr(strs_allocator, "_tail_nll", counting)
     assert strs.sensitivity(model, layout, ids, cfg, *args) == whole
     assert calls["n"] == 2 * (len(whole) - 2)  # only the missing rows were measured
     assert not partial.exists() and len(list((tmp_path / "asvd_strs").glob("*.json"))) == 1

@@ -19,6 +19,7 @@ from saes.inputs.models import ModelUnavailable, model_config
 from saes.io import token_digest
 from saes.runs import pipeline
 from saes.runs.checkpoint import MANIFEST, CheckpointError
+from saes.runs.job import model_spec, plan_ranks_for
 from saes.runs.pipeline import run
 
 from .conftest import ROOT, make_cfg
@@ -101,9 +102,9 @@ def test_the_rank_plan_from_the_config_equals_the_plan_from_the_weights():
     from saes.inputs.models import load_model, skeleton
 
     cfg = make_cfg()
-    loaded = load_model(cfg.model)
+    loaded = load_model(model_spec(cfg.model))
     want = plan_ranks(loaded.model, layout_for(loaded.model), 0.4)
-    assert pipeline.plan_ranks_for(skeleton(model_config(cfg.model)), 0.4) == want
+    assert plan_ranks_for(skeleton(model_config(model_spec(cfg.model))), 0.4) == want
 
 
 @pytest.mark.parametrize("overrides,match", [

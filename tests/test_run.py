@@ -71,6 +71,32 @@ def test_bad_input_raises_a_named_error_and_leaves_no_record(tmp_path, override,
     assert not records(tmp_path)
 
 
+@pytest.mark.parametrize("where,match", [
+    ("/proc/x", r"results_dir='/proc/x': cannot create a folder in /proc \(No such file or directory\)"),
+    ("file", r"results_dir=.* is not a folder"),
+    ("file/sub", r"results_dir=.* cannot be created: .*file is a file"),
+])
+def test_a_results_dir_that_cannot_be_made_is_named_before_the_model_loads(tmp_path, monkeypatch, where, match):
+    from saes.runs import pipeline
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(pipeline, "load_model", lambda *_: pytest.fail("the model was loaded before the error"))
+    results_dir = where if where.startswith("/") else str(tmp_path / where)
+    with pytest.raises(ValueError, match=match):
+        run(make_cfg("method=svd", f"results_dir={results_dir}"))
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # the check leaves nothing behind
+
+
+@pytest.mark.parametrize("group", ["calib", "eval.ppl"])
+def test_a_local_text_path_that_is_not_a_regular_file_is_named(tmp_path, group):
+    sources = "calib.source=local" if group == "calib" else "eval.ppl.sources=[local]"
+    for path, match in (("/dev/null", "is not a regular file"), (str(tmp_path), "is not a regular file"),
+                        (str(tmp_path / "missing.txt"), "no such file")):
+        with pytest.raises(ValueError, match=f"{group}.path='{path}'.* {match}"):
+            run(make_cfg("method=saes", sources, f"{group}.path={path}", results_dir=tmp_path))
+    assert not records(tmp_path)
+
+
 def test_missing_packaged_model_is_named(tmp_path):
     cfg = make_cfg("model=smollm2_135m", "model.gguf.package=llm-not-installed", results_dir=tmp_path)
     with pytest.raises(ModelUnavailable, match="llm-not-installed.*make setup"):

@@ -46,9 +46,10 @@ def test_saved_smollm2_reloads_with_identical_logits(tmp_path):
     from saes.engine.layout import layout_for, plan_ranks
     from saes.engine.loop import compress_model
     from saes.inputs.models import load_model
+    from saes.runs.job import model_spec
     from saes.runs.checkpoint import load_compressed, save_compressed
 
-    loaded = load_model(OmegaConf.load("conf/model/smollm2_135m.yaml"))
+    loaded = load_model(model_spec(OmegaConf.load("conf/model/smollm2_135m.yaml")))
     model = loaded.model
     compress_model(model, SVD("svd"), plan_ranks(model, layout_for(model), 0.4), None,
                    EngineConfig(device=torch.device("cpu")))

@@ -17,6 +17,7 @@ from saes.evaluation import tasks as task_data, zeroshot
 from saes.inputs import data
 from saes.inputs.models import tiny_llama
 from saes.runs import pipeline
+from saes.runs.job import zeroshot_plan
 from saes.runs.pipeline import run, summary
 
 from .conftest import make_cfg
@@ -196,7 +197,7 @@ def test_offline_is_decided_without_a_network_timeout_and_switched_once_by_the_r
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as if imported before going offline
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
     cfg = make_cfg("eval=zeroshot", "eval.zeroshot.offline=true")
-    p = zeroshot.plan(cfg.eval)
+    p = zeroshot_plan(cfg.eval)
     assert p is not None and p.offline and p.tasks == task_data.PAPER_TASKS[:-1] and "mathqa" in p.missing
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # planning decides, it switches nothing
     assert pipeline.prepare(cfg).zeroshot == p  # the run switches the hub off, once, before anything loads
@@ -208,8 +209,9 @@ def test_offline_is_decided_without_a_network_timeout_and_switched_once_by_the_r
 def test_configs_paper_runs_the_seven_tasks_and_the_default_job_none():
     assert tuple(make_cfg("eval=paper").eval.zeroshot.tasks) == task_data.PAPER_TASKS
     assert list(make_cfg("eval=paper").eval.ppl.sources) == ["wikitext2", "ptb", "c4"]
-    assert zeroshot.plan(make_cfg().eval) is None  # eval=ppl: perplexity only
-    assert zeroshot.plan(make_cfg("eval=zeroshot", "eval.zeroshot.tasks=[]").eval) is None
+    assert zeroshot_plan(make_cfg().eval) is None  # eval=ppl: perplexity only
+    assert zeroshot_plan(make_cfg("eval=zeroshot", "eval.zeroshot.tasks=[]").eval) is None
+    assert zeroshot.plan([]) is None and zeroshot.plan(None) is None
 
 
 def test_hub_mode_indexes_only_the_folders_of_the_tasks_asked_for():

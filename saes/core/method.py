@@ -3,26 +3,59 @@
 A method says which statistics it needs and from which activation stream, and
 turns ``(W, stats, rank)`` into ``(A, B)`` with ``W ~ A @ B``. Everything else
 (hooks, streams, devices, layer surgery, records) belongs to the engine.
+
+The core imports nothing from the engine: the whole-model hooks (:meth:`Method.allocate`,
+:meth:`Method.prepare`) receive the engine's block layout and settings typed as the small
+protocols :class:`Blocks` and :class:`PassSettings`, which the engine's ``BlockLayout`` and
+``EngineConfig`` satisfy. A method that hands them on to engine functions (ERC-SVD, FWSVD)
+annotates its override with the engine's own types.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
 from saes.core.stats import SiteStats
 
-if TYPE_CHECKING:  # the engine imports this module
-    from saes.engine.config import EngineConfig
-    from saes.engine.layout import BlockLayout
-
 Stream = Literal["fp", "compressed"]
 Statistic = Literal["H", "Delta", "absmean"]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class Blocks(Protocol):
+    """Where a model's decoder blocks and their compressible projections are (the engine's ``BlockLayout``)."""
+
+    @property
+    def layers(self) -> str: ...  # dotted path from the causal LM to the ModuleList of decoder blocks
+
+    @property
+    def projections(self) -> tuple[str, ...]: ...  # a block's projections, relative to the block, in plan order
+
+
+class PassSettings(Protocol):
+    """What a whole-model pass runs under (the engine's ``EngineConfig``): its device, where the weights go
+    back to afterwards, its batch size, and where model-level results may be cached under whose identity."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def offload_device(self) -> torch.device: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def cache_dir(self) -> Path | None: ...
+
+    @property
+    def model_identity(self) -> str: ...
 
 
 @dataclass
@@ -64,8 +97,8 @@ class Method(ABC):
         takes no shared allocator (``method.rank_alloc``, :mod:`saes.engine.allocators`) at the same time."""
         return False
 
-    def allocate(self, model: nn.Module, layout: "BlockLayout", ratio: float, calib_ids: torch.Tensor | None,
-                 cfg: "EngineConfig") -> dict[str, int | None] | None:
+    def allocate(self, model: nn.Module, layout: Blocks, ratio: float, calib_ids: torch.Tensor | None,
+                 cfg: PassSettings) -> dict[str, int | None] | None:
         """The method's own per-projection ranks for the global ``ratio`` (``None`` in the plan: the projection
         stays dense), or None; :mod:`saes.engine.allocation` holds the budget rule. Mixed ranks any method
         can take are the shared allocators of :mod:`saes.engine.allocators`.
@@ -79,8 +112,8 @@ class Method(ABC):
         defaults (Yuan et al. 2023), so any method reuses the rank distribution ASVD finds; ASVD its own."""
         return 0.5, 1e-6
 
-    def prepare(self, model: nn.Module, layout: "BlockLayout", calib_ids: torch.Tensor | None,
-                cfg: "EngineConfig") -> None:
+    def prepare(self, model: nn.Module, layout: Blocks, calib_ids: torch.Tensor | None,
+                cfg: PassSettings) -> None:
         """A whole-model pre-pass on the dense model (e.g. FWSVD's gradients); no-op by default."""
 
     @abstractmethod

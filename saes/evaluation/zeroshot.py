@@ -22,7 +22,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from saes.evaluation.tasks import TASKS, local_data, task_folders
 from saes.inputs.data import hub_offline
@@ -45,43 +45,38 @@ class Plan:
     bootstrap_iters: int = 1000
 
 
-def plan(eval_cfg: Any) -> Plan | None:
-    """Check ``eval.zeroshot`` and decide what runs where; None when zero-shot is off.
+def plan(tasks: str | Sequence[str] | None, limit: int | None = None, batch_size: int = 16,
+         offline: bool | str = "auto", average_metric: str = "acc", bootstrap_iters: int = 1000) -> Plan | None:
+    """Check the settings of ``eval.zeroshot`` (its keys, as given: the checks name them) and decide what runs
+    where; None when no task is asked for.
 
     Raises ``ValueError`` on bad input, or when none of the tasks asked for can run here.
     """
-    zs = eval_cfg.get("zeroshot") if eval_cfg is not None else None
-    if zs is None:
+    asked = [] if not tasks else [tasks] if isinstance(tasks, str) else [str(t) for t in tasks]
+    if not asked:
         return None
-    tasks = zs.get("tasks") or []
-    tasks = [tasks] if isinstance(tasks, str) else [str(t) for t in tasks]
-    if not tasks:
-        return None
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in asked if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown zero-shot task(s) {unknown}; known: {sorted(TASKS)}")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"eval.zeroshot.tasks lists a task twice: {tasks}")
-    limit = zs.get("limit")
+    if len(set(asked)) != len(asked):
+        raise ValueError(f"eval.zeroshot.tasks lists a task twice: {asked}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"eval.zeroshot.limit must be a positive integer (examples per task) or null; got {limit!r}")
-    batch_size = zs.get("batch_size", 16)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"eval.zeroshot.batch_size must be a positive integer; got {batch_size!r}")
-    metric = zs.get("average_metric", "acc")
-    if metric not in AVERAGE_METRICS:
-        raise ValueError(f"eval.zeroshot.average_metric must be one of {AVERAGE_METRICS}; got {metric!r}")
-    offline = resolve_offline(zs.get("offline", "auto"))
+    if average_metric not in AVERAGE_METRICS:
+        raise ValueError(f"eval.zeroshot.average_metric must be one of {AVERAGE_METRICS}; got {average_metric!r}")
+    hub_off = resolve_offline(offline)
     missing: dict[str, str] = {}
-    if offline:
-        for t in tasks:
+    if hub_off:
+        for t in asked:
             if TASKS[t].local is None:
                 missing[t] = (f"no offline copy of {t} (lm-eval loads it from the hub) and the hub is off here; "
                               "run with network, or eval.zeroshot.offline=false")
-    runnable = tuple(t for t in tasks if t not in missing)
+    runnable = tuple(t for t in asked if t not in missing)
     if not runnable:
         raise ValueError(f"none of the zero-shot tasks asked for can run here: {missing}")
-    return Plan(runnable, missing, offline, limit, batch_size, metric, int(zs.get("bootstrap_iters", 1000)))
+    return Plan(runnable, missing, hub_off, limit, batch_size, average_metric, int(bootstrap_iters))
 
 
 def resolve_offline(setting: Any) -> bool:

@@ -170,22 +170,24 @@ def check_local(path: str | None, mode: str | None, key: str) -> Path:
     if not path:
         raise DataUnavailable(f"the local text source of {key} needs a file: set {key}.path=/some/file.txt")
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise DataUnavailable(f"{key}.path={path!r}: no such file")
+    if not p.is_file():  # a folder, a device (/dev/null), a pipe: nothing to read paragraphs from
+        raise DataUnavailable(f"{key}.path={path!r} is not a regular file; point it at a UTF-8 text file")
     if not p.read_text(encoding="utf-8").strip():
         raise DataUnavailable(f"{key}.path={path!r} is empty: it has no text to {'calibrate' if key == 'calib' else 'evaluate'} on")
     return p
 
 
-def check_source(group: Any, key: str, source: str) -> None:
-    """Config group ``key`` (``calib``, ``eval.ppl``, ``finetune``) names a known text source and, if local, a
-    readable file; ``split`` only for local. A ``ValueError`` (bad config) naming the key, before any load."""
+def check_source(key: str, source: str, path: str | None = None, mode: str | None = None) -> None:
+    """The text settings of config group ``key`` (``calib``, ``eval.ppl``, ``finetune``): a known source and,
+    if local, a readable ``path``; ``mode`` (``<key>.split``) only for local. A ``ValueError`` (bad config)
+    naming the key, before any load."""
     if source not in SOURCES:
         raise ValueError(f"unknown text source {source!r} in {key}; known: {sorted(SOURCES)}")
-    mode = group.get("split")
     if source == "local":
         try:
-            check_local(group.get("path"), mode, key)
+            check_local(path, mode, key)
         except DataUnavailable as exc:
             raise ValueError(str(exc)) from None
     elif mode is not None:

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,37 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class ModelUnavailable(RuntimeError):
     """The configured model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    package: str  # the distribution that ships it
+    file: str  # its path inside that distribution
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """An embedded GGUF (``model.gguf``): ``file`` inside ``package``, or concatenated from ``chunks`` (in
+    order) and checked against the SHA-256 that ``checksums``, a file inside ``package``, lists for it."""
+    package: str
+    file: str
+    checksums: str | None = None
+    chunks: tuple[Chunk, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The ``model`` config group, typed (``saes.runs.job.model_spec`` converts it): where the weights come from.
+
+    ``path`` (a local Hugging Face folder) overrides ``source``: ``hub`` (``hub_id`` at ``revision``), ``gguf``
+    (``gguf``) or ``tiny`` (a random LLaMA built from the ``tiny`` parameters, ``seed`` among them)."""
+    source: str
+    dtype: str = "float32"
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    tiny: dict[str, Any] = field(default_factory=dict)
+    gguf: GGUFSource | None = None
 
 
 @dataclass
@@ -86,7 +117,7 @@ def _expected_sha256(sums: Path, name: str) -> str:
     raise ModelUnavailable(f"{sums} lists no SHA-256 for {name!r}; reinstall its package")
 
 
-def assembled_gguf(gguf: Any) -> Path:
+def assembled_gguf(gguf: GGUFSource) -> Path:
     """The GGUF ``gguf.file`` concatenated from ``gguf.chunks`` (``{package, file}`` each, in order), once.
 
     Every chunk is located through its distribution's file list (nothing is imported) and checked against
@@ -95,6 +126,9 @@ def assembled_gguf(gguf: Any) -> Path:
     ``<cache>/gguf/<sha256[:16]>/<file>``, written atomically (a crash leaves no partial file) and
     re-verified on use. Missing packages are all named in one error, before anything loads.
     """
+    if gguf.checksums is None:
+        raise ModelUnavailable(f"model.gguf.chunks of {gguf.file} need model.gguf.checksums (a sha256sum file inside "
+                               f"{gguf.package}) to check the assembled file against")
     wanted = [(gguf.package, gguf.checksums)] + [(c.package, c.file) for c in gguf.chunks]
     found, missing = [], []
     for package, name in wanted:
@@ -136,25 +170,27 @@ def assembled_gguf(gguf: Any) -> Path:
     return out
 
 
-def embedded_gguf(cfg: Any) -> Path:
+def embedded_gguf(spec: ModelSpec) -> Path:
     """The GGUF file of a ``source: gguf`` model: ``gguf.file`` inside ``gguf.package``, or assembled from
     ``gguf.chunks`` (:func:`assembled_gguf`)."""
-    if cfg.gguf.get("chunks"):
-        return assembled_gguf(cfg.gguf)
-    return packaged_file(cfg.gguf.package, cfg.gguf.file, ModelUnavailable)
+    if spec.gguf is None:
+        raise ModelUnavailable("model.source=gguf needs model.gguf (its package and file)")
+    if spec.gguf.chunks:
+        return assembled_gguf(spec.gguf)
+    return packaged_file(spec.gguf.package, spec.gguf.file, ModelUnavailable)
 
 
-def model_identity(cfg: Any) -> str:
-    """What :func:`load_model` loads for ``cfg`` (hub id, resolved path, GGUF hash), without loading it."""
-    if cfg.get("path"):
-        return f"path:{Path(cfg.path).expanduser().resolve()}"
-    if cfg.source == "tiny":
-        return f"tiny:{sorted(dict(cfg.get('tiny') or {}).items())}"
-    if cfg.source == "gguf":
-        return f"gguf:{file_digest(embedded_gguf(cfg))}"
-    if cfg.source == "hub":
-        return f"hub:{cfg.hub_id}@{cfg.get('revision') or 'main'}"
-    raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {cfg.source!r}")
+def model_identity(spec: ModelSpec) -> str:
+    """What :func:`load_model` loads for ``spec`` (hub id, resolved path, GGUF hash), without loading it."""
+    if spec.path:
+        return f"path:{Path(spec.path).expanduser().resolve()}"
+    if spec.source == "tiny":
+        return f"tiny:{sorted(spec.tiny.items())}"
+    if spec.source == "gguf":
+        return f"gguf:{file_digest(embedded_gguf(spec))}"
+    if spec.source == "hub":
+        return f"hub:{spec.hub_id}@{spec.revision or 'main'}"
+    raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {spec.source!r}")
 
 
 def gguf_to_hf(gguf: Path) -> tuple[Path, str]:
@@ -230,37 +266,37 @@ def _hub_unavailable(hub_id: str, exc: Exception | None = None) -> ModelUnavaila
                             "Use model.path=/local/dir or the embedded model (model=smollm2_135m)")
 
 
-def model_config(cfg: Any) -> Any:
-    """The Hugging Face config of the model ``cfg`` names, without its weights (for checks before loading).
+def model_config(spec: ModelSpec) -> Any:
+    """The Hugging Face config of the model ``spec`` names, without its weights (for checks before loading).
 
     Offline (the same 2-second decision the text sources use) a hub model's config comes from the local
     cache or not at all: no connection timeouts.
     """
     from transformers import AutoConfig
 
-    if cfg.get("path"):
-        where = Path(cfg.path).expanduser().resolve()
+    if spec.path:
+        where = Path(spec.path).expanduser().resolve()
         if not (where / "config.json").is_file():
-            raise ModelUnavailable(f"model.path={cfg.path!r} is not a Hugging Face model folder (no config.json)")
+            raise ModelUnavailable(f"model.path={spec.path!r} is not a Hugging Face model folder (no config.json)")
         return AutoConfig.from_pretrained(str(where))
-    if cfg.source == "tiny":
-        params = {k: v for k, v in dict(cfg.get("tiny") or {}).items() if k != "seed"}
+    if spec.source == "tiny":
+        params = {k: v for k, v in spec.tiny.items() if k != "seed"}
         return tiny_config(**params)
-    if cfg.source == "gguf":
+    if spec.source == "gguf":
         # The dequantised folder (made once, then cached) holds the config: reading it from the GGUF takes seconds.
-        where, _ = gguf_to_hf(embedded_gguf(cfg))
+        where, _ = gguf_to_hf(embedded_gguf(spec))
         return AutoConfig.from_pretrained(str(where))
-    if cfg.source == "hub":
+    if spec.source == "hub":
         offline = hub_offline()
         if offline:
             set_offline_switches()
         try:
-            return AutoConfig.from_pretrained(cfg.hub_id, revision=cfg.get("revision"), local_files_only=offline)
+            return AutoConfig.from_pretrained(spec.hub_id, revision=spec.revision, local_files_only=offline)
         except OSError as exc:
             if offline:
-                raise _hub_unavailable(cfg.hub_id, exc) from exc
-            raise ModelUnavailable(f"could not read the config of {cfg.hub_id}: {exc}") from exc
-    raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {cfg.source!r}")
+                raise _hub_unavailable(str(spec.hub_id), exc) from exc
+            raise ModelUnavailable(f"could not read the config of {spec.hub_id}: {exc}") from exc
+    raise ModelUnavailable(f"model.source must be hub, gguf or tiny (or set model.path); got {spec.source!r}")
 
 
 def skeleton(config: Any) -> nn.Module:
@@ -271,36 +307,36 @@ def skeleton(config: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(cfg: Any) -> LoadedModel:
-    """Load per ``cfg`` (the ``model`` config group); weights stay on the CPU in ``cfg.dtype``."""
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load per ``spec`` (the ``model`` config group); weights stay on the CPU in ``spec.dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.dtype not in DTYPES:
-        raise ModelUnavailable(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.dtype!r}")
-    dtype = DTYPES[cfg.dtype]
-    source, identity = cfg.source, model_identity(cfg)
-    if cfg.get("path"):
-        source, where = "path", Path(cfg.path).expanduser().resolve()
+    if spec.dtype not in DTYPES:
+        raise ModelUnavailable(f"model.dtype must be one of {sorted(DTYPES)}; got {spec.dtype!r}")
+    dtype = DTYPES[spec.dtype]
+    source, identity = spec.source, model_identity(spec)
+    if spec.path:
+        source, where = "path", Path(spec.path).expanduser().resolve()
         if not (where / "config.json").is_file():
-            raise ModelUnavailable(f"model.path={cfg.path!r} is not a Hugging Face model folder (no config.json)")
+            raise ModelUnavailable(f"model.path={spec.path!r} is not a Hugging Face model folder (no config.json)")
     elif source == "tiny":
-        params = dict(cfg.get("tiny") or {})
+        params = dict(spec.tiny)
         model = tiny_llama(**params).to(dtype).eval()
         return LoadedModel(model, tiny_tokenizer(), identity)
     elif source == "gguf":
-        where, _ = gguf_to_hf(embedded_gguf(cfg))
+        where, _ = gguf_to_hf(embedded_gguf(spec))
     else:  # hub (model_identity refused any other source)
-        where = cfg.hub_id
+        where = str(spec.hub_id)
     local_only = source == "hub" and hub_offline()  # offline: the local cache or an error at once, no timeouts
     if local_only:
         set_offline_switches()
     try:
-        tok = AutoTokenizer.from_pretrained(str(where), revision=cfg.get("revision"), local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, revision=cfg.get("revision"),
+        tok = AutoTokenizer.from_pretrained(str(where), revision=spec.revision, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, revision=spec.revision,
                                                      low_cpu_mem_usage=True, local_files_only=local_only)
     except OSError as exc:
         if local_only:
-            raise _hub_unavailable(cfg.hub_id, exc) from exc
+            raise _hub_unavailable(str(spec.hub_id), exc) from exc
         raise ModelUnavailable(
             f"could not load model {where!s} ({source}): {exc}. Offline, use model.path=/local/dir "
             "or the embedded model (model=smollm2_135m)"

@@ -63,7 +63,7 @@ def check_finetune(ft: DictConfig) -> None:
         raise ValueError("finetune needs r, epochs, nsamples, batch_size >= 1, seqlen >= 2 and lr > 0; got "
                          f"r={ft.r}, epochs={ft.epochs}, nsamples={ft.nsamples}, seqlen={ft.seqlen}, "
                          f"batch_size={ft.batch_size}, lr={ft.lr}")
-    data_mod.check_source(ft, "finetune", ft.source)
+    data_mod.check_source("finetune", ft.source, ft.get("path"), ft.get("split"))
 
 
 def _factor_names(model: nn.Module, which: str) -> list[str]:

@@ -2,9 +2,10 @@
 
 validate -> key / skip -> obtain the model (compress it, or load it from ``load=``) -> evaluate -> record.
 
-Everything that can be checked from the config is checked before anything heavy loads; below this module the
-library takes typed values (:class:`PplSettings`, :class:`zeroshot.Plan`, :class:`LoraSettings`,
-:class:`EngineConfig`), never the whole ``DictConfig``.
+The first two are :mod:`saes.runs.job` (everything that can be checked from the config is checked there,
+before anything heavy loads); this module runs the :class:`Job`. Below ``saes.runs`` the library takes typed
+values (:class:`PplSettings`, :class:`zeroshot.Plan`, :class:`LoraSettings`, :class:`EngineConfig`), never
+the whole ``DictConfig``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from saes.core.lowrank import check_ratio, count_parameters, rank_for_ratio
+from saes.core.lowrank import count_parameters
 from saes.core.method import DTYPES as PRECISIONS, Method
-from saes.engine.allocators import ALLOCATOR_KEYS, Allocator, Plan, build_allocator
+from saes.engine.allocators import Allocator, Plan
 from saes.engine.config import CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks, projections
 from saes.engine.loop import compress_model, needs_calibration
@@ -35,211 +34,17 @@ from saes.engine.resume import owned, release
 from saes.evaluation import zeroshot
 from saes.evaluation.dense import DenseModel, cached_perplexity, dense_perplexity, dense_zeroshot
 from saes.evaluation.offload import placed
-from saes.evaluation.perplexity import PplSettings, perplexities
+from saes.evaluation.perplexity import perplexities
 from saes.inputs import data as data_mod
-from saes.inputs.models import DTYPES, load_model, model_config, model_identity, resolve_device, skeleton
-from saes.io import read_json, sha256_file, token_digest, write_json_atomic
-from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
-from saes.runs.finetune import LoraSettings, check_finetune, lora_finetune
-from saes.runs.quantize import QuantSettings, memory, quantize_model
-from saes.runs.records import SCHEMA_VERSION, config_key, environment, flatten, record_path, run_stem, wandb_run
+from saes.inputs.models import DTYPES, load_model, resolve_device
+from saes.io import read_json, token_digest, write_json_atomic
+from saes.runs.checkpoint import MANIFEST, load_compressed, save_compressed
+from saes.runs.finetune import lora_finetune
+from saes.runs.job import Job, check_ranks_before_loading, manifest_shapes, model_spec, prepare
+from saes.runs.quantize import memory, quantize_model
+from saes.runs.records import SCHEMA_VERSION, environment, flatten, run_stem, wandb_run
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------ validate
-def validate(cfg: DictConfig) -> None:
-    """Cheap checks of everything a compression run needs, before loading anything heavy."""
-    if cfg.get("quant"):
-        check_quant(cfg)
-    if not (cfg.ratio == 0 and cfg.get("quant")):  # ratio=0: the dense model, only worth a run when quantized
-        if cfg.ratio == 0:
-            raise ValueError("ratio=0 compresses nothing; it is a run only with quant=gptq (GPTQ of the dense model)")
-        check_ratio(cfg.ratio)
-    check_int("seed", cfg.seed)
-    check_int("calib.seed", cfg.calib.seed)
-    if cfg.calib.propagate not in (None, "fp", "compressed"):
-        raise ValueError(f"calib.propagate must be null, fp or compressed; got {cfg.calib.propagate!r}")
-    if cfg.calib.stats_dtype not in PRECISIONS:
-        raise ValueError(f"calib.stats_dtype must be one of {sorted(PRECISIONS)}; got {cfg.calib.stats_dtype!r}")
-    if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2 or cfg.calib.batch_size < 1:
-        raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
-    data_mod.check_source(cfg.calib, "calib", cfg.calib.source)
-    validate_eval(cfg)
-
-
-def check_quant(cfg: DictConfig) -> QuantSettings:
-    """``quant=gptq``: its settings, and the settings it cannot be combined with, named before any work."""
-    q = QuantSettings.from_config(cfg.quant)
-    for key, clash, why in (("save", bool(cfg.save), "a saved folder holds factors, not packed low-bit weights"),
-                            ("finetune", bool(cfg.get("finetune")), "LoRA on fake-quantized factors is not a stage here")):
-        if clash:
-            raise ValueError(f"quant={q.method} with {key}={cfg.get(key)}: not supported ({why}); drop one of them")
-    if cfg.ratio == 0 and cfg.method.get("rank_alloc", "uniform") != "uniform":
-        raise ValueError(f"ratio=0 (no compression) with method.rank_alloc={cfg.method.rank_alloc}: nothing to allocate")
-    return q
-
-
-def validate_eval(cfg: DictConfig) -> None:
-    """Checks shared by compression runs and ``load=`` runs: evaluation, model dtype, device."""
-    ppl = cfg.eval.ppl
-    if ppl.seqlen < 2 or (ppl.max_windows is not None and ppl.max_windows < 1):
-        raise ValueError(f"eval.ppl.seqlen must be >= 2 and eval.ppl.max_windows >= 1 or null; got {ppl.seqlen}, {ppl.max_windows}")
-    check_int("eval.ppl.batch_size", ppl.batch_size, minimum=1)
-    for src in ppl.sources:
-        data_mod.check_source(ppl, "eval.ppl", src)
-    if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {cfg.model.dtype!r}")
-    if cfg.get("finetune"):
-        check_finetune(cfg.finetune)
-    zeroshot.plan(cfg.eval)  # eval.zeroshot: bad input fails here
-    resolve_device(cfg.device)
-
-
-def build_method(cfg: DictConfig) -> Method:
-    """The method of ``cfg.method`` (its rank allocator's keys aside: :func:`build_allocator`); a constructor's
-    ``ValueError``/``TypeError`` becomes a ``ValueError`` naming the method config (unwrapped from Hydra's wrapper)."""
-    node = OmegaConf.to_container(cfg.method, resolve=True)
-    assert isinstance(node, dict)
-    try:
-        method = instantiate({k: v for k, v in node.items() if k not in ALLOCATOR_KEYS})
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, (ValueError, TypeError)):
-            raise ValueError(f"invalid method config {cfg.method.get('name')!r}: {cause}") from exc
-        raise
-    if not isinstance(method, Method):
-        raise TypeError(f"method config {cfg.method.name!r} does not build a saes.core.method.Method")
-    return method
-
-
-def shared_allocator(cfg: DictConfig, method: Method) -> Allocator | None:
-    """The shared rank allocator ``method.rank_alloc`` names (None: uniform ranks or the method's own plan)."""
-    allocator = build_allocator(cfg.method)
-    if allocator is not None and method.plans_ranks:
-        raise ValueError(f"method.rank_alloc={allocator.name} and {cfg.method.name}'s own rank plan exclude each "
-                         f"other: set method.rank_alloc=uniform, or turn the method's plan off (for ERC-SVD: "
-                         f"method.plc.k=null)")
-    return allocator
-
-
-def check_int(key: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` of config key ``key`` as an int (not a bool, not a string), at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        need = "an integer" + (f" >= {minimum}" if minimum is not None else "")
-        raise ValueError(f"{key} must be {need}; got {value!r}")
-    return value
-
-
-def check_ranks_before_loading(cfg: DictConfig, method: Method, allocator: Allocator | None) -> None:
-    """The uniform rank plan of ``ratio`` from the model's config alone (shapes on the meta device): a ratio
-    that rounds a rank to 0 is refused before the weights load, the dense evaluation and any pre-pass. The
-    uniform plan's total is every method's budget, so it must exist whatever the allocation. The method's
-    depth-dependent settings (ERC-SVD's ``plc.k``) are checked against the same skeleton."""
-    if float(cfg.ratio) == 0.0:  # nothing is compressed (quant=gptq of the dense model)
-        return
-    model = skeleton(model_config(cfg.model))
-    plan_ranks_for(model, float(cfg.ratio))
-    method.check_setting(len(model.get_submodule(layout_for(model).layers)), float(cfg.ratio))
-    if allocator is not None:
-        allocator.check(float(cfg.ratio))
-
-
-def plan_ranks_for(model: nn.Module, ratio: float) -> dict[str, int]:
-    return plan_ranks(model, layout_for(model), ratio)
-
-
-# ------------------------------------------------------------------ the job: key, record path, typed settings
-@dataclass(frozen=True)
-class Saved:
-    """A folder written by ``save=true``, checked against the config's base model (``load=`` runs)."""
-    folder: Path
-    manifest: dict[str, Any]
-    manifest_sha256: str
-    identity: str  # of the base model
-
-
-@dataclass(frozen=True)
-class Job:
-    """What one run computes and where its record goes, all known before anything heavy loads."""
-    config: dict[str, Any]  # the record's config (its key hashes it)
-    key: str
-    path: Path  # of the record
-    name: str  # the run's name for W&B
-    label: str  # the evaluated model's name in progress bars
-    ppl: PplSettings
-    zeroshot: zeroshot.Plan | None
-    method: Method | None = None  # a compression run
-    allocator: Allocator | None = None  # its shared rank allocator (None: uniform or the method's own plan)
-    quant: QuantSettings | None = None  # quantization after compression (and LoRA)
-    lora: LoraSettings | None = None
-    saved: Saved | None = None  # a load= run
-
-
-def prepare(cfg: DictConfig) -> Job:
-    """Validate the config and describe the run; then switch the hub off once if zero-shot runs offline,
-    before ``datasets`` or lm-eval load anything."""
-    job = loaded_job(cfg) if cfg.get("load") else compression_job(cfg)
-    if job.zeroshot is not None and job.zeroshot.offline:
-        data_mod.set_offline_switches()
-    return job
-
-
-def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-    return resolved
-
-
-def ppl_settings(cfg: DictConfig) -> PplSettings:
-    ppl = cfg.eval.ppl
-    return PplSettings(seqlen=ppl.seqlen, max_windows=ppl.max_windows, batch_size=ppl.batch_size)
-
-
-def compression_job(cfg: DictConfig) -> Job:
-    validate(cfg)
-    method = build_method(cfg)
-    allocator = shared_allocator(cfg, method)
-    resolved = resolved_config(cfg)
-    return Job(config=resolved, key=config_key(resolved), path=record_path(cfg.results_dir, resolved),
-               name=f"{cfg.model.name}/{method.name}/r{cfg.ratio}/s{cfg.seed}", label=method.name,
-               ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval), method=method, allocator=allocator,
-               lora=LoraSettings.from_config(cfg.finetune) if cfg.get("finetune") else None,
-               quant=QuantSettings.from_config(cfg.quant) if cfg.get("quant") else None)
-
-
-def loaded_job(cfg: DictConfig) -> Job:
-    """``load=<folder>``: evaluate a saved compressed model (no calibration, no compression).
-
-    The record lives beside the compression records of the manifest's method and ratio, named
-    ``loaded-<key>.json`` (``key`` hashes the config as evaluated plus the manifest's SHA-256), so
-    it never overwrites the record of the run that made the folder.
-    """
-    validate_eval(cfg)
-    if cfg.save:
-        raise ValueError("save=true with load=<folder>: the folder is already saved; drop one of them")
-    if cfg.get("quant"):
-        raise ValueError("quant=gptq with load=<folder>: quantization is a stage of a compression run; drop load=")
-    folder = Path(cfg.load).expanduser().resolve()
-    manifest = read_manifest(folder)
-    lacking = [k for k in ("base", "method", "ratio") if manifest.get(k) is None]
-    if lacking:
-        raise CheckpointError(f"{folder / MANIFEST} lacks {lacking}: it was not written by run.py save=true")
-    check_manifest_ratio(folder, manifest)
-    identity = model_identity(cfg.model)
-    if manifest["base"] != identity:
-        raise CheckpointError(f"{folder} was compressed from base {manifest['base']!r}, but model={cfg.model.name} "
-                              f"is {identity!r}: pass the model it was made from (model=... or model.path=...)")
-    resolved = resolved_config(cfg)
-    method_cfg = manifest["method"] if isinstance(manifest["method"], dict) else {"name": str(manifest["method"])}
-    config = {**{k: v for k, v in resolved.items() if k != "calib"}, "load": str(folder), "method": method_cfg,
-              "ratio": manifest["ratio"]}  # what made the weights; calibration comes from the manifest
-    manifest_sha = sha256_file(folder / MANIFEST)
-    key = config_key({**config, "manifest_sha256": manifest_sha})
-    return Job(config=config, key=key, path=record_path(cfg.results_dir, config).with_name(f"loaded-{key}.json"),
-               name=f"{cfg.model.name}/{method_cfg['name']}/r{manifest['ratio']}/loaded",
-               label=f"{method_cfg['name']} (loaded)", ppl=ppl_settings(cfg), zeroshot=zeroshot.plan(cfg.eval),
-               saved=Saved(folder, manifest, manifest_sha, identity))
 
 
 # ------------------------------------------------------------------ the run
@@ -329,7 +134,7 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     assert job.method is not None
     device = resolve_device(cfg.device)
     with timings.phase("load"):
-        loaded = load_model(cfg.model)
+        loaded = load_model(model_spec(cfg.model))
         layout = layout_for(loaded.model)
     model, tok = loaded.model, loaded.tokenizer
     with timings.phase("data"):
@@ -407,24 +212,6 @@ def calibration_tokens(cfg: DictConfig, tok: Any) -> torch.Tensor:
             raise
         raise data_mod.DataUnavailable(f"{exc}. Calibrate on the offline text (calib.source=wiki_books) or a "
                                        "local file (calib.source=local calib.path=/some/train.txt)") from exc
-
-
-def check_manifest_ratio(folder: Path, manifest: dict[str, Any]) -> None:
-    """The manifest's ratio must be the one its layers were planned with: the record is filed and tabled under
-    it. Every plan keeps at most the uniform plan's parameters and misses them by less than one rank of one
-    projection (the budget rule shared by every allocator); a ratio its layers do not meet is refused."""
-    ratio = check_ratio(manifest["ratio"])
-    shapes = manifest_shapes(manifest)
-    if not manifest["layers"]:
-        raise CheckpointError(f"{folder / MANIFEST} lists no low-rank layer")
-    kept = sum(m * n if r is None else r * (m + n) for m, n, r in shapes)
-    budget = sum(rank_for_ratio(m, n, ratio) * (m + n) for m, n, _ in shapes)
-    if not budget - max(m + n for m, n, _ in shapes) < kept <= budget:
-        removed = 1 - kept / sum(m * n for m, n, _ in shapes)
-        raise CheckpointError(f"{folder / MANIFEST} says ratio {ratio}, but its layers remove {removed:.4f} of the "
-                              f"projections' parameters (kept {kept:,}; a plan at ratio {ratio} keeps at most "
-                              f"{budget:,}, within one rank of it): the manifest was edited or does not belong "
-                              "to these weights")
 
 
 def existing_record(path: Path, force: bool, save: bool = False) -> dict[str, Any] | None:
@@ -557,12 +344,6 @@ def build_record(job: Job, got: Obtained, metrics: dict[str, Any], params: dict[
         record["quant"] = got.quant
     record.update(layers=got.layers, blocks=got.blocks, saved_to=None if saved_to is None else str(saved_to), env=env)
     return record
-
-
-def manifest_shapes(manifest: dict[str, Any]) -> list[tuple[int, int, int | None]]:
-    """``(m, n, rank)`` of every planned projection of a saved folder (``None``: planned to stay dense)."""
-    return ([(d["out_features"], d["in_features"], d["rank"]) for d in manifest["layers"].values()]
-            + [(d["out_features"], d["in_features"], None) for d in manifest.get("dense_layers", {}).values()])
 
 
 def parameter_counts(shapes: list[tuple[int, int, int | None]], model_compressed: int,
