@@ -476,7 +476,7 @@ def engine_config(cfg: DictConfig, device: torch.device, identity: str, key: str
                         stats_device=torch.device(calib.stats_device) if calib.get("stats_device") else None,
                         reuse_stats=bool(calib.get("reuse_stats", False)),
                         resume_dir=resume_dir(cfg, key) if cfg.get("resume") else None, resume_key=key,
-                        on_block=tracking.active().block)
+                        on_block=tracking.active().on_block)
 
 
 def resume_dir(cfg: DictConfig, key: str) -> Path:
@@ -528,7 +528,7 @@ def evaluate(got: Obtained, job: Job, device: torch.device, offload: bool) -> di
     metrics: dict[str, Any] = {"ppl": ppl, "ppl_skipped": got.ppl_skipped}
     if job.zeroshot is not None:  # accuracies, average, drop vs dense
         metrics["zeroshot"] = zeroshot.evaluate(got.model, got.tokenizer, job.zeroshot, got.dense_zeroshot,
-                                                 on_result=tracking.active().keep_zeroshot)
+                                                 on_result=tracking.active().on_result)
     return metrics
 
 

@@ -52,6 +52,16 @@ class Tracker:
     finished: bool = field(default=False, repr=False)
 
     # ---------------------------------------------------------------- hooks
+    @property
+    def on_block(self) -> Callable[[BlockReport], None] | None:
+        """``EngineConfig.on_block`` (None without a run: the engine reports nothing)."""
+        return self.block if self.run is not None else None
+
+    @property
+    def on_result(self) -> Callable[[dict[str, Any]], None] | None:
+        """``zeroshot.evaluate``'s ``on_result`` (None without a run)."""
+        return self.keep_zeroshot if self.run is not None else None
+
     def block(self, b: BlockReport) -> None:
         """``EngineConfig.on_block``: one history row per block, against the step metric ``block``."""
         if self.run is not None:
@@ -89,8 +99,7 @@ class Tracker:
         if self.run is None or self.finished:
             return
         self.finished = True
-        if exit_code != 0:
-            self._log_zeroshot()
+        self._log_zeroshot()  # what the job evaluated, also when it failed after (or without a record)
         _safe("finish", lambda: self.run.finish(exit_code=exit_code))
 
     def _log_zeroshot(self) -> None:
