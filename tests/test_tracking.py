@@ -136,6 +136,7 @@ def test_the_tracker_names_groups_and_tags_the_run_and_never_fails_the_job(caplo
     assert init["tags"] == ["svd", "tiny_llama", "scale:cpu", "mine"] and init["reinit"] == "finish_previous"
     assert init["config"]["record_key"] == job.key and (("block/*",), {"step_metric": "block"}) in fake[0].metrics
     assert tracking.open_tracker({"mode": "disabled"}, job, tracking.Context()).on_block is None
+    assert tracking.run_name(job.config, loaded=True) == "tiny_llama-svd-0.4-loaded"
 
     layers = {"model.layers.0.mlp.down_proj": {"m": 8, "n": 4, "rank": 2, "beta": 0.5},
               "model.layers.0.mlp.up_proj": {"m": 4, "n": 8, "rank": None}}

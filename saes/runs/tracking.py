@@ -27,10 +27,15 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from saes.engine.config import BlockReport
 from saes.runs.records import environment, flatten
+
+if TYPE_CHECKING:  # pipeline imports this module
+    from omegaconf import DictConfig
+
+    from saes.runs.pipeline import Job
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +123,7 @@ def active() -> Tracker:
 
 
 @contextmanager
-def track(cfg: Any, job: Any) -> Iterator[Tracker]:
+def track(cfg: DictConfig, job: Job) -> Iterator[Tracker]:
     """Open the job's W&B run (per ``cfg.logger``) and make it :func:`active`; a failure finishes it as failed."""
     from omegaconf import OmegaConf
 
@@ -165,7 +170,7 @@ def run_name(config: dict[str, Any], loaded: bool) -> str:
     return f"{config['model']['name']}-{config['method']['name']}-{config['ratio']}-{last}"
 
 
-def open_tracker(logger_cfg: dict[str, Any], job: Any, context: Context,
+def open_tracker(logger_cfg: dict[str, Any], job: Job, context: Context,
                  init: Callable[..., Any] | None = None) -> Tracker:
     """Start the job's W&B run (``init``: ``wandb.init``, replaceable in tests); logger off: the no-op tracker.
     A W&B that cannot start is a warning: the job goes on without it."""
