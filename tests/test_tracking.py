@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 
 from saes.engine.config import BlockReport
 from saes.runs import pipeline, tracking
 from saes.runs.pipeline import run
 from saes.runs.records import config_key
 
-from .conftest import ROOT, make_cfg
+from .conftest import CONF, ROOT, make_cfg
 
 OFFLINE = ["logger=wandb", "logger.mode=offline"]
 
@@ -147,6 +149,20 @@ def test_the_tracker_names_groups_and_tags_the_run_and_never_fails_the_job(caplo
     with caplog.at_level(logging.WARNING):
         tracker.close(0)
     assert "lm-eval's W&B logger failed" in caplog.text and fake[0].finished == [0]
+
+
+@pytest.mark.parametrize("overrides, group", [(["experiment=table1", "scale=cpu"], "table1"),
+                                              (["hydra.mode=MULTIRUN", "hydra.sweep.dir=/sweeps/a"], "/sweeps/a"),
+                                              ([], None)])
+def test_the_group_is_the_experiment_else_the_multirun_folder(overrides, group):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        context = tracking.hydra_context()
+    finally:
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
+    assert context.group == group and context.scale == ("cpu" if "scale=cpu" in overrides else None)
 
 
 @pytest.mark.slow
