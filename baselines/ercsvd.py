@@ -132,7 +132,8 @@ class ERCSVD(Method):
 
         def score() -> dict[str, Any]:
             ppl: dict[str, float] = {}
-            sub = dataclasses.replace(cfg, resume_dir=None, track_fidelity=False)
+            # the trials are not the run's blocks: no live per-block report of them
+            sub = dataclasses.replace(cfg, resume_dir=None, track_fidelity=False, on_block=None)
             for k in ks:
                 trial = copy.deepcopy(model)
                 compress_model(trial, self, partial_layer_plan(trial, layout, ratio, k), calib_ids, sub)

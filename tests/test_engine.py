@@ -133,6 +133,22 @@ def test_stream_override_and_fidelity_tracking(tiny_gqa):
     assert len(cos) == 2 and all(0.5 < c < 0.99 for c in cos), cos
 
 
+def test_each_finished_block_is_reported_to_on_block_without_changing_the_result(tiny_gqa):
+    """``EngineConfig.on_block`` (the W&B mirror's live feed) gets each block's figures as the loop goes."""
+    ranks = plan_ranks(tiny_gqa, layout_for(tiny_gqa), 0.5)
+    plain = copy.deepcopy(tiny_gqa)
+    seen: list = []
+    report = compress_model(tiny_gqa, SVD("svd"), ranks, calib_batch(),
+                            EngineConfig(device=CPU, track_fidelity=True, on_block=seen.append))
+    assert [(b.index, b.blocks, b.kind) for b in seen] == [(0, 2, "fresh"), (1, 2, "fresh")]
+    assert [b.cosine_fp for b in seen] == [b["cosine_fp"] for b in report.blocks]
+    assert {n: d for b in seen for n, d in b.layers.items()} == report.layers
+    assert seen[0].elapsed <= seen[1].elapsed and set(seen[1].timings) >= {"calibration", "factorisation"}
+    compress_model(plain, SVD("svd"), ranks, calib_batch(), EngineConfig(device=CPU, track_fidelity=True))
+    for a, b in zip(tiny_gqa.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_data_free_method_needs_no_calibration(tiny_gqa):
     ranks = plan_ranks(tiny_gqa, layout_for(tiny_gqa), 0.2)
     report = compress_model(tiny_gqa, SVD("svd"), ranks, None, EngineConfig(device=CPU))

@@ -124,9 +124,9 @@ def test_a_run_records_per_task_accuracy_average_drop_and_the_missing_task(tmp_p
     calls: list[list[str]] = []
     real = zeroshot.accuracy
 
-    def counting(model, tok, plan, names=None):
+    def counting(model, tok, plan, names=None, on_result=None):
         calls.append(list(names))
-        return real(model, tok, plan, names)
+        return real(model, tok, plan, names, on_result)
 
     monkeypatch.setattr(zeroshot, "accuracy", counting)
     over = ["method=svd", "eval=zeroshot", "eval.zeroshot.tasks=[arc_easy,mathqa,piqa]", "eval.zeroshot.limit=4",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +27,19 @@ class EngineConfig:
     resume_dir: Path | None = None  # per-block checkpoints: a rerun restarts after the last finished block
     resume_key: str = ""  # the run's config key: checkpoints of another key are refused
     rerun: bool = False  # the reference path: re-run the block per group (layouts without stages always do)
+    on_block: Callable[[BlockReport], None] | None = None  # called after each block (live logging); no effect on results
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One finished block, as :func:`saes.engine.loop.compress_model` hands it to ``EngineConfig.on_block``."""
+    index: int
+    blocks: int  # blocks in the model
+    kind: str  # restored, dense, cached or fresh (``saes.engine.loop.block_kinds``)
+    elapsed: float  # seconds since compress_model started
+    timings: dict[str, float]  # the engine's phase seconds so far (calibration, factorisation[, checkpoint])
+    cosine_fp: float | None  # fidelity of the two streams' outputs (track_fidelity), else None
+    layers: dict[str, dict[str, Any]]  # this block's projections: shape, rank, the method's diagnostics
 
 
 @dataclass

@@ -31,7 +31,7 @@ from saes.core.linalg import FactorizationError, check_finite
 from saes.core.lowrank import LowRankLinear, set_submodule
 from saes.core.method import Method, Stream
 from saes.core.stats import SiteStats, StreamingStats
-from saes.engine.config import CompressionReport, EngineConfig
+from saes.engine.config import BlockReport, CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, layout_for
 from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
@@ -413,6 +413,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         layers: dict[str, dict[str, Any]] = {}
         block_diag: list[dict[str, Any]] = []
         bar = tqdm(kinds, desc=f"compress[{method.name}]", unit="block")
+        t_start = time.perf_counter()
         for i, kind in enumerate(bar):
             block, streams.kws = blocks[i].to(cfg.device), block_kws[i]
             if kind == "restored":
@@ -435,6 +436,9 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
                 t0 = time.perf_counter()
                 ckpt.save(i, blocks[i], block_layers)
                 timings["checkpoint"] = timings.get("checkpoint", 0.0) + time.perf_counter() - t0
+            if cfg.on_block is not None:
+                cfg.on_block(BlockReport(i, len(blocks), kind, time.perf_counter() - t_start, dict(timings),
+                                         info.get("cosine_fp"), block_layers))
         return CompressionReport(stream=stream if not data_free else "none",
                                  tokens=0 if data_free else int(calib_ids.numel()), layers=layers, blocks=block_diag,
                                  timings=timings, resumed_from=start, cached_stats_blocks=kinds.count("cached"))

@@ -22,7 +22,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from saes.evaluation.tasks import TASKS, local_data, task_folders
 from saes.inputs.data import hub_offline
@@ -119,12 +119,14 @@ def lm_eval_version() -> str:
     return md.version("lm_eval")
 
 
-def accuracy(model: Any, tokenizer: Any, p: Plan, names: Iterable[str] | None = None
+def accuracy(model: Any, tokenizer: Any, p: Plan, names: Iterable[str] | None = None,
+             on_result: Callable[[dict[str, Any]], None] | None = None
              ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """lm-eval's scores of ``model`` on ``names`` (default: the plan's tasks), zero-shot.
 
     Returns ``{task: {"metrics": {acc, acc_norm, ...}, "n", "n_total", "split", "data"}}`` and
     the tasks that could not be loaded (hub only; a local copy that fails to load is a bug and raises).
+    ``on_result`` receives ``simple_evaluate``'s own result, unchanged (the run's W&B mirror logs it as lm-eval does).
     """
     check_causal_lm(model)
     names = list(p.tasks if names is None else names)
@@ -158,6 +160,8 @@ def accuracy(model: Any, tokenizer: Any, p: Plan, names: Iterable[str] | None = 
                               task_manager=manager, log_samples=False, bootstrap_iters=p.bootstrap_iters,
                               random_seed=None, numpy_random_seed=None, torch_random_seed=None)
     assert out is not None
+    if on_result is not None:
+        on_result(out)
     scores = {}
     for name in loaded:
         metrics = {k.split(",")[0]: float(v) for k, v in out["results"][name].items()
@@ -177,13 +181,14 @@ class DenseScores:
     seconds: float
 
 
-def evaluate(model: Any, tokenizer: Any, p: Plan, dense: DenseScores | None) -> dict[str, Any]:
+def evaluate(model: Any, tokenizer: Any, p: Plan, dense: DenseScores | None,
+             on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The record's ``metrics.zeroshot``: accuracies of the (compressed) model, with the average and the
-    relative drop against ``dense`` (None for a loaded model: no dense numbers)."""
+    relative drop against ``dense`` (None for a loaded model: no dense numbers); ``on_result``: see :func:`accuracy`."""
     t0 = time.perf_counter()
     missing = {**p.missing, **(dense.missing if dense is not None else {})}
     names = [n for n in p.tasks if n not in missing]
-    scores, failed = accuracy(model, tokenizer, p, names)
+    scores, failed = accuracy(model, tokenizer, p, names, on_result)
     missing.update(failed)
     for name, why in missing.items():
         log.warning("zero-shot %s missing: %s", name, why)

@@ -38,11 +38,12 @@ from saes.evaluation.perplexity import perplexities
 from saes.inputs import data as data_mod
 from saes.inputs.models import DTYPES, load_model, resolve_device
 from saes.io import read_json, token_digest, write_json_atomic
+from saes.runs import tracking
 from saes.runs.checkpoint import MANIFEST, load_compressed, save_compressed
 from saes.runs.finetune import lora_finetune
 from saes.runs.job import Job, check_ranks_before_loading, manifest_shapes, model_spec, prepare
 from saes.runs.quantize import memory, quantize_model
-from saes.runs.records import SCHEMA_VERSION, environment, flatten, run_stem, wandb_run
+from saes.runs.records import SCHEMA_VERSION, environment, run_stem
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if job.saved is None:
         check_ranks_before_loading(cfg, job.method, job.allocator)
         claim = resume_dir(cfg, job.key) if cfg.get("resume") else None
-    with owned(claim):
+    with owned(claim), tracking.track(cfg, job):  # the W&B run: opened now, finished with the record or as failed
         got = compress(cfg, job, timings) if job.saved is None else load(cfg, job, timings)
         with timings.phase("eval_compressed"):
             metrics = evaluate(got, job, resolve_device(cfg.device), bool(cfg.get("offload")))
@@ -261,7 +262,8 @@ def engine_config(cfg: DictConfig, device: torch.device, identity: str, key: str
                         cache_dir=Path(cfg.results_dir) / "cache", model_identity=identity,
                         stats_device=torch.device(calib.stats_device) if calib.get("stats_device") else None,
                         reuse_stats=bool(calib.get("reuse_stats", False)),
-                        resume_dir=resume_dir(cfg, key) if cfg.get("resume") else None, resume_key=key)
+                        resume_dir=resume_dir(cfg, key) if cfg.get("resume") else None, resume_key=key,
+                        on_block=tracking.active().on_block)
 
 
 def resume_dir(cfg: DictConfig, key: str) -> Path:
@@ -312,7 +314,8 @@ def evaluate(got: Obtained, job: Job, device: torch.device, offload: bool) -> di
                     "windows": p.windows}
     metrics: dict[str, Any] = {"ppl": ppl, "ppl_skipped": got.ppl_skipped}
     if job.zeroshot is not None:  # accuracies, average, drop vs dense
-        metrics["zeroshot"] = zeroshot.evaluate(got.model, got.tokenizer, job.zeroshot, got.dense_zeroshot)
+        metrics["zeroshot"] = zeroshot.evaluate(got.model, got.tokenizer, job.zeroshot, got.dense_zeroshot,
+                                                 on_result=tracking.active().on_result)
     return metrics
 
 
@@ -364,12 +367,10 @@ def peak_memory() -> dict[str, float]:
 
 
 def write_record(cfg: DictConfig, path: Path, record: dict[str, Any], name: str) -> None:
-    """Write the record atomically and mirror it to W&B."""
-    with wandb_run(OmegaConf.to_container(cfg.logger), record["config"], name, Path(cfg.results_dir)) as wb:
-        write_json_atomic(path, record)
-        if wb is not None:
-            wb.log(flatten({k: record[k] for k in ("metrics", "params", "timings", "memory")}))
-            wb.summary["record_path"] = str(path)
+    """Write the record atomically (with its W&B run's id, when one is open) and mirror it to W&B."""
+    record.update(tracking.active().record_fields())
+    write_json_atomic(path, record)
+    tracking.active().finish(record, path)
     log.info("record: %s", path)
     print(summary(record))
 

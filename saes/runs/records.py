@@ -1,4 +1,4 @@
-"""One JSON record per run, keyed by its resolved config, written atomically; a W&B mirror.
+"""One JSON record per run, keyed by its resolved config, written atomically (its W&B mirror: :mod:`saes.runs.tracking`).
 
 A record's path is ``<results_dir>/runs/<model>/<method>/ratio<r>/seed<s>-<key>.json``
 where ``key`` hashes the resolved config minus keys that do not change the result
@@ -10,18 +10,14 @@ optional keys added later (``load``) leave the key unchanged while null. A finis
 from __future__ import annotations
 
 import json
-import logging
-import os
 import platform
 import subprocess
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from saes.io import digest
 
-log = logging.getLogger(__name__)
 
 NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload", "display",
                 "calib.reuse_stats")  # how a run is carried out, not what it computes (dotted: nested keys)
@@ -117,40 +113,8 @@ def environment() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-@contextmanager
-def wandb_run(logger_cfg: dict[str, Any], config: dict[str, Any], name: str, out_dir: Path) -> Iterator[Any]:
-    """A W&B run (or ``None`` when disabled), always finished, even when the job fails."""
-    mode = logger_cfg.get("mode", "disabled")
-    if mode == "disabled":
-        yield None
-        return
-    run = None
-    if mode == "offline":
-        # Offline must mean no connection at all. W&B's mode argument alone still lets its Python-side error
-        # reporting resolve and contact an external host (seen with a socket guard and strace); its switches are
-        # read from the environment, so they are set here, where this process has asked for offline.
-        os.environ["WANDB_MODE"] = "offline"
-        os.environ["WANDB_ERROR_REPORTING"] = "false"
-    try:
-        import wandb
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(project=logger_cfg.get("project", "saes-svd"), entity=logger_cfg.get("entity"),
-                         mode=mode, name=name, config=config, dir=str(out_dir), tags=list(logger_cfg.get("tags") or []),
-                         reinit="finish_previous", settings=wandb.Settings(quiet=True))
-    except Exception as exc:  # noqa: BLE001 - a logger failure must not lose the run
-        log.warning("W&B init failed (%s); continuing without it", exc)
-    try:
-        yield run
-    finally:
-        if run is not None:
-            try:
-                run.finish(exit_code=0)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("W&B finish failed: %s", exc)
-
-
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalars of nested dicts under ``/``-joined keys (lists and other values left out): the W&B summary."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
