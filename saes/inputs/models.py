@@ -223,6 +223,18 @@ def tiny_llama(seed: int = 0, **params: Any) -> nn.Module:
         return LlamaForCausalLM(tiny_config(**params))
 
 
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` with the rotary frequencies (``*inv_freq`` buffers) kept in float32, as
+    ``from_pretrained(dtype=...)`` leaves them: rounded to bfloat16 they change the logits, and a saved model
+    would not reproduce them when transformers loads its folder."""
+    kept = {name: buf for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(dtype)
+    for name, buf in kept.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, buf)
+    return model
+
+
 def _hub_unavailable(hub_id: str, exc: Exception | None = None) -> ModelUnavailable:
     why = f": {exc}" if exc is not None else ""
     return ModelUnavailable(f"model {hub_id} is on the Hugging Face hub, the hub is unreachable here (or switched off "
@@ -285,7 +297,7 @@ def load_model(cfg: Any) -> LoadedModel:
             raise ModelUnavailable(f"model.path={cfg.path!r} is not a Hugging Face model folder (no config.json)")
     elif source == "tiny":
         params = dict(cfg.get("tiny") or {})
-        model = tiny_llama(**params).to(dtype).eval()
+        model = cast_model(tiny_llama(**params), dtype).eval()
         return LoadedModel(model, tiny_tokenizer(), identity)
     elif source == "gguf":
         where, _ = gguf_to_hf(embedded_gguf(cfg))
