@@ -31,6 +31,7 @@ from .test_portable import LOAD, outside
 
 FAMILIES = ["saes", "svdllm", "asvd", "adasvd", "ercsvd", "dipsvd"]
 HALF = ["bfloat16", "float16"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # make gpu-check runs the CUDA ones
 _TOKENS: dict[str, object] = {}
 
 
@@ -51,14 +52,16 @@ def tokenized_once(monkeypatch):
     monkeypatch.setattr(pipeline, "eval_tokens", cached("eval", evals))
 
 
-def half_cfg(dtype: str, *overrides: str, results_dir):
-    return make_cfg(f"model.dtype={dtype}", "ratio=0.4", "resume=false", *overrides, results_dir=results_dir)
+def half_cfg(dtype: str, *overrides: str, results_dir, device: str = "cpu"):
+    return make_cfg(f"model.dtype={dtype}", "ratio=0.4", "resume=false", f"device={device}", *overrides,
+                    results_dir=results_dir)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("method", FAMILIES)
-def test_every_method_family_compresses_and_evaluates_in_half_precision(tmp_path, dtype, method):
-    rec = run(half_cfg(dtype, f"method={method}", results_dir=tmp_path))
+def test_every_method_family_compresses_and_evaluates_in_half_precision(tmp_path, dtype, method, device):
+    rec = run(half_cfg(dtype, f"method={method}", results_dir=tmp_path, device=device))
     ppl = rec["metrics"]["ppl"]["wiki_books"]
     assert math.isfinite(ppl["dense"]) and math.isfinite(ppl["compressed"]) and ppl["compressed"] > 1
     assert rec["config"]["model"]["dtype"] == dtype
@@ -66,15 +69,16 @@ def test_every_method_family_compresses_and_evaluates_in_half_precision(tmp_path
     assert rec["params"]["model_compressed"] < rec["params"]["model_dense"]
 
 
-def test_bfloat16_save_load_portable_round_trip(tmp_path):
-    """bf16 factors saved, loaded by ``load=`` (same perplexity), by transformers alone (same logits, bf16),
-    and GPTQ of a bf16 compression."""
-    rec = run(half_cfg("bfloat16", "method=svdllm", "save=true", results_dir=tmp_path))
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_save_load_portable_round_trip(tmp_path, device):
+    """bf16 factors saved, loaded by ``load=`` (same perplexity), by transformers alone on the CPU (same logits,
+    bf16), and GPTQ of a bf16 compression."""
+    rec = run(half_cfg("bfloat16", "method=svdllm", "save=true", results_dir=tmp_path, device=device))
     folder = rec["saved_to"]
     with safe_open(f"{folder}/model.safetensors", "pt") as f:
         factor = next(k for k in f.keys() if k.endswith("q_proj.A.weight"))
         assert f.get_tensor(factor).dtype == torch.bfloat16
-    loaded = run(half_cfg("bfloat16", f"load={folder}", results_dir=tmp_path))
+    loaded = run(half_cfg("bfloat16", f"load={folder}", results_dir=tmp_path, device=device))
     assert loaded["metrics"]["ppl"]["wiki_books"]["compressed"] == rec["metrics"]["ppl"]["wiki_books"]["compressed"]
 
     model, _, _ = load_compressed(folder, dtype=torch.bfloat16)
@@ -88,7 +92,7 @@ def test_bfloat16_save_load_portable_round_trip(tmp_path):
     got = torch.load(tmp_path / (folder.rsplit("/", 1)[1] + ".pt"))
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
-    quant = run(half_cfg("bfloat16", "method=svdllm", "quant=gptq", results_dir=tmp_path))
+    quant = run(half_cfg("bfloat16", "method=svdllm", "quant=gptq", results_dir=tmp_path, device=device))
     assert math.isfinite(quant["metrics"]["ppl"]["wiki_books"]["compressed"]) and quant["quant"]
 
 
