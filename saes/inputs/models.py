@@ -149,7 +149,7 @@ def model_identity(cfg: Any) -> str:
     if cfg.get("path"):
         return f"path:{Path(cfg.path).expanduser().resolve()}"
     if cfg.source == "tiny":
-        return f"tiny:{sorted(dict(cfg.get('tiny') or {}).items())}"
+        return f"tiny:{sorted(tiny_params(cfg).items())}"
     if cfg.source == "gguf":
         return f"gguf:{file_digest(embedded_gguf(cfg))}"
     if cfg.source == "hub":
@@ -203,15 +203,29 @@ def tiny_tokenizer() -> Any:
 
 def tiny_config(hidden_size: int = 64, intermediate_size: int = 160, num_hidden_layers: int = 2,
                 num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 258,
-                **extra: Any) -> Any:
-    """The ``LlamaConfig`` of :func:`tiny_llama` (grouped-query attention when kv heads < heads)."""
+                max_position_embeddings: int = 4096, **extra: Any) -> Any:
+    """The ``LlamaConfig`` of :func:`tiny_llama` (grouped-query attention when kv heads < heads); also the
+    paper-width shapes of ``model=llama7b_shape|llama70b_shape`` (random weights, :func:`tiny_tokenizer`'s ids)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                        num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
-                       max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257,
-                       **extra)
+                       max_position_embeddings=max_position_embeddings, bos_token_id=256, eos_token_id=257,
+                       pad_token_id=257, **extra)
+
+
+def tiny_params(cfg: Any) -> dict[str, Any]:
+    """``model.tiny`` of a ``source: tiny`` config, checked: ``model.blocks`` (the shape configs' block count)
+    must be an integer >= 1, and the vocabulary must hold the byte-level tokenizer's 258 ids."""
+    blocks = cfg.get("blocks")
+    if "blocks" in cfg and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+        raise ModelUnavailable(f"model.blocks must be an integer >= 1 (decoder blocks to build); got {blocks!r}")
+    params = dict(cfg.get("tiny") or {})
+    if params.get("vocab_size", 258) < 258:
+        raise ModelUnavailable(f"model.tiny.vocab_size must be >= 258 (the byte-level tokenizer's ids); "
+                               f"got {params['vocab_size']}")
+    return params
 
 
 def tiny_llama(seed: int = 0, **params: Any) -> nn.Module:
@@ -256,7 +270,7 @@ def model_config(cfg: Any) -> Any:
             raise ModelUnavailable(f"model.path={cfg.path!r} is not a Hugging Face model folder (no config.json)")
         return AutoConfig.from_pretrained(str(where))
     if cfg.source == "tiny":
-        params = {k: v for k, v in dict(cfg.get("tiny") or {}).items() if k != "seed"}
+        params = {k: v for k, v in tiny_params(cfg).items() if k != "seed"}
         return tiny_config(**params)
     if cfg.source == "gguf":
         # The dequantised folder (made once, then cached) holds the config: reading it from the GGUF takes seconds.
@@ -296,8 +310,7 @@ def load_model(cfg: Any) -> LoadedModel:
         if not (where / "config.json").is_file():
             raise ModelUnavailable(f"model.path={cfg.path!r} is not a Hugging Face model folder (no config.json)")
     elif source == "tiny":
-        params = dict(cfg.get("tiny") or {})
-        model = cast_model(tiny_llama(**params), dtype).eval()
+        model = cast_model(tiny_llama(**tiny_params(cfg)), dtype).eval()
         return LoadedModel(model, tiny_tokenizer(), identity)
     elif source == "gguf":
         where, _ = gguf_to_hf(embedded_gguf(cfg))

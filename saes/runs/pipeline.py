@@ -41,6 +41,7 @@ from saes.inputs.models import DTYPES, load_model, model_config, model_identity,
 from saes.io import read_json, sha256_file, token_digest, write_json_atomic
 from saes.runs.checkpoint import MANIFEST, CheckpointError, load_compressed, read_manifest, save_compressed
 from saes.runs.finetune import LoraSettings, check_finetune, lora_finetune
+from saes.runs.planner import plan_run
 from saes.runs.quantize import QuantSettings, memory, quantize_model
 from saes.runs.records import SCHEMA_VERSION, config_key, environment, flatten, record_path, run_stem, wandb_run
 
@@ -262,6 +263,8 @@ class Timings:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns its record (the existing one if it was already done and not forced)."""
+    if cfg.get("plan"):  # plan=true: ranks, parameters, predicted cost from the config alone; no record
+        return plan_run(cfg)
     timings = Timings()
     job = prepare(cfg)
     done = existing_record(job.path, cfg.force, bool(cfg.save))
