@@ -14,7 +14,7 @@ Steps, each in its own process with its own timeout (the sum stays within ``--bu
 3. The same job in ``model.dtype=bfloat16`` (finite perplexity, reported beside the float32 one).
 4. ``python -m experiments.bench_block --device cuda`` (what ``make bench-block ARGS="--device cuda"`` runs):
    ``results/bench/block-4096-cuda.json``.
-5. One LLaMA-7B-shaped block (random weights) at ``scale=paper`` (128 x 2048 calibration tokens) on CUDA,
+5. One LLaMA-7B-shaped block (random weights, float16) at ``scale=paper`` (128 x 2048 calibration tokens) on CUDA,
    with the offline text: ``results/bench/llama7b_shape-block-paper-cuda.json`` (phase times, peak memory).
 
 A summary goes to ``results/bench/gpu-check-cuda.json``; the exit status is non-zero if any step failed.
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         ("main job, float32", [*run_py, f"results_dir={scratch / 'fp32'}"], 150),
         ("main job, bfloat16", [*run_py, "model.dtype=bfloat16", f"results_dir={scratch / 'bf16'}"], 110),
         ("bench-block", [py, "-m", "experiments.bench_block", "--device", "cuda", "--out", str(out)], 110),
-        ("llama7b_shape block, scale=paper", [*run_py, "model=llama7b_shape", "model.blocks=1", "scale=paper",
-                                              "calib.source=wiki_books", "eval.ppl.sources=[wiki_books]",
+        ("llama7b_shape block, scale=paper", [*run_py, "model=llama7b_shape", "model.blocks=1", "model.dtype=float16",
+                                              "scale=paper", "calib.source=wiki_books", "eval.ppl.sources=[wiki_books]",
                                               "method=saes", "ratio=0.4", f"results_dir={block}"], 110),
     ]
     steps = []
