@@ -18,6 +18,16 @@ CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped without a CUDA device (``make gpu-check`` runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_gqa() -> torch.nn.Module:
     """2 blocks, 4 query heads sharing 2 kv heads (grouped-query attention)."""

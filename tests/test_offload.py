@@ -53,7 +53,7 @@ class WhereAmI(SAES):
         return super().factorize(W, stats, rank, layer)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_on_a_gpu_only_the_current_block_is_there_and_the_factors_match_the_cpu_run():
     cpu_model, gpu_model = tiny_llama(num_hidden_layers=3).eval(), tiny_llama(num_hidden_layers=3).eval()
     ranks = plan_ranks(cpu_model, layout_for(cpu_model), 0.4)

@@ -12,6 +12,43 @@ import math
 import torch
 from torch import nn
 
+from saes.core.linalg import FactorizationError
+
+
+class FactorOverflow(FactorizationError):
+    """A factor that is finite in its compute dtype is not finite once cast to the model's dtype."""
+
+
+# What to set when a cast to the key's dtype overflows: a dtype with a wider exponent range.
+WIDER = {torch.float16: "model.dtype=bfloat16 (float32's range at half the memory) or model.dtype=float32",
+         torch.bfloat16: "model.dtype=float32", torch.float32: "model.dtype=float64"}
+
+
+def cast_factors(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` and ``B`` cast to the model's ``dtype``, checked finite *after* the cast: float16 ends at 65504,
+    and a float64 factor that is finite can become inf there. Non-finite values are never installed."""
+    cast = A.to(dtype), B.to(dtype)
+    for name, src, out in (("A", A, cast[0]), ("B", B, cast[1])):
+        if torch.isfinite(out).all():
+            continue
+        if not torch.isfinite(src).all():
+            raise FactorizationError(f"{layer}: {name} has non-finite entries in {src.dtype}, before the cast")
+        big = src.abs().max().item()
+        raise FactorOverflow(
+            f"{layer}: {name} has non-finite entries in the model's {dtype} (largest |entry| {big:.6g} in "
+            f"{src.dtype}; {dtype} ends at {torch.finfo(dtype).max:.6g}): set {WIDER.get(dtype, 'a wider model.dtype')}")
+    return cast
+
+
+def check_installed(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every :class:`LowRankLinear` of ``model`` finite after the model was cast to ``dtype`` (``load=``)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LowRankLinear):
+            for factor in ("A", "B"):
+                if not torch.isfinite(getattr(mod, factor).weight).all():
+                    raise FactorOverflow(f"{name}: {factor} has non-finite entries in {dtype} after loading: "
+                                         f"set {WIDER.get(dtype, 'a wider model.dtype')}")
+
 
 def check_ratio(ratio: object) -> float:
     """``ratio`` as a float, or ``ValueError`` if it is not in the open interval (0, 1)."""

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saes.core.linalg import FactorizationError, check_finite
-from saes.core.lowrank import LowRankLinear, set_submodule
+from saes.core.linalg import FactorizationError
+from saes.core.lowrank import LowRankLinear, cast_factors, set_submodule
 from saes.core.method import Method, Stream
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
@@ -165,10 +165,9 @@ def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, meth
             f = method.factorize(W, stats, ranks[full], layer=full)
             if f.A.shape != (m, ranks[full]) or f.B.shape != (ranks[full], n):
                 raise FactorizationError(f"{method.name} returned A {tuple(f.A.shape)}, B {tuple(f.B.shape)}")
-            A, B = f.A.to(dt), f.B.to(dt)
-            check_finite(A=A, B=B)  # in the model's dtype: float64-finite factors can overflow in fp16/fp32
         except FactorizationError as exc:
             raise FactorizationError(f"{full}: {exc}") from exc
+        A, B = cast_factors(f.A, f.B, dt, full)  # checked in the model's dtype: FactorOverflow names the layer
         set_submodule(block, name, LowRankLinear.from_factors(A, B, dense.bias))
         seconds = time.perf_counter() - t0
         timings["factorisation"] += seconds

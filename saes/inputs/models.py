@@ -239,15 +239,28 @@ def tiny_tokenizer() -> Any:
 
 def tiny_config(hidden_size: int = 64, intermediate_size: int = 160, num_hidden_layers: int = 2,
                 num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 258,
-                **extra: Any) -> Any:
-    """The ``LlamaConfig`` of :func:`tiny_llama` (grouped-query attention when kv heads < heads)."""
+                max_position_embeddings: int = 4096, **extra: Any) -> Any:
+    """The ``LlamaConfig`` of :func:`tiny_llama` (grouped-query attention when kv heads < heads); also the
+    paper-width shapes of ``model=llama7b_shape|llama70b_shape`` (random weights, :func:`tiny_tokenizer`'s ids)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                        num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
-                       max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=257,
-                       **extra)
+                       max_position_embeddings=max_position_embeddings, bos_token_id=256, eos_token_id=257,
+                       pad_token_id=257, **extra)
+
+
+def check_tiny(blocks: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """``model.tiny`` of a ``source: tiny`` config, checked: ``model.blocks`` (the shape configs' block count;
+    None where the config has none) must be an integer >= 1, and the vocabulary must hold the byte-level
+    tokenizer's 258 ids."""
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+        raise ModelUnavailable(f"model.blocks must be an integer >= 1 (decoder blocks to build); got {blocks!r}")
+    if params.get("vocab_size", 258) < 258:
+        raise ModelUnavailable(f"model.tiny.vocab_size must be >= 258 (the byte-level tokenizer's ids); "
+                               f"got {params['vocab_size']}")
+    return params
 
 
 def tiny_llama(seed: int = 0, **params: Any) -> nn.Module:
@@ -257,6 +270,18 @@ def tiny_llama(seed: int = 0, **params: Any) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(tiny_config(**params))
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` with the rotary frequencies (``*inv_freq`` buffers) kept in float32, as
+    ``from_pretrained(dtype=...)`` leaves them: rounded to bfloat16 they change the logits, and a saved model
+    would not reproduce them when transformers loads its folder."""
+    kept = {name: buf for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(dtype)
+    for name, buf in kept.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, buf)
+    return model
 
 
 def _hub_unavailable(hub_id: str, exc: Exception | None = None) -> ModelUnavailable:
@@ -320,8 +345,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         if not (where / "config.json").is_file():
             raise ModelUnavailable(f"model.path={spec.path!r} is not a Hugging Face model folder (no config.json)")
     elif source == "tiny":
-        params = dict(spec.tiny)
-        model = tiny_llama(**params).to(dtype).eval()
+        model = cast_model(tiny_llama(**spec.tiny), dtype).eval()
         return LoadedModel(model, tiny_tokenizer(), identity)
     elif source == "gguf":
         where, _ = gguf_to_hf(embedded_gguf(spec))

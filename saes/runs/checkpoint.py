@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saes.core.lowrank import LowRankLinear, set_submodule
+from saes.core.lowrank import LowRankLinear, check_installed, set_submodule
 
 MANIFEST = "lowrank_manifest.json"
 FORMAT_VERSION = 1
@@ -159,7 +159,9 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None) -> tup
         raise CheckpointError(f"config.json says model_type={config.model_type!r}, the manifest "
                               f"{manifest['model_type']!r}: the folder mixes two architectures")
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        # Built in ``dtype`` as from_pretrained(dtype=...) builds it (rotary frequencies stay float32; a later
+        # model.to(dtype) would round them, and the logits would differ from the portable folder's).
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     for name, spec in manifest["layers"].items():
         try:
             dense = model.get_submodule(name)
@@ -181,9 +183,11 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None) -> tup
     if missing or unexpected or wrong:
         raise CheckpointError(f"weights do not match the manifest: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}, wrong shapes {wrong[:5]}")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
     if dtype is not None:
-        model.to(dtype)
+        check_installed(model, dtype)  # a float32 folder loaded as float16 can overflow
     return model.eval(), AutoTokenizer.from_pretrained(folder, config=config), manifest  # no remote-code prompt

@@ -25,8 +25,8 @@ from saes.engine.layout import layout_for, plan_ranks
 from saes.evaluation import zeroshot
 from saes.evaluation.perplexity import PplSettings
 from saes.inputs import data as data_mod
-from saes.inputs.models import (DTYPES, Chunk, GGUFSource, ModelSpec, model_config, model_identity, resolve_device,
-                                skeleton)
+from saes.inputs.models import (DTYPES, Chunk, GGUFSource, ModelSpec, check_tiny, model_config, model_identity,
+                                resolve_device, skeleton)
 from saes.io import sha256_file
 from saes.runs.checkpoint import MANIFEST, CheckpointError, read_manifest
 from saes.runs.finetune import LoraSettings, check_finetune
@@ -227,7 +227,8 @@ def model_spec(model_cfg: DictConfig) -> ModelSpec:
     gguf = model_cfg.get("gguf")
     return ModelSpec(
         source=model_cfg.source, dtype=model_cfg.dtype, path=model_cfg.get("path"), hub_id=model_cfg.get("hub_id"),
-        revision=model_cfg.get("revision"), tiny=dict(model_cfg.get("tiny") or {}),
+        revision=model_cfg.get("revision"),
+        tiny=check_tiny(model_cfg.get("blocks"), dict(model_cfg.get("tiny") or {})) if model_cfg.source == "tiny" else {},
         gguf=None if gguf is None else GGUFSource(gguf.package, gguf.file, gguf.get("checksums"),
                                                   tuple(Chunk(c.package, c.file) for c in gguf.get("chunks") or ())))
 

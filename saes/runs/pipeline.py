@@ -42,6 +42,7 @@ from saes.runs import tracking
 from saes.runs.checkpoint import MANIFEST, load_compressed, save_compressed
 from saes.runs.finetune import lora_finetune
 from saes.runs.job import Job, check_ranks_before_loading, manifest_shapes, model_spec, prepare
+from saes.runs.planner import plan_run
 from saes.runs.quantize import memory, quantize_model
 from saes.runs.records import SCHEMA_VERSION, environment, run_stem
 
@@ -68,6 +69,8 @@ class Timings:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns its record (the existing one if it was already done and not forced)."""
+    if cfg.get("plan"):  # plan=true: ranks, parameters, predicted cost from the config alone; no record
+        return plan_run(cfg)
     timings = Timings()
     job = prepare(cfg)
     done = existing_record(job.path, cfg.force, bool(cfg.save))

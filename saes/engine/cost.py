@@ -1,0 +1,100 @@
+"""The cost model of ``docs/cost-model.md``: FLOPs and memory of a compression from the shapes alone.
+
+Used by the planner (``run.py ... plan=true``, :mod:`saes.runs.planner`) and by ``experiments/cost_model.py``
+(the predictions table). Measured inputs come from ``experiments/bench_block.py``'s JSON (one LLaMA-7B-shaped
+block on the development CPU); assumed device throughputs are :data:`RATES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from saes.core.stats import block_rows
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    intermediate: int
+    blocks: int
+    kv_hidden: int | None = None  # width of k_proj/v_proj outputs (grouped-query attention); None: hidden
+
+    @property
+    def block_params(self) -> int:
+        """The seven projections' weights of one block."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_hidden or self.hidden
+        return 2 * h * h + 2 * h * kv + 3 * h * i
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Effective throughputs (TFLOP/s) of the three kinds of work in a compression."""
+    forward: float  # block forwards in the model's dtype
+    stats: float  # H / Delta accumulation in float32
+    fp64: float  # float64 matrix products (the factorisation scales with them)
+
+
+# A GPU: the cost model's assumptions for an A100 (docs/cost-model.md); an H100/H200 is faster. The CPU's
+# rates are measured (bench_block.py's block forward), see :func:`cpu_rates`.
+RATES = {"cuda": Rates(forward=150.0, stats=17.0, fp64=9.0)}
+BENCH_CPU_FP64_TFLOPS = 0.147  # float64 matrix products on the development CPU (docs/cost-model.md)
+
+
+def forward_flops(s: Shape, seqlen: int) -> float:
+    """One block, one token: the seven projections plus attention scores and values (2 flops a multiply-add)."""
+    return 2 * s.block_params + 4 * seqlen * s.hidden
+
+
+def stats_flops(s: Shape, delta: bool) -> float:
+    """``H`` at the four input sites of a block, one token, by its upper block triangle
+    (:func:`saes.core.stats.block_rows`); ``Delta`` (not symmetric) costs the full product."""
+    def h_part(n: int) -> float:
+        k = len(block_rows(n))
+        return 2 * n * n * (k + 1) / (2 * k)
+
+    h, i = s.hidden, s.intermediate
+    flops = 3 * h_part(h) + h_part(i)
+    return flops + (2 * (3 * h * h + i * i) if delta else 0)
+
+
+def factorisation_seconds(bench: dict[str, Any], s: Shape, method: str, cpu_fp64: float, fp64: float) -> float:
+    """A block's seven factorisations: the measured per-shape CPU time, scaled by n^3 of the model's own
+    shape (every step is cubic in the projection's dimensions; k/v under grouped-query attention are counted
+    as q, an overestimate) and by the float64 throughput there against the CPU's (``cpu_fp64``, ``fp64``:
+    the same unit)."""
+    base = bench["shape"]
+    fact = bench["factorisation"]
+    key = f"{method}_factorize_s"
+    scale_h = (s.hidden / base["hidden"]) ** 3
+    scale_i = (s.hidden * s.intermediate ** 2) / (base["hidden"] * base["intermediate"] ** 2)
+    cpu = 4 * fact["q/k/v/o"][key] * scale_h + 2 * fact["gate/up"][key] * scale_h + fact["down"][key] * scale_i
+    return cpu * cpu_fp64 / fp64
+
+
+def peak_gb(s: Shape, tokens: int, method: str, act_bytes: int = 2, weight_bytes: int = 2) -> float:
+    """The staged engine's peak on the compute device with everything there (calib.stream_device unset): the
+    block in the model's dtype, the two streams' inputs and next inputs, SAES-SVD's stored FP site inputs (for
+    Delta) and the compressed intermediates, float32 statistics of the largest site, float64 factorisation
+    workspace. The rest of the model stays in host memory."""
+    h, i = s.hidden, s.intermediate
+    block = s.block_params * weight_bytes
+    stream = tokens * h * act_bytes
+    if method == "saes":
+        fp_sites = tokens * (3 * h + i) * act_bytes  # kept after the FP pass, freed site by site
+        acts = 4 * stream + fp_sites  # X, X^f, next X^f, (z | h, u): at most about two hidden-size lists
+        stats = 2 * i * i * 4  # H and Delta of the down_proj site
+    else:
+        acts = 2 * stream  # X^f and the next X^f; statistics accumulate in the hooks
+        stats = i * i * 4
+    workspace = 4 * i * i * 8  # Cholesky factor, whitened target, Gram matrix, eigenvectors (float64)
+    return (block + acts + stats + workspace) / 2**30
+
+
+def cpu_rates(bench: dict[str, Any]) -> Rates:
+    """The development CPU's rates, from the block benchmark: forwards and statistics at the measured block
+    forward's throughput (the passes ran at about that rate, docs/cost-model.md), float64 as measured there."""
+    shape = Shape("bench", bench["shape"]["hidden"], bench["shape"]["intermediate"], 1)
+    measured = forward_flops(shape, bench["seqlen"]) * bench["tokens"] / bench["block_forward_s"] / 1e12
+    return Rates(forward=measured, stats=measured, fp64=BENCH_CPU_FP64_TFLOPS)
