@@ -31,11 +31,13 @@ run: $(STAMP)  ## compress the embedded SmolLM2-135M with SAES-SVD and evaluate 
 	$(BIN)/python run.py force=true results_dir=$(RUN_DIR) $(ARGS)
 	@echo "record written under $(RUN_DIR)/runs/ (the committed one: results/runs/smollm2_135m/saes/ratio0.2/)"
 
+# Test workers (pytest-xdist), one torch thread each (tests/conftest.py); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)  ## the full test suite, the embedded-model tests included (what CI runs); the 15 slowest at the end
-	$(BIN)/python -m pytest --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=15 $(ARGS)
 
-test-fast: $(STAMP)  ## the inner loop: everything but the tests marked slow (about 3 minutes)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+test-fast: $(STAMP)  ## the inner loop: everything but the tests marked slow (about 2 minutes)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 bench: $(STAMP)  ## dense vs SVD vs SAES-SVD on SmolLM2: PPL, phase times, peak memory (ARGS: Hydra overrides of the runs)
 	$(BIN)/python run.py experiment=foundation $(ARGS) && $(BIN)/python -m experiments.tables --no-figures

@@ -16,6 +16,11 @@ from saes.inputs.models import tiny_llama, tiny_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "disabled")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: one thread each (and in the processes they start), or
+    # the two OpenMP pools fight over the cores and both slow down several times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,6 +31,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow tests (the embedded models, the subprocess end-to-ends) first: with two workers the long ones
+    start at once instead of trailing after the short ones."""
+    embedded = ("test_smollm2.py", "test_gemma3.py")  # the longest of them
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, not item.nodeid.startswith(
+        tuple(f"tests/{f}" for f in embedded))))
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ def test_measure_reports_positive_finite_timings():
     assert all(0 < v < float("inf") for v in out.values())
 
 
+@pytest.mark.slow
 def test_the_script_measures_dense_and_compressed_and_writes_its_table(tmp_path):
     rows = bench_speed.main(["--model", "tiny_llama", "--ratios", "0.5", "--prefill", "32", "--prompt", "8",
                              "--decode", "4", "--warmup", "1", "--repeats", "2", "--threads", "1",
@@ -37,6 +38,7 @@ def test_the_script_measures_dense_and_compressed_and_writes_its_table(tmp_path)
     assert folder.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_a_worker_reports_its_own_peak_memory_not_its_parents():
     hog = torch.ones(64 * 2**20)  # 256 MB in this (parent) process
     row = bench_speed.run_worker({"model": "tiny_llama", "device": "cpu", "dtype": "float32", "folder": None,

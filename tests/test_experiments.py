@@ -339,6 +339,7 @@ def dry(text: Path, experiment: str = "ablation") -> list[str]:
             f"eval.ppl.path={text}", *tasks, "ratio=0.2"]
 
 
+@pytest.mark.slow
 def test_dry_sweep_of_every_experiment_runs_and_fills_its_tables(tmp_path, text_file, offline):
     """Every row of every experiment, at ratio 0.2, through the pipeline on the tiny model (zero-shot in table1).
 
@@ -377,6 +378,7 @@ def test_dry_sweep_of_every_experiment_runs_and_fills_its_tables(tmp_path, text_
     assert figures.curves_for(ctx, ctx.jobs("table1")) and path.is_file()
 
 
+@pytest.mark.slow
 def test_a_sweep_through_run_py_writes_the_records_the_tables_read(tmp_path, text_file):
     cmd = [sys.executable, "run.py", "experiment=ablation", *dry(text_file), f"results_dir={tmp_path}",
            f"hydra.sweep.dir={tmp_path / 'multirun'}"]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from saes.core.lowrank import LowRankLinear, set_submodule
@@ -104,6 +105,7 @@ def outside(script: str, args: list[str], cwd: Path, timeout: float = 300) -> su
     return proc
 
 
+@pytest.mark.slow
 def test_transformers_alone_loads_the_folder_with_the_same_logits(tmp_path):
     ids = calib_batch(n=2, seqlen=40, seed=5)
     models = {**{f"llama-tie{t}": compressed(t) for t in (False, True)},  # SAES-SVD, as run.py save=true
@@ -148,6 +150,7 @@ def test_folders_saved_before_the_portable_files_still_load(tmp_path):
         assert torch.equal(load_compressed(folder)[0](ids).logits, model(ids).logits)
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_scores_the_folder_like_the_in_memory_model(tmp_path, monkeypatch):
     import datasets
     import huggingface_hub

@@ -39,7 +39,7 @@ def records(results: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- network
-@pytest.mark.parametrize("mode", ["offline", "disabled"])
+@pytest.mark.parametrize("mode", ["offline", pytest.param("disabled", marks=pytest.mark.slow)])
 def test_a_run_with_the_wandb_logger_offline_or_disabled_never_touches_the_network(tmp_path, mode):
     """run.py under a socket guard that records (and refuses) every non-loopback lookup or connection."""
     log = tmp_path / "attempts.log"

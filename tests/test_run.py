@@ -104,6 +104,7 @@ def test_missing_packaged_model_is_named(tmp_path):
     assert not records(tmp_path)
 
 
+@pytest.mark.slow
 def test_unknown_model_or_method_is_refused_by_hydra(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     for bad in ("model=llama99b", "method=nosuch"):
@@ -113,6 +114,7 @@ def test_unknown_model_or_method_is_refused_by_hydra(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_multirun_sweep_writes_one_record_per_job(tmp_path):
     cmd = [sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none", "method=saes",
            "method.aces.beta_min=0,0.25", "ratio=0.2,0.4", "calib.nsamples=2", "calib.seqlen=32",

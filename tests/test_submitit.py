@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hydra import compose, initialize_config_dir
 
 from .conftest import CONF, ROOT
 
 
+@pytest.mark.slow
 def test_a_submitit_local_sweep_of_two_jobs_records_both_and_a_rerun_skips_them(tmp_path):
     cmd = [sys.executable, "run.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
            f"hydra.sweep.dir={tmp_path / 'multirun'}", "model=tiny_llama", "logger=none", "method=svd",
