@@ -24,21 +24,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` are skipped without a CUDA device (``make gpu-check`` runs them on one)."""
+    """Tests marked ``cuda`` are skipped without a CUDA device (``make gpu-check`` runs them on one). The slow
+    tests (the embedded models first, then the subprocess end-to-ends) go first: with two workers the long ones
+    start at once instead of trailing after the short ones."""
+    embedded = tuple(f"tests/{f}" for f in ("test_smollm2.py", "test_gemma3.py"))
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, not item.nodeid.startswith(embedded)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check)")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow tests (the embedded models, the subprocess end-to-ends) first: with two workers the long ones
-    start at once instead of trailing after the short ones."""
-    embedded = ("test_smollm2.py", "test_gemma3.py")  # the longest of them
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, not item.nodeid.startswith(
-        tuple(f"tests/{f}" for f in embedded))))
 
 
 @pytest.fixture
