@@ -161,5 +161,11 @@ def test_a_paper_model_config_runs_from_local_weights(tmp_path):
     rec = run(make_cfg("model=llama7b", f"model.path={weights}", "model.dtype=float32", results_dir=tmp_path))
     assert rec["model"]["identity"] == f"path:{weights.resolve()}" and rec["model"]["model_type"] == "llama"
     assert records(tmp_path)[0].parts[-4] == "llama7b"
+    first = run(make_cfg("model=llama7b", f"model.path={weights}", "model.dtype=float32", "+model.blocks=1",
+                         results_dir=tmp_path))  # a real model cut to its first block (smoke tests)
+    assert first["model"]["identity"] == f"path:{weights.resolve()}|blocks:1" and first["key"] != rec["key"]
+    assert sorted(first["layers"]) == sorted(n for n in rec["layers"] if n.startswith("model.layers.0."))
+    with pytest.raises(ModelUnavailable, match=r"model.blocks=3, but the model has 2 decoder blocks"):
+        run(make_cfg("model=llama7b", f"model.path={weights}", "+model.blocks=3", results_dir=tmp_path))
     with pytest.raises(ModelUnavailable, match="not a Hugging Face model folder"):
         run(make_cfg("model=llama7b", f"model.path={tmp_path / 'nowhere'}", results_dir=tmp_path / "other"))

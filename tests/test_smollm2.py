@@ -11,6 +11,7 @@ from .conftest import make_cfg
 pytestmark = pytest.mark.slow
 SMALL = ["model=smollm2_135m", "calib.nsamples=8", "calib.seqlen=128", "eval.ppl.seqlen=256",
          "eval.ppl.max_windows=4", "ratio=0.2"]
+FIRST8 = [*SMALL, "+model.blocks=8"]  # the real weights, cut to the first 8 of 30 blocks: a quarter of the cost
 
 
 def test_saes_beats_its_beta_zero_ablation_on_the_embedded_model(tmp_path):
@@ -64,11 +65,11 @@ def test_saved_smollm2_reloads_with_identical_logits(tmp_path):
 
 
 def test_dip_and_erc_reduce_to_svdllm_where_their_definitions_say_so(tmp_path):
-    """On the embedded model, end to end: Dip-SVD with weight 1 and ERC-SVD with the residual in the whitened
+    """On the embedded model (its first 8 blocks), end to end: Dip-SVD with weight 1 and ERC-SVD with the residual in the whitened
     space (every block compressed) are SVD-LLM."""
-    ref = run(make_cfg(*SMALL, "method=svdllm", results_dir=tmp_path))
-    dip1 = run(make_cfg(*SMALL, "method=dipsvd", "method.channel_weight=1.0", results_dir=tmp_path))
-    rec_w = run(make_cfg(*SMALL, "method=ercsvd", "method.rec_space=whitened", "method.plc.k=null",
+    ref = run(make_cfg(*FIRST8, "method=svdllm", results_dir=tmp_path))
+    dip1 = run(make_cfg(*FIRST8, "method=dipsvd", "method.channel_weight=1.0", results_dir=tmp_path))
+    rec_w = run(make_cfg(*FIRST8, "method=ercsvd", "method.rec_space=whitened", "method.plc.k=null",
                          results_dir=tmp_path))
     ppl = {name: r["metrics"]["ppl"]["wiki_books"]["compressed"] for name, r in
            (("svdllm", ref), ("dip1", dip1), ("rec_whitened", rec_w))}
@@ -77,21 +78,21 @@ def test_dip_and_erc_reduce_to_svdllm_where_their_definitions_say_so(tmp_path):
 
 
 def test_erc_partial_layers_and_adasvd_run_on_the_embedded_model(tmp_path):
-    """ERC-SVD's partial-layer plan leaves the first blocks dense at the uniform plan's overall ratio (within one
+    """On the embedded model's first 8 blocks: ERC-SVD's partial-layer plan leaves the first blocks dense at the uniform plan's overall ratio (within one
     rank); AdaSVD's published reading runs."""
     from saes.engine.layout import layout_for, plan_ranks
     from saes.inputs.models import model_config, skeleton
     from saes.runs.job import model_spec
 
-    cfg = make_cfg(*SMALL, "method=ercsvd", "method.plc.k=24", results_dir=tmp_path)
+    cfg = make_cfg(*FIRST8, "method=ercsvd", "method.plc.k=6", results_dir=tmp_path)
     model = skeleton(model_config(model_spec(cfg.model)))
     shapes = [(model.get_submodule(n), r) for n, r in plan_ranks(model, layout_for(model), 0.2).items()]
     uniform = 1 - sum(r * (m.in_features + m.out_features) for m, r in shapes) / sum(
         m.in_features * m.out_features for m, _ in shapes)  # the ratio SVD-LLM's uniform plan achieves
     plc = run(cfg)
     dense = sorted({int(n.split(".")[2]) for n, d in plc["layers"].items() if d["rank"] is None})
-    assert dense == list(range(6)) and 0 <= plc["params"]["linears_ratio"] - uniform < 1e-4
+    assert dense == [0, 1] and 0 <= plc["params"]["linears_ratio"] - uniform < 1e-4
     assert math.isfinite(plc["metrics"]["ppl"]["wiki_books"]["compressed"])
-    ada = run(make_cfg(*SMALL, "method=adasvd", results_dir=tmp_path))
+    ada = run(make_cfg(*FIRST8, "method=adasvd", results_dir=tmp_path))
     assert {d["adacomp_iters"] for d in ada["layers"].values()} == {1} and ada["params"]["rank_alloc"] == "mixed"
-    assert ada["metrics"]["ppl"]["wiki_books"]["dense"] < ada["metrics"]["ppl"]["wiki_books"]["compressed"] < math.inf
+    assert math.isfinite(ada["metrics"]["ppl"]["wiki_books"]["compressed"])  # cut after 8 blocks: PPL is no quality

@@ -65,6 +65,7 @@ class ModelSpec:
     revision: str | None = None
     tiny: dict[str, Any] = field(default_factory=dict)
     gguf: GGUFSource | None = None
+    blocks: int | None = None  # keep only the first ``blocks`` decoder blocks (smoke tests of a real model)
 
 
 @dataclass
@@ -181,7 +182,13 @@ def embedded_gguf(spec: ModelSpec) -> Path:
 
 
 def model_identity(spec: ModelSpec) -> str:
-    """What :func:`load_model` loads for ``spec`` (hub id, resolved path, GGUF hash), without loading it."""
+    """What :func:`load_model` loads for ``spec`` (hub id, resolved path, GGUF hash; the block count when the
+    model is cut to its first ``model.blocks``), without loading it."""
+    base = _weights_identity(spec)
+    return base if spec.blocks is None else f"{base}|blocks:{spec.blocks}"
+
+
+def _weights_identity(spec: ModelSpec) -> str:
     if spec.path:
         return f"path:{Path(spec.path).expanduser().resolve()}"
     if spec.source == "tiny":
@@ -251,12 +258,17 @@ def tiny_config(hidden_size: int = 64, intermediate_size: int = 160, num_hidden_
                        pad_token_id=257, **extra)
 
 
-def check_tiny(blocks: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """``model.tiny`` of a ``source: tiny`` config, checked: ``model.blocks`` (the shape configs' block count;
-    None where the config has none) must be an integer >= 1, and the vocabulary must hold the byte-level
-    tokenizer's 258 ids."""
+def check_blocks(blocks: Any) -> int | None:
+    """``model.blocks`` (None where the config has none) must be an integer >= 1."""
     if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
         raise ModelUnavailable(f"model.blocks must be an integer >= 1 (decoder blocks to build); got {blocks!r}")
+    return blocks
+
+
+def check_tiny(blocks: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """``model.tiny`` of a ``source: tiny`` config, checked: ``model.blocks`` (the shape configs' block count)
+    by :func:`check_blocks`, and the vocabulary must hold the byte-level tokenizer's 258 ids."""
+    check_blocks(blocks)
     if params.get("vocab_size", 258) < 258:
         raise ModelUnavailable(f"model.tiny.vocab_size must be >= 258 (the byte-level tokenizer's ids); "
                                f"got {params['vocab_size']}")
@@ -291,7 +303,25 @@ def _hub_unavailable(hub_id: str, exc: Exception | None = None) -> ModelUnavaila
                             "Use model.path=/local/dir or the embedded model (model=smollm2_135m)")
 
 
+def first_blocks(config: Any, blocks: int | None) -> Any:
+    """``config`` cut to its first ``blocks`` decoder blocks (per-block settings such as Gemma 3's
+    ``layer_types`` follow); None leaves it whole."""
+    if blocks is None:
+        return config
+    if blocks > config.num_hidden_layers:
+        raise ModelUnavailable(f"model.blocks={blocks}, but the model has {config.num_hidden_layers} decoder blocks")
+    config.num_hidden_layers = blocks
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:blocks]
+    return config
+
+
 def model_config(spec: ModelSpec) -> Any:
+    """The Hugging Face config of the model ``spec`` names (cut to ``spec.blocks``), without its weights."""
+    return first_blocks(_full_config(spec), spec.blocks)
+
+
+def _full_config(spec: ModelSpec) -> Any:
     """The Hugging Face config of the model ``spec`` names, without its weights (for checks before loading).
 
     Offline (the same 2-second decision the text sources use) a hub model's config comes from the local
@@ -365,4 +395,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             f"could not load model {where!s} ({source}): {exc}. Offline, use model.path=/local/dir "
             "or the embedded model (model=smollm2_135m)"
         ) from exc
+    if spec.blocks is not None:  # the first blocks only: a real model's smoke test at a fraction of its cost
+        layers = model.get_submodule("model.layers")
+        first_blocks(model.config, spec.blocks)
+        model.get_submodule("model").layers = nn.ModuleList(list(layers)[:spec.blocks])
     return LoadedModel(model.eval(), tok, identity)

@@ -25,7 +25,7 @@ from saes.engine.layout import layout_for, plan_ranks
 from saes.evaluation import zeroshot
 from saes.evaluation.perplexity import PplSettings
 from saes.inputs import data as data_mod
-from saes.inputs.models import (DTYPES, Chunk, GGUFSource, ModelSpec, check_tiny, model_config, model_identity,
+from saes.inputs.models import (DTYPES, Chunk, GGUFSource, ModelSpec, check_blocks, check_tiny, model_config, model_identity,
                                 resolve_device, skeleton)
 from saes.io import sha256_file
 from saes.runs.checkpoint import MANIFEST, CheckpointError, read_manifest
@@ -229,6 +229,8 @@ def model_spec(model_cfg: DictConfig) -> ModelSpec:
         source=model_cfg.source, dtype=model_cfg.dtype, path=model_cfg.get("path"), hub_id=model_cfg.get("hub_id"),
         revision=model_cfg.get("revision"),
         tiny=check_tiny(model_cfg.get("blocks"), dict(model_cfg.get("tiny") or {})) if model_cfg.source == "tiny" else {},
+        # a tiny model builds model.blocks blocks itself (its tiny parameters interpolate it); any other is cut
+        blocks=None if model_cfg.source == "tiny" else check_blocks(model_cfg.get("blocks")),
         gguf=None if gguf is None else GGUFSource(gguf.package, gguf.file, gguf.get("checksums"),
                                                   tuple(Chunk(c.package, c.file) for c in gguf.get("chunks") or ())))
 

@@ -35,7 +35,7 @@ from saes.runs.records import environment, flatten
 if TYPE_CHECKING:  # pipeline imports this module
     from omegaconf import DictConfig
 
-    from saes.runs.pipeline import Job
+    from saes.runs.job import Job
 
 log = logging.getLogger(__name__)
 
