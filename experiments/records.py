@@ -76,6 +76,22 @@ def mean_acc(rec: dict[str, Any] | None, tasks: Sequence[str], which: str = "com
     return sum(vals) / len(vals) if vals and all(v is not None for v in vals) else None  # type: ignore[arg-type]
 
 
+def mean_acc_stderr(rec: dict[str, Any] | None, tasks: Sequence[str], which: str = "compressed") -> float | None:
+    """Standard error of :func:`mean_acc` from lm-eval's per-task errors in the record (None unless every task has
+    one): :func:`saes.evaluation.zeroshot.stderr_of_mean`."""
+    from saes.evaluation.zeroshot import stderr_of_mean
+
+    zs = (rec or {}).get("metrics", {}).get("zeroshot") or {}
+    errs: list[float | None] = []
+    for task in tasks:
+        t = (zs.get("tasks") or {}).get(task) or {}
+        metric = (zs.get("average_metrics") or {}).get(task) or zs.get("average_metric", "acc")
+        values = t.get(which) or {}
+        errs.append(values.get(f"{metric}_stderr", values.get("acc_stderr")) if metric in values else
+                    values.get("acc_stderr"))
+    return stderr_of_mean(errs)
+
+
 def rel_drop(dense: float | None, comp: float | None) -> float | None:
     return (dense - comp) / dense if dense and comp is not None else None
 
@@ -96,18 +112,6 @@ def tasks_run(records: Iterable[dict[str, Any]]) -> list[str]:
         return []
     order = list(recs[0]["config"]["eval"].get("zeroshot", {}).get("tasks") or recs[0]["metrics"]["zeroshot"]["tasks"])
     return [t for t in order if all(acc_of(r, t) is not None and acc_of(r, t, "dense") is not None for r in recs)]
-
-
-def standard_error(rec: dict[str, Any], tasks: Sequence[str]) -> float | None:
-    """Binomial standard error of the dense model's mean accuracy over ``tasks`` (n examples each)."""
-    zs = rec["metrics"].get("zeroshot") or {}
-    terms = []
-    for t in tasks:
-        p, n = acc_of(rec, t, "dense"), (zs.get("tasks") or {}).get(t, {}).get("n")
-        if p is None or not n:
-            return None
-        terms.append(p * (1 - p) / n)
-    return math.sqrt(sum(terms)) / len(terms) if terms else None
 
 
 def mean_beta(rec: dict[str, Any]) -> float | None:

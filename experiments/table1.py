@@ -6,7 +6,7 @@ Sweeps ``experiment=table1``, ``table1_lora``, ``table1_dip`` and ``table1_strs`
 from __future__ import annotations
 
 from experiments.paper import TABLE3_TASKS, as_float, marks, ref_value, reference
-from experiments.records import acc_of, gap_closed, mean_acc, ppl_of, rel_drop, standard_error, tasks_run
+from experiments.records import acc_of, gap_closed, mean_acc, mean_acc_stderr, ppl_of, rel_drop, tasks_run
 from experiments.render import MISSING, Document, Table, avg_head, dense_record, facc, fnum, found, fpct, prepare
 from experiments.sweeps import Context, Job, cell, label, unique_rows
 
@@ -37,7 +37,8 @@ def build(ctx: Context) -> Document:
         if dense is not None:
             d_avg = mean_acc(dense, tasks, "dense")
             table.rows.append(["0.0", "dense", *[fnum(ppl_of(dense, s, "dense")) for s in sources],
-                               *[facc(acc_of(dense, t, "dense")) for t in tasks], facc(d_avg), "-"])
+                               *[facc(acc_of(dense, t, "dense")) for t in tasks],
+                               pm(d_avg, mean_acc_stderr(dense, tasks, "dense")), "-"])
         for ratio in ratios:
             for row in unique_rows(js):
                 j = cell(js, row, ratio)
@@ -48,26 +49,30 @@ def build(ctx: Context) -> Document:
                     continue
                 avg = mean_acc(j.record, tasks)
                 table.rows.append([str(ratio), label(j), *[fnum(ppl_of(j.record, s)) for s in sources],
-                                   *[facc(acc_of(j.record, t)) for t in tasks], facc(avg),
+                                   *[facc(acc_of(j.record, t)) for t in tasks],
+                                   pm(avg, mean_acc_stderr(j.record, tasks)),
                                    fpct(rel_drop(mean_acc(j.record, tasks, "dense"), avg))])
         notes = ["Avg: mean accuracy (lm-eval's `acc`, or the metric the runs averaged) over the tasks every run "
-                 "scored; Drop: its relative drop from the dense model's. * mixed ranks, † LoRA fine-tuning after "
+                 "scored, ± its standard error (lm-eval's per-task errors, sqrt(sum se²) / tasks); two averages "
+                 "differ beyond sampling noise only by more than about twice the larger error; Drop: its relative "
+                 "drop from the dense model's. * mixed ranks, † LoRA fine-tuning after "
                  "compression."]
         notes += strs_notes([j for j in js if j.row == "asvd_strs"])
         lost = [t for t in asked if t not in tasks]
         if lost:
             notes.append(f"Tasks asked for but not scored in every run: {', '.join(lost)} "
                          "(see each record's `metrics.zeroshot.missing`; offline, MathQA has no local copy).")
-        se = standard_error(dense, tasks) if dense is not None and tasks else None
-        if se is not None:
-            notes.append(f"Binomial standard error of the dense average: ±{se:.3f} (differences smaller than about "
-                         "twice this are not resolved by this many examples).")
         out: list[str | Table] = [table, " ".join(notes)]
         for ref in MATCH:
             out += beside_paper(js, ref, sources[0], tasks)
         return out
 
     return prepare(ctx, NAME, TITLE, EXPERIMENTS, blocks)
+
+
+def pm(value: float | None, se: float | None) -> str:
+    """An average with its standard error (the error left out where the record has none)."""
+    return facc(value) + ("" if value is None or se is None else f" ± {se:.3f}")
 
 
 def strs_notes(js: list[Job]) -> list[str]:

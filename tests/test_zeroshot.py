@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import math
 import socket
 import sys
 
 import pytest
+
+from experiments import records
 
 from saes.evaluation import tasks as task_data, zeroshot
 from saes.inputs import data
@@ -143,6 +146,10 @@ def test_a_run_records_per_task_accuracy_average_drop_and_the_missing_task(tmp_p
     assert zs["average"]["compressed"] == pytest.approx(sum(accs) / 2)
     assert zs["average"]["dense"] == pytest.approx(sum(dense) / 2)
     assert zs["average_complete"] is False and zs["average_over"] == ["arc_easy", "piqa"]
+    # the average's standard error from lm-eval's per-task ones (independent tasks): sqrt(se_1^2 + se_2^2) / 2
+    se = [t["compressed"]["acc_stderr"] for t in zs["tasks"].values()]
+    assert zs["average_stderr"]["compressed"] == pytest.approx(math.hypot(*se) / 2)
+    assert records.mean_acc_stderr(rec, ["arc_easy", "piqa"]) == pytest.approx(zs["average_stderr"]["compressed"])
     if zs["average"]["dense"]:
         assert zs["relative_drop"] == pytest.approx(1 - zs["average"]["compressed"] / zs["average"]["dense"])
     assert zs["lm_eval_version"] == md.version("lm_eval") and zs["limit"] == 4 and zs["data"] == "local"
@@ -221,3 +228,9 @@ def test_hub_mode_indexes_only_the_folders_of_the_tasks_asked_for():
     assert [f.name for f in folders] == ["arc", "mathqa"]
     manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
     assert {"arc_easy", "mathqa"} <= set(manager.all_subtasks) and len(manager.all_tasks) < 10
+
+
+def test_the_stderr_of_a_mean_combines_independent_task_errors_and_needs_every_one():
+    assert zeroshot.stderr_of_mean([0.03, 0.04]) == pytest.approx(0.05 / 2)
+    assert zeroshot.stderr_of_mean([0.03, None]) is None and zeroshot.stderr_of_mean([]) is None
+    assert zeroshot.stderr_of_mean([float("nan")]) is None

@@ -219,10 +219,23 @@ def average(tasks: dict[str, dict[str, Any]], metric: str) -> dict[str, Any]:
         vals = [(t[which] or {}).get(used[n]) for n, t in tasks.items()]
         return sum(vals) / len(vals) if vals and all(v is not None for v in vals) else None
 
+    def stderr(which: str) -> float | None:
+        return stderr_of_mean([(t[which] or {}).get(f"{used[n]}_stderr") for n, t in tasks.items()])
+
     avg_dense, avg_comp = mean("dense"), mean("compressed")
     drop = (avg_dense - avg_comp) / avg_dense if avg_dense and avg_comp is not None else None
     return {"average_metric": metric, "average_metrics": used, "average_over": list(tasks),
-            "average": {"dense": avg_dense, "compressed": avg_comp}, "relative_drop": drop}
+            "average": {"dense": avg_dense, "compressed": avg_comp}, "relative_drop": drop,
+            "average_stderr": {"dense": stderr("dense"), "compressed": stderr("compressed")}}
+
+
+def stderr_of_mean(stderrs: Sequence[float | None]) -> float | None:
+    """Standard error of a mean of ``T`` independent task accuracies, ``sqrt(sum_t se_t^2) / T``, from lm-eval's
+    per-task standard errors (None if a task has none). Two averages over the same examples are correlated, so
+    twice the larger of their errors is a conservative yardstick for their difference, not a test."""
+    if not stderrs or any(e is None or (isinstance(e, float) and math.isnan(e)) for e in stderrs):
+        return None
+    return math.sqrt(sum(float(e) ** 2 for e in stderrs)) / len(stderrs)  # type: ignore[arg-type]
 
 
 def summary_lines(zs: dict[str, Any] | None) -> list[str]:
@@ -243,7 +256,12 @@ def summary_lines(zs: dict[str, Any] | None) -> list[str]:
     avg = zs["average"]
     flag = "" if zs["average_complete"] else f" (INCOMPLETE: {len(zs['missing'])} task(s) missing)"
     drop = zs["relative_drop"]
-    lines.append(f"   0-shot average over {len(zs['tasks'])} task(s){flag}: dense {fmt(avg['dense'])}  "
-                 f"compressed {fmt(avg['compressed'])}  relative drop "
+    se = zs.get("average_stderr") or {}
+
+    def pm(which: str) -> str:
+        return "" if se.get(which) is None else f" ± {se[which]:.4f}"
+
+    lines.append(f"   0-shot average over {len(zs['tasks'])} task(s){flag}: dense {fmt(avg['dense'])}{pm('dense')}  "
+                 f"compressed {fmt(avg['compressed'])}{pm('compressed')}  relative drop "
                  f"{'n/a' if drop is None else f'{100 * drop:.1f} %'}  (lm-eval {zs['lm_eval_version']})")
     return lines
