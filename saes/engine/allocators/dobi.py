@@ -51,7 +51,7 @@ Sampler = Callable[[int, int], torch.Tensor]  # (nsamples, seqlen) -> [nsamples,
 class Dobi(Allocator):
     name = "dobi"
 
-    def __init__(self, lam: float = 100.0, beta: float = 10.0, lr: float = 5 / 2048, min_lr: float = 4 / 2048,
+    def __init__(self, lam: float | str = "auto", beta: float = 10.0, lr: float = 5 / 2048, min_lr: float = 4 / 2048,
                  epochs: int = 10, accum: int = 4, windows: int = 32, seqlen: int = 1024, select_windows: int = 4,
                  select_every: int = 8, niter: int = 2, clip: float = 1.0, rr: bool = False,
                  dtype: str = "float32", seed: int = 0) -> None:
@@ -61,13 +61,16 @@ class Dobi(Allocator):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"method.dobi.{key} must be an integer >= {low}; got {value!r}")
         for key, value in (("lam", lam), ("beta", beta), ("lr", lr), ("clip", clip)):
+            if key == "lam" and value == "auto":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
-                raise ValueError(f"method.dobi.{key} (lambda, the budget weight, for lam) must be > 0; got {value!r}")
+                raise ValueError(f"method.dobi.{key} must be > 0" + (" or auto (lambda, the budget's weight)"
+                                                                     if key == "lam" else "") + f"; got {value!r}")
         if isinstance(min_lr, bool) or not 0 <= float(min_lr) <= float(lr):
             raise ValueError(f"method.dobi.min_lr must lie in [0, method.dobi.lr]; got {min_lr!r}")
         if dtype not in DTYPES:
             raise ValueError(f"method.dobi.dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-        self.training = DobiTraining(float(lam), float(beta), float(lr), float(min_lr), epochs, accum, select_every,
+        self.training = DobiTraining(lam if lam == "auto" else float(lam), float(beta), float(lr), float(min_lr), epochs, accum, select_every,
                                      niter, float(clip), seed)
         self.windows, self.seqlen, self.select_windows = windows, seqlen, select_windows
         self.rr, self.dtype = bool(rr), DTYPES[dtype]
@@ -100,7 +103,7 @@ class Dobi(Allocator):
         total = sum(m * n for m, n in shapes.values())
         summary = {"target_kept": budget / total, "kept_before_projection": learned["kept"],
                    "kept_after_projection": sum(ranks[p] * sum(shapes[p]) for p in names) / total,
-                   "selected_step": learned["step"], "steps": learned["steps"], "select_loss": learned["select_loss"],
+                   "lam": learned["lam"], "selected_step": learned["step"], "steps": learned["steps"], "select_loss": learned["select_loss"],
                    "cache": learned["path"]}
         log.info("Dobi-SVD ranks: kept %.5f before the projection, target %.5f", summary["kept_before_projection"],
                  summary["target_kept"])
@@ -139,7 +142,7 @@ class Dobi(Allocator):
             model.to(cfg.offload_device)
         best = out["best"]
         result = {"gamma": {p: best["rho"][i] * min(shapes[p]) / rr[p] for i, p in enumerate(names)},
-                  "kept": best["kept"], "step": best["step"], "steps": out["steps"],
+                  "kept": best["kept"], "lam": out["lam"], "step": best["step"], "steps": out["steps"],
                   "select_loss": best["select_loss"], "history": out["history"]}
         if path is not None:
             write_json_atomic(path, {"key": key, "result": result})

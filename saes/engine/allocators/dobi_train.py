@@ -4,9 +4,16 @@ projection, learned through the activation-truncated model (:mod:`saes.core.dobi
 The parameters are ``rho_l = k_l / min(m_l, n_l)`` (the weight rank as a fraction of its range) so that one Adam
 learning rate moves every projection by the same fraction of its range (the code's ``lr = 5`` over its range
 ``L = 2048`` is 0.24% per step); ``gamma_l = rho_l min(m_l, n_l) / RR_l`` is the activation rank the mask sits at.
-Per optimiser step: ``accum`` windows, each one forward and backward of
-``exp(NLL) + lambda |kept - target| + range`` (divided by ``accum``, as the HF Trainer does), the gradient norm
-clipped at ``clip``, one Adam step at the cosine learning rate (period: one epoch of steps). Windows are shuffled
+Per optimiser step: ``accum`` windows, each one forward and backward of ``exp(NLL) / accum``, then the
+window-independent ``lambda |kept - target| + range`` once (the same gradient as the code's per-window sum divided by
+``accum``, as the HF Trainer does), the gradient norm clipped at ``clip``, one Adam step at the cosine learning rate
+(period: one epoch of steps).
+
+``lam="auto"`` (our tuning rule) sets ``lambda`` from the first step's perplexity gradient: at the optimum of
+``exp(NLL)`` under the budget every projection's marginal perplexity per parameter equals one multiplier
+``mu / sum mn``; the median over projections of ``|d exp(NLL) / d rho_l| / c_l`` (``c_l = d kept / d rho_l``) at the
+uniform start estimates ``mu``, and an L1 penalty holds the budget exactly once ``lambda > mu`` (an exact penalty),
+so ``lambda = 2 x`` that median. Recorded with the run. Windows are shuffled
 per epoch with a seeded generator and every randomized SVD draws from a generator seeded by (seed, epoch,
 window), so a run stopped after any step and resumed from its checkpoint (``rho``, Adam's state, the best
 snapshot and the history, JSON after every step) ends exactly as an uninterrupted one.
@@ -40,7 +47,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DobiTraining:
     """Stage 1's settings (``method.dobi.*``); checked by :class:`saes.engine.allocators.dobi.Dobi`."""
-    lam: float = 100.0
+    lam: float | str = "auto"
     beta: float = 10.0
     lr: float = 5 / 2048
     min_lr: float = 4 / 2048
@@ -109,13 +116,13 @@ def train_positions(model: nn.Module, names: Sequence[str], shapes: dict[str, tu
     opt = torch.optim.Adam([rho], lr=settings.lr)
     per_epoch = math.ceil(train_ids.shape[0] / settings.accum)
     total = settings.epochs * per_epoch
-    state = {"step": 0, "best": None, "history": []}
+    state: dict[str, Any] = {"step": 0, "best": None, "history": [], "lam": settings.lam}
     if checkpoint is not None and checkpoint.is_file():
         saved = read_json(checkpoint)
         if saved.get("key") == key:
             rho.data = torch.tensor(saved["rho"], dtype=torch.float64)
             opt.load_state_dict(_adam_state(saved["adam"]))
-            state = {k: saved[k] for k in ("step", "best", "history")}
+            state = {k: saved[k] for k in ("step", "best", "history", "lam")}
             log.info("Dobi-SVD: resuming stage 1 at step %d of %d from %s", state["step"], total, checkpoint)
     draw = {"seed": 0}
 
@@ -123,17 +130,18 @@ def train_positions(model: nn.Module, names: Sequence[str], shapes: dict[str, tu
         draw["seed"] += 1
         return _generator(draw["seed"])
 
-    def objective(ids: torch.Tensor, stream_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def perplexity(ids: torch.Tensor, stream_seed: int) -> torch.Tensor:
         draw["seed"] = stream_seed * 1_000_003
-        nll = model(input_ids=ids[None].to(device), labels=ids[None].to(device), use_cache=False).loss
-        k = rho * torch.minimum(m, n)
-        kept = kept_fraction(k, m, n)
-        return torch.exp(nll) + settings.lam * (kept - target).abs() + range_penalty(rho * scale, scale), kept
+        return torch.exp(model(input_ids=ids[None].to(device), labels=ids[None].to(device), use_cache=False).loss)
 
-    def select_loss() -> float:
+    def budget_terms(lam: float) -> torch.Tensor:
+        kept = kept_fraction(rho * torch.minimum(m, n), m, n)
+        return lam * (kept - target).abs() + range_penalty(rho * scale, scale)
+
+    def select_loss(lam: float) -> float:
         with torch.no_grad():
-            losses = [float(objective(ids, _mix(settings.seed, -1, i))[0]) for i, ids in enumerate(select_ids)]
-        return sum(losses) / len(losses)
+            ppl = [float(perplexity(ids, _mix(settings.seed, -1, i))) for i, ids in enumerate(select_ids)]
+            return sum(ppl) / len(ppl) + float(budget_terms(lam))
 
     modules = {p: Truncated(model.get_submodule(p), (lambda i=i: (rho[i] * scale[i]).to(dtype)), settings.beta,
                             settings.niter, generator, dtype) for i, p in enumerate(names)}
@@ -154,19 +162,26 @@ def train_positions(model: nn.Module, names: Sequence[str], shapes: dict[str, tu
                 opt.zero_grad()
                 loss_sum = 0.0
                 for w in batch:
-                    loss, kept = objective(train_ids[w], _mix(settings.seed, epoch, w))
+                    loss = perplexity(train_ids[w], _mix(settings.seed, epoch, w))
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"Dobi-SVD stage 1: the loss on training window {w} at step {step} "
                                                  "is not finite")
                     (loss / len(batch)).backward()
                     loss_sum += float(loss.detach()) / len(batch)
+                if state["lam"] == "auto":
+                    state["lam"] = auto_lambda(rho.grad, m, n)
+                    log.info("Dobi-SVD: lambda = %.4g (lam=auto, from the first step's perplexity gradient)",
+                             state["lam"])
+                extra = budget_terms(state["lam"])
+                extra.backward()
+                loss_sum += float(extra.detach())
                 clip_in_gamma_units(rho, scale, settings.clip)
                 opt.step()
                 with torch.no_grad():
                     kept_now = float(kept_fraction(rho * torch.minimum(m, n), m, n))
                 entry = {"step": step + 1, "loss": loss_sum, "kept": kept_now, "lr": opt.param_groups[0]["lr"]}
                 if (step + 1) % settings.select_every == 0 or step + 1 == total:
-                    entry["select_loss"] = select_loss()
+                    entry["select_loss"] = select_loss(state["lam"])
                     if state["best"] is None or entry["select_loss"] < state["best"]["select_loss"]:
                         state["best"] = {"step": step + 1, "select_loss": entry["select_loss"], "kept": kept_now,
                                          "rho": rho.detach().tolist()}
@@ -183,7 +198,14 @@ def train_positions(model: nn.Module, names: Sequence[str], shapes: dict[str, tu
             p.requires_grad_(flag)
         model.train(was_training)
     return {"best": state["best"], "history": state["history"], "final_rho": rho.detach().tolist(),
-            "steps": total, "target": target}
+            "steps": total, "target": target, "lam": state["lam"]}
+
+
+def auto_lambda(grad: torch.Tensor, m: torch.Tensor, n: torch.Tensor, factor: float = 2.0) -> float:
+    """``factor x`` the median over projections of ``|d exp(NLL) / d rho_l| / c_l`` with ``c_l = d kept / d rho_l =
+    min(m_l, n_l) (m_l + n_l) / sum mn``: the budget's multiplier estimated at the start (``lam="auto"``)."""
+    c = torch.minimum(m, n) * (m + n) / (m * n).sum()
+    return factor * float((grad.abs() / c).median())
 
 
 def clip_in_gamma_units(rho: nn.Parameter, scale: torch.Tensor, clip: float) -> None:
