@@ -16,8 +16,9 @@ to draw; ``method.centre=true`` centres them as its code does); the update is ``
 code weighs the last of ``ceil(gamma)`` directions by the mask, ``V G V^T W``); the stream runs on the shared
 calibration windows (``calib.*``, the tokens every method factorises with), each sequence's truncation capped at
 its length. Stage 3 (remapping: 8-bit storage of the factors' leading entries) is storage accounting only
-(``method.remap=true``): each layer records ``remap_bytes`` (:func:`saes.core.dobi.remap_bytes`) and the record
-``params.allocation``-independent parameter counts are unchanged; the weights stay the factors.
+(``method.remap=true``): each layer records ``remap_bytes`` (:func:`saes.core.dobi.remap_bytes`) and the record's
+``params.remap`` sums them beside the fp16 bytes of the factors and of the dense projections: a memory figure, never
+part of the parameter budget or counts; the weights stay the fp32 factors.
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ class _Collecting(nn.Module):
         super().__init__()
         self.lin, self.k, self.beta, self.niter, self.dtype = lin, k, beta, niter, dtype
         self.generator = torch.Generator().manual_seed(seed)
-        m = lin.out_features
-        self.moment = torch.zeros(m, m, dtype=torch.float64)
-        self.total = torch.zeros(m, dtype=torch.float64)
+        self.moment: torch.Tensor | None = None  # allocated at the first call: one block's at a time
+        self.total: torch.Tensor | None = None
         self.count = 0
 
     @torch.no_grad()
@@ -63,8 +63,11 @@ class _Collecting(nn.Module):
             T = tanh_mask(torch.tensor(float(self.k), dtype=S.dtype), q, self.beta).to(S.device)
             outs.append((U * (S * T)[None, :]) @ V.T)
             Vd = V.detach().to("cpu", torch.float64)
-            self.moment += Vd @ Vd.T
-            self.total += Vd.sum(1)
+            if self.moment is None:
+                self.moment, self.total = Vd @ Vd.T, Vd.sum(1)
+            else:
+                self.moment += Vd @ Vd.T
+                self.total += Vd.sum(1)
             self.count += q
         return torch.stack(outs).reshape(y.shape).to(y.dtype)
 
@@ -125,9 +128,10 @@ def truncated_stream_subspaces(model: nn.Module, layout: BlockLayout, ranks: dic
     def reduce(step: BlockPass) -> None:
         for p, mod in modules.items():
             if p.startswith(f"{prefix}{step.index}.") and p not in bases:
+                assert mod.moment is not None, f"{p} saw no calibration token"
                 bases[p] = principal_subspace(mod.moment, mod.k, mod.total if centre else None, mod.count
                                               ).to(torch.float32)
-                mod.moment = mod.total = torch.zeros(0)
+                mod.moment = mod.total = None
 
     with Installed(model, modules):
         dense_blocks(model, layout, calib_ids, cfg, on_block=reduce)

@@ -1,6 +1,7 @@
 """Table 1 (with Tables 5/6 and Figure 1b): every method at four ratios, beside the paper's rows.
 
-Sweeps ``experiment=table1``, ``table1_lora``, ``table1_dip``, ``table1_strs`` and ``table1_dobi``; built by
+Sweeps ``experiment=table1``, ``table1_lora``, ``table1_dip``, ``table1_strs``, ``table1_dobi`` and
+``table1_dobi_grid``; built by
 ``python -m experiments.tables``.
 """
 
@@ -12,7 +13,7 @@ from experiments.render import MISSING, Document, Table, avg_head, dense_record,
 from experiments.sweeps import Context, Job, cell, label, unique_rows
 
 NAME, TITLE = "table1", "Table 1: every method at four ratios (with Tables 5/6 and Figure 1b)"
-EXPERIMENTS = ("table1", "table1_lora", "table1_dip", "table1_strs", "table1_dobi")
+EXPERIMENTS = ("table1", "table1_lora", "table1_dip", "table1_strs", "table1_dobi", "table1_dobi_grid")
 TASKS = {"openbookqa": "OpenbookQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG.",
          "hellaswag": "HellaS.", "piqa": "PIQA", "mathqa": "MathQA", "boolq": "BoolQ", "lambada_openai": "LAMBADA"}
 MATCH: dict[str, dict[str, str | None]] = {  # our row id per paper row name, per reference table (our reading)
@@ -94,15 +95,15 @@ def dobi_notes(js: list[Job]) -> list[str]:
     """What Dobi-SVD*'s cells rest on: its stage-1 preset (read from the records' config) and the kept fraction its
     learned ranks reached before their projection onto the budget."""
     out = []
-    presets = sorted({(d["windows"], d["seqlen"], d["epochs"], d["accum"], d["lam"]) for d in
+    presets = sorted({(d["windows"], d["seqlen"], d["epochs"], d["accum"], str(d["lam"])) for d in
                       (j.record["config"]["method"]["dobi"] for j in js if j.record is not None)})
     if presets:
         out.append("Dobi-SVD*: ranks learned on " + " / ".join(f"{w} windows x {L} tokens, {e} epochs, accumulation "
-                                                             f"{a}, lambda {lam:g}" for w, L, e, a, lam in presets)
+                                                             f"{a}, lambda {lam}" for w, L, e, a, lam in presets)
                    + " (`method.dobi`; `conf/experiment/table1_dobi.yaml`), its code's 256 x 2048, 20-50 epochs, 8; "
                    "equal parameters (no remapping); kept fraction before the projection onto the budget: "
-                   + ", ".join(f"{a['kept_before_projection']:.4f} (target {a['target_kept']:.4f}) at {j.ratio}"
-                               for j in js if j.record is not None
+                   + ", ".join(f"{a['kept_before_projection']:.4f} (target {a['target_kept']:.4f}, lambda "
+                               f"{a['lam']:.3g}) at {j.ratio}" for j in js if j.record is not None
                                for a in [j.record["params"].get("allocation", {})] if a) + ".")
     if any(j.record is None for j in js):
         out.append("Dobi-SVD* missing: not run here yet (`python run.py experiment=table1_dobi`, about 2 h of "

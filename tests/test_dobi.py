@@ -163,6 +163,7 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = train(tmp_path / "stopped.json")
     assert resumed["final_rho"] == whole["final_rho"] and resumed["best"] == whole["best"]
     assert resumed["history"] == whole["history"] and len(whole["history"]) == 4
+    assert resumed["lam"] == whole["lam"] and whole["lam"] > 0  # lam=auto: set at the first step, kept on resume
     assert max(abs(a - b) for a, b in zip(whole["final_rho"], rho0.tolist())) > 1e-3
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
