@@ -176,7 +176,7 @@ def test_table1_shows_every_recorded_number_and_a_missing_run_as_missing(tmp_pat
     assert row_cells(md, "0.4", "AdaSVD*")[2:] == ["missing"] * 5
     assert "Runs recorded: 45 of 46. Missing: table1: method=adasvd ratio=0.4." in md  # which sweep makes it
     assert row_cells(md, "0.2", "Dobi-SVD*")[2] == "30.00" and row_cells(md, "0.4", "SAES-SVD + Dobi-SVD ranks*")
-    assert "Dobi-SVD*: ranks learned on 32 windows x 640 tokens, 12 epochs, accumulation 4" in md
+    assert "Dobi-SVD*: ranks learned on 32 windows x 640 tokens, 8 epochs, accumulation 4" in md
     assert "not reimplemented" not in md
     saes = row_cells(md, "0.2", "SAES-SVD")
     assert saes[2:] == ["24.00", "0.400", "0.600", "0.500", "0.0%"]

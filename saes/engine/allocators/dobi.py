@@ -52,7 +52,7 @@ class Dobi(Allocator):
     name = "dobi"
 
     def __init__(self, lam: float | str = "auto", beta: float = 10.0, lr: float = 5 / 2048, min_lr: float = 4 / 2048,
-                 epochs: int = 10, accum: int = 4, windows: int = 32, seqlen: int = 1024, select_windows: int = 4,
+                 epochs: int = 8, accum: int = 4, windows: int = 32, seqlen: int = 640, select_windows: int = 4,
                  select_every: int = 8, niter: int = 2, clip: float = 1.0, rr: bool = False,
                  dtype: str = "float32", seed: int = 0) -> None:
         for key, value, low in (("epochs", epochs, 1), ("accum", accum, 1), ("windows", windows, 1),

@@ -51,7 +51,7 @@ class DobiTraining:
     beta: float = 10.0
     lr: float = 5 / 2048
     min_lr: float = 4 / 2048
-    epochs: int = 10
+    epochs: int = 8
     accum: int = 4
     select_every: int = 8
     niter: int = 2
