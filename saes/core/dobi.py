@@ -146,7 +146,7 @@ def truncate_activation(A: torch.Tensor, gamma: torch.Tensor, beta: float = BETA
     ``q = min(L, m, max(1, floor(gamma) + extra))`` triplets, the mask at ``gamma`` clamped to ``[1, q]``."""
     q = min(min(A.shape), max(1, int(math.floor(float(gamma.detach()))) + extra))
     U, S, V = guarded_svd(A, q, niter, generator, guard)
-    T = tanh_mask(gamma.clamp(1.0, float(q)).to(S.dtype), q, beta)
+    T = tanh_mask(gamma.clamp(1.0, float(q)).to(S), q, beta)  # gamma may live elsewhere (the CPU)
     return (U * (S * T)[None, :]) @ V.T
 
 

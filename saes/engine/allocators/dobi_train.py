@@ -65,10 +65,10 @@ class Truncated(nn.Module):
 
     def __init__(self, lin: nn.Linear, gamma: Callable[[], torch.Tensor], beta: float, niter: int,
                  generator: Callable[[], torch.Generator], dtype: torch.dtype,
-                 seen: Callable[[torch.Tensor], None] | None = None, guard: SVDGuard | None = SVDGuard()) -> None:
+                 guard: SVDGuard | None = SVDGuard()) -> None:
         super().__init__()
         self.lin, self.gamma, self.beta, self.niter = lin, gamma, beta, niter
-        self.generator, self.dtype, self.seen, self.guard = generator, dtype, seen, guard
+        self.generator, self.dtype, self.guard = generator, dtype, guard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.lin(x)
