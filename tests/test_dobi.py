@@ -226,3 +226,22 @@ def test_rr_allows_short_windows():
     from saes.runs.job import prepare
     job = prepare(make_cfg("method.rank_alloc=dobi", "method.dobi.seqlen=48", "method.dobi.rr=true"))
     assert job.allocator.rank_ratio(64, 160) == pytest.approx(64 / 48) and job.allocator.rank_ratio(32, 64) == 1.0
+
+
+def test_lam_auto_holds_the_budget_within_0002():
+    """``lam=auto`` (2 x the multiplier estimated at the first step) keeps the continuous plan's kept fraction within
+    0.002 of the target once the first steps' swing is over (24 steps on the tiny model, ratios 0.2 and 0.4)."""
+    model = tiny_llama(num_key_value_heads=2).eval()
+    layout = layout_for(model)
+    ids = calib_batch(n=10, seqlen=64)
+    for ratio in (0.2, 0.4):
+        uniform = plan_ranks(model, layout, ratio)
+        names = list(uniform)
+        shapes = {p: tuple(model.get_submodule(p).weight.shape) for p in names}
+        target = sum(r * sum(shapes[p]) for p, r in uniform.items()) / sum(a * b for a, b in shapes.values())
+        rho0 = torch.tensor([uniform[p] / min(shapes[p]) for p in names], dtype=torch.float64)
+        out = train_positions(model, names, shapes, {p: 1.0 for p in names}, rho0, target, ids[:8], ids[8:],
+                              DobiTraining(epochs=6, accum=2, select_every=4), torch.device("cpu"), torch.float32,
+                              None, {})
+        assert all(abs(h["kept"] - target) < 0.002 for h in out["history"][8:]), [h["kept"] for h in out["history"]]
+        assert abs(out["best"]["kept"] - target) < 0.003
