@@ -102,6 +102,7 @@ class Dobi(Allocator):
         ranks = fit_ranks(k, shapes, budget)
         total = sum(m * n for m, n in shapes.values())
         summary = {"target_kept": budget / total, "kept_before_projection": learned["kept"],
+                   "gap_before_projection": learned["kept"] - budget / total,  # the preset's tolerance: 0.002
                    "kept_after_projection": sum(ranks[p] * sum(shapes[p]) for p in names) / total,
                    "lam": learned["lam"], "selected_step": learned["step"], "steps": learned["steps"], "select_loss": learned["select_loss"],
                    "cache": learned["path"]}
