@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2_135m")
     ap.add_argument("--seqlen", type=int, default=640)
     ap.add_argument("--ratio", type=float, default=0.2)
-    ap.add_argument("--passes", type=int, default=3, help="training steps of one window (at least 3: warm-up, timed, timed + selection)")
+    ap.add_argument("--passes", type=int, default=3,
+                    help="training steps of one window (at least 3: warm-up, timed, timed + selection)")
     ap.add_argument("--windows", type=int, default=32, help="windows of the run to estimate")
     ap.add_argument("--epochs", type=int, default=8, help="epochs of the run to estimate")
     ap.add_argument("--select", type=int, default=4, help="selection windows x evaluations of the run to estimate")

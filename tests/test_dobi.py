@@ -46,7 +46,8 @@ def test_mask_and_its_gradient_match_finite_differences():
         gamma = torch.tensor(value, dtype=torch.float64, requires_grad=True)
         loss(gamma).backward()
         h = 1e-6
-        fd = (loss(torch.tensor(value + h, dtype=torch.float64)) - loss(torch.tensor(value - h, dtype=torch.float64))) / (2 * h)
+        up, down = (torch.tensor(value + s, dtype=torch.float64) for s in (h, -h))
+        fd = (loss(up) - loss(down)) / (2 * h)
         assert float(gamma.grad) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
         assert float(gamma.grad) != 0.0
     T = tanh_mask(torch.tensor(3.0, dtype=torch.float64), 6)
@@ -72,7 +73,7 @@ def test_guarded_backward_stays_finite_at_ties_and_zeros():
     Q1 = torch.linalg.qr(torch.randn(8, 4, dtype=torch.float64)).Q
     Q2 = torch.linalg.qr(torch.randn(6, 4, dtype=torch.float64)).Q
     S = torch.tensor([3.0, 2.0, 2.0, 0.0], dtype=torch.float64)  # a tie and a zero
-    gU, gS, gV = torch.randn(8, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    gU, gS, gV = (torch.randn(*shape, dtype=torch.float64) for shape in ((8, 4), (4,), (6, 4)))
     plain = svd_backward(Q1, S, Q2, gU, gS, gV, guard=None)
     guarded = svd_backward(Q1, S, Q2, gU, gS, gV)
     assert not torch.isfinite(plain).all()

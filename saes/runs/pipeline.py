@@ -153,8 +153,8 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         dense_ppl = dense_perplexity(model, dense, job.ppl, eval_ids, bool(cfg.get("offload")))
         dense_zs = dense_zeroshot(model, tok, dense, job.zeroshot) if job.zeroshot is not None else None
     dense_params = count_parameters(model)
-    report, rank_alloc, allocation = compress_in_place(cfg, model, layout, job.method, job.allocator, calib_ids, device,
-                                           timings, loaded.identity, job.key)
+    report, rank_alloc, allocation = compress_in_place(cfg, model, layout, job.method, job.allocator, calib_ids,
+                                                       device, timings, loaded.identity, job.key)
     finetuned = None
     if job.lora is not None:  # SVD-LLM's optional LoRA stage (a dagger in the tables)
         with timings.phase("finetune"):

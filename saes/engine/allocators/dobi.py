@@ -70,7 +70,8 @@ class Dobi(Allocator):
             raise ValueError(f"method.dobi.min_lr must lie in [0, method.dobi.lr]; got {min_lr!r}")
         if dtype not in DTYPES:
             raise ValueError(f"method.dobi.dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-        self.training = DobiTraining(lam if lam == "auto" else float(lam), float(beta), float(lr), float(min_lr), epochs, accum, select_every,
+        self.training = DobiTraining(lam if lam == "auto" else float(lam), float(beta), float(lr), float(min_lr),
+                                     epochs, accum, select_every,
                                      niter, float(clip), seed)
         self.windows, self.seqlen, self.select_windows = windows, seqlen, select_windows
         self.rr, self.dtype = bool(rr), DTYPES[dtype]
@@ -82,8 +83,9 @@ class Dobi(Allocator):
         if not self.rr and self.seqlen < small:
             worst = max(shapes, key=lambda p: min(shapes[p]))
             raise ValueError(f"method.dobi.seqlen={self.seqlen} is below {worst}'s smaller dimension {small}: an "
-                             f"activation of {self.seqlen} tokens cannot reach its rank. Set method.dobi.seqlen>={small}, "
-                             "or method.dobi.rr=true (weight rank = max(1, min(m, n) / seqlen) x activation rank)")
+                             f"activation of {self.seqlen} tokens cannot reach its rank. Set "
+                             f"method.dobi.seqlen>={small}, or method.dobi.rr=true (weight rank = max(1, min(m, n) / "
+                             "seqlen) x activation rank)")
 
     def use_text(self, sample: Sampler) -> None:
         self.sampler = sample
@@ -104,7 +106,8 @@ class Dobi(Allocator):
         summary = {"target_kept": budget / total, "kept_before_projection": learned["kept"],
                    "gap_before_projection": learned["kept"] - budget / total,  # the preset's tolerance: 0.002
                    "kept_after_projection": sum(ranks[p] * sum(shapes[p]) for p in names) / total,
-                   "lam": learned["lam"], "selected_step": learned["step"], "steps": learned["steps"], "select_loss": learned["select_loss"],
+                   "lam": learned["lam"], "selected_step": learned["step"], "steps": learned["steps"],
+                   "select_loss": learned["select_loss"],
                    "cache": learned["path"]}
         log.info("Dobi-SVD ranks: kept %.5f before the projection, target %.5f", summary["kept_before_projection"],
                  summary["target_kept"])
