@@ -222,11 +222,19 @@ def test_bad_dobi_settings_are_named_before_the_model_loads(tmp_path, monkeypatc
     assert not (tmp_path / "runs").exists()
 
 
-def test_rr_allows_short_windows():
-    """With ``rr=true`` a window shorter than a projection's smaller dimension is accepted (``RR = min / L``)."""
+def test_rr_allows_short_windows(tmp_path):
+    """With ``rr=true`` a window shorter than a projection's smaller dimension is accepted (``RR = min / L``): the
+    weight rank is ``RR gamma`` and the plan keeps the budget."""
     from saes.runs.job import prepare
-    job = prepare(make_cfg("method.rank_alloc=dobi", "method.dobi.seqlen=48", "method.dobi.rr=true"))
-    assert job.allocator.rank_ratio(64, 160) == pytest.approx(64 / 48) and job.allocator.rank_ratio(32, 64) == 1.0
+    cfg = make_cfg("method=svdllm", "method.rank_alloc=dobi", *SMALL, "method.dobi.seqlen=48", "method.dobi.rr=true",
+                   results_dir=tmp_path)
+    allocator = prepare(cfg).allocator
+    assert allocator.rank_ratio(64, 160) == pytest.approx(64 / 48) and allocator.rank_ratio(32, 64) == 1.0
+    rec = run(cfg)
+    q = rec["layers"]["model.layers.0.self_attn.q_proj"]
+    assert q["dobi_rank"] == pytest.approx(q["dobi_gamma"] * 64 / 48)
+    alloc = rec["params"]["allocation"]
+    assert alloc["kept_after_projection"] <= alloc["target_kept"] and abs(alloc["gap_before_projection"]) < 0.01
 
 
 def test_lam_auto_holds_the_budget_within_0002():
