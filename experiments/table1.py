@@ -1,6 +1,8 @@
 """Table 1 (with Tables 5/6 and Figure 1b): every method at four ratios, beside the paper's rows.
 
-Sweeps ``experiment=table1``, ``table1_lora``, ``table1_dip`` and ``table1_strs``; built by ``python -m experiments.tables``.
+Sweeps ``experiment=table1``, ``table1_lora``, ``table1_dip``, ``table1_strs``, ``table1_dobi`` and
+``table1_dobi_grid``; built by
+``python -m experiments.tables``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from experiments.render import MISSING, Document, Table, avg_head, dense_record,
 from experiments.sweeps import Context, Job, cell, label, unique_rows
 
 NAME, TITLE = "table1", "Table 1: every method at four ratios (with Tables 5/6 and Figure 1b)"
-EXPERIMENTS = ("table1", "table1_lora", "table1_dip", "table1_strs")
+EXPERIMENTS = ("table1", "table1_lora", "table1_dip", "table1_strs", "table1_dobi", "table1_dobi_grid")
 TASKS = {"openbookqa": "OpenbookQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG.",
          "hellaswag": "HellaS.", "piqa": "PIQA", "mathqa": "MathQA", "boolq": "BoolQ", "lambada_openai": "LAMBADA"}
 MATCH: dict[str, dict[str, str | None]] = {  # our row id per paper row name, per reference table (our reading)
     "table1_llama7b.csv": {"Baseline": "dense", "FWSVD": "fwsvd", "ASVD": "asvd_strs", "SVD-LLM": "svdllm+lora",
-                           "Dobi-SVD": None, "Dip-SVD": "dipsvd+dip", "Ours": "saes"},  # None: not reimplemented
+                           "Dobi-SVD": "dobisvd", "Dip-SVD": "dipsvd+dip", "Ours": "saes"},  # None: not reimplemented
     "table5_llama2_7b.csv": {"Original": "dense", "SVD": "svd", "FWSVD": "fwsvd", "ASVD": "asvd_strs",
                              "SVD-LLM": "svdllm", "AdaSVD": "adasvd", "Ours": "saes"},
     "table6_llama3_8b.csv": {"SVD-LLM": "svdllm", "Ours": "saes"},
@@ -58,6 +60,7 @@ def build(ctx: Context) -> Document:
                  "drop from the dense model's. * mixed ranks, † LoRA fine-tuning after "
                  "compression."]
         notes += strs_notes([j for j in js if j.row == "asvd_strs"])
+        notes += dobi_notes([j for j in js if j.row == "dobisvd"])
         lost = [t for t in asked if t not in tasks]
         if lost:
             notes.append(f"Tasks asked for but not scored in every run: {', '.join(lost)} "
@@ -90,6 +93,26 @@ def strs_notes(js: list[Job]) -> list[str]:
     if any(j.record is None for j in js):
         out.append("ASVD (STRS)* missing: not run; its sensitivity table is most of its cost (one calibration "
                    "perplexity per projection and candidate fraction; cached after the first ratio, resumed if stopped).")
+    return out
+
+
+def dobi_notes(js: list[Job]) -> list[str]:
+    """What Dobi-SVD*'s cells rest on: its stage-1 preset (read from the records' config) and the kept fraction its
+    learned ranks reached before their projection onto the budget."""
+    out = []
+    presets = sorted({(d["windows"], d["seqlen"], d["epochs"], d["accum"], str(d["lam"])) for d in
+                      (j.record["config"]["method"]["dobi"] for j in js if j.record is not None)})
+    if presets:
+        out.append("Dobi-SVD*: ranks learned on " + " / ".join(f"{w} windows x {L} tokens, {e} epochs, accumulation "
+                                                             f"{a}, lambda {lam}" for w, L, e, a, lam in presets)
+                   + " (`method.dobi`; `conf/experiment/table1_dobi.yaml`), its code's 256 x 2048, 20-50 epochs, 8; "
+                   "equal parameters (no remapping); kept fraction before the projection onto the budget: "
+                   + ", ".join(f"{a['kept_before_projection']:.4f} (target {a['target_kept']:.4f}, lambda "
+                               f"{a['lam']:.3g}) at {j.ratio}" for j in js if j.record is not None
+                               for a in [j.record["params"].get("allocation", {})] if a) + ".")
+    if any(j.record is None for j in js):
+        out.append("Dobi-SVD* missing: not run here yet (`python run.py experiment=table1_dobi`, about 2 h of "
+                   "stage-1 training per ratio on 2 CPU cores; the training is cached, resumed if stopped).")
     return out
 
 

@@ -23,7 +23,8 @@ from saes.runs.records import config_key
 
 from .conftest import CONF, ROOT
 
-EXPERIMENTS = {"table1": 28, "table1_lora": 4, "table1_dip": 4, "table1_strs": 4, "ablation": 20, "aces_bounds": 12, "cost": 4}
+EXPERIMENTS = {"table1": 28, "table1_lora": 4, "table1_dip": 4, "table1_strs": 4, "table1_dobi": 2, "table1_dobi_grid": 4,
+               "ablation": 20, "aces_bounds": 12, "cost": 4}
 TINY = ["model=tiny_llama", "logger=none"]
 TASKS = ["arc_easy", "piqa", "mathqa"]
 
@@ -75,7 +76,7 @@ def write(job: sweeps.Job, rec: dict[str, Any]) -> None:
 
 
 PPL = {"svd": 1e6, "fwsvd": 5e4, "asvd": 300.0, "asvd_strs": 200.0, "svdllm": 40.0, "svdllm_update": 35.0,
-       "adasvd": 30.0, "dipsvd": 38.0, "saes": 20.0}
+       "adasvd": 30.0, "dipsvd": 38.0, "saes": 20.0, "dobisvd": 25.0}
 
 
 def fill_table1(results: Path, skip: tuple[str, float] | None = ("adasvd", 0.4), **kw: Any) -> list[sweeps.Job]:
@@ -173,7 +174,10 @@ def test_table1_shows_every_recorded_number_and_a_missing_run_as_missing(tmp_pat
     assert not doc.refused
     md = doc.markdown()
     assert row_cells(md, "0.4", "AdaSVD*")[2:] == ["missing"] * 5
-    assert "Runs recorded: 39 of 40. Missing: table1: method=adasvd ratio=0.4." in md  # which sweep makes it
+    assert "Runs recorded: 45 of 46. Missing: table1: method=adasvd ratio=0.4." in md  # which sweep makes it
+    assert row_cells(md, "0.2", "Dobi-SVD*")[2] == "30.00" and row_cells(md, "0.4", "SAES-SVD + Dobi-SVD ranks*")
+    assert "Dobi-SVD*: ranks learned on 32 windows x 640 tokens, 8 epochs, accumulation 4" in md
+    assert "not reimplemented" not in md
     saes = row_cells(md, "0.2", "SAES-SVD")
     assert saes[2:] == ["24.00", "0.400", "0.600", "0.500", "0.0%"]
     assert row_cells(md, "0.0", "dense")[2] == "10.00"
@@ -361,12 +365,13 @@ def test_display_names_come_from_the_method_configs_and_leave_record_keys_alone(
 def test_load_records_flattens_each_record_into_one_row(tmp_path):
     fill_table1(tmp_path, skip=("saes", 0.6))
     df = records.load_records(tmp_path, model="tiny_llama")
-    assert len(df) == 39 and df["key"].is_unique
+    assert len(df) == 45 and df["key"].is_unique
     assert {"config.method.name", "config.ratio", "metrics.ppl.wiki_books.compressed", "params.linears_ratio",
             "timings.total"} <= set(df.columns)
-    saes = df[(df["config.method.name"] == "saes") & (df["config.ratio"] == 0.2)]
+    saes = df[(df["config.method.name"] == "saes") & (df["config.ratio"] == 0.2)
+              & (df["config.method.rank_alloc"] != "dobi")]  # table1_dobi_grid's SAES-SVD at Dobi-SVD's ranks aside
     assert saes["metrics.ppl.wiki_books.compressed"].tolist() == [24.0]
-    assert len(records.load_records(tmp_path, method="svdllm")) == 8 and records.load_records(tmp_path / "none").empty
+    assert len(records.load_records(tmp_path, method="svdllm")) == 10 and records.load_records(tmp_path / "none").empty
 
 
 # -------------------------------------------------------------------------------------------- Tables 8 and 10

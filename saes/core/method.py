@@ -116,6 +116,12 @@ class Method(ABC):
                 cfg: PassSettings) -> None:
         """A whole-model pre-pass on the dense model (e.g. FWSVD's gradients); no-op by default."""
 
+    def prepare_ranks(self, model: nn.Module, layout: Blocks, ranks: dict[str, int | None],
+                      calib_ids: torch.Tensor | None, cfg: PassSettings) -> None:
+        """A whole-model pre-pass on the dense model that needs the final rank plan (Dobi-SVD's stage 2: the
+        activations truncated at every projection's rank); called after the plan, before compression. No-op by
+        default."""
+
     @abstractmethod
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         """``W: [m, n]`` and ``stats`` arrive in ``self.compute_dtype``; return factors of rank ``rank``.

@@ -18,17 +18,22 @@ from saes.engine.layout import BlockLayout, plan_parameters, plan_ranks
 
 def ranks_for_layer_ratios(shapes: Mapping[str, tuple[int, int, int]], ratios: Sequence[float],
                            budget: int) -> dict[str, int]:
-    """Ranks for projections ``name -> (m, n, layer)`` at their layer's ratio, with the total corrected.
-
-    Targets ``r* = (1 - ratios[layer]) m n / (m + n)`` are floored (at least 1, at most
-    ``min(m, n)``); then, one rank at a time, the projection furthest above its target loses a
-    rank while the total ``sum r (m + n)`` exceeds ``budget``, and the one furthest below gains a
-    rank while that still fits. The result never exceeds ``budget`` and misses it by less than
-    one rank of one projection.
-    """
+    """Ranks for projections ``name -> (m, n, layer)`` at their layer's ratio: :func:`fit_ranks` of the targets
+    ``r* = (1 - ratios[layer]) m n / (m + n)``."""
     target = {p: (1.0 - ratios[l]) * m * n / (m + n) for p, (m, n, l) in shapes.items()}
-    cost = {p: m + n for p, (m, n, _) in shapes.items()}
-    cap = {p: min(m, n) for p, (m, n, _) in shapes.items()}
+    return fit_ranks(target, {p: (m, n) for p, (m, n, _) in shapes.items()}, budget)
+
+
+def fit_ranks(target: Mapping[str, float], shapes: Mapping[str, tuple[int, int]], budget: int) -> dict[str, int]:
+    """Integer ranks near continuous targets ``r*`` (``name -> r*``, shapes ``name -> (m, n)``) within ``budget``.
+
+    The targets are floored (at least 1, at most ``min(m, n)``); then, one rank at a time, the projection
+    furthest above its target loses a rank while the total ``sum r (m + n)`` exceeds ``budget``, and the one
+    furthest below gains a rank while that still fits. The result never exceeds ``budget`` and misses it by
+    less than one rank of one projection (the rule of every plan: AdaSVD's, Dip-SVD's and Dobi-SVD's ranks).
+    """
+    cost = {p: m + n for p, (m, n) in shapes.items()}
+    cap = {p: min(m, n) for p, (m, n) in shapes.items()}
     ranks = {p: min(cap[p], max(1, math.floor(target[p] + 1e-9))) for p in shapes}
     total = sum(ranks[p] * cost[p] for p in shapes)
     while total > budget:

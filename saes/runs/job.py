@@ -20,8 +20,8 @@ from torch import nn
 
 from saes.core.lowrank import check_ratio, rank_for_ratio
 from saes.core.method import DTYPES as PRECISIONS, Method
-from saes.engine.allocators import RANK_ALLOCS, STRS, AdaCR, Allocator, DipGlobal
-from saes.engine.layout import layout_for, plan_ranks
+from saes.engine.allocators import RANK_ALLOCS, STRS, AdaCR, Allocator, DipGlobal, Dobi
+from saes.engine.layout import layout_for, plan_ranks, projections
 from saes.evaluation import zeroshot
 from saes.evaluation.perplexity import PplSettings
 from saes.inputs import data as data_mod
@@ -122,7 +122,7 @@ def build_method(cfg: DictConfig) -> Method:
 
 # Each shared allocator's settings: keys of the method config (conf/rank_alloc/shared.yaml), not the method's.
 ALLOCATOR_SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("strs",), "adacr": ("min_keep", "max_keep", "importance"),
-                                                  "dip": ("dip",)}
+                                                  "dip": ("dip",), "dobi": ("dobi",)}
 ALLOCATOR_KEYS = ("rank_alloc", *(k for keys in ALLOCATOR_SETTINGS.values() for k in keys))
 
 
@@ -139,6 +139,8 @@ def build_allocator(method_cfg: DictConfig) -> Allocator | None:
             return AdaCR(**{k: method_cfg[k] for k in ALLOCATOR_SETTINGS["adacr"] if k in method_cfg})
         if name == "dip":
             return DipGlobal(**dict(method_cfg.get("dip") or {}))
+        if name == "dobi":
+            return Dobi(**dict(method_cfg.get("dobi") or {}))
     except TypeError as exc:  # an unknown key under method.strs / method.dip
         raise ValueError(f"method.rank_alloc={name}: {exc}") from exc
     return None
@@ -174,6 +176,8 @@ def check_ranks_before_loading(cfg: DictConfig, method: Method, allocator: Alloc
     method.check_setting(len(model.get_submodule(layout_for(model).layers)), float(cfg.ratio))
     if allocator is not None:
         allocator.check(float(cfg.ratio))
+        allocator.check_shapes({p: tuple(model.get_submodule(p).weight.shape)
+                                for p in projections(model, layout_for(model))}, float(cfg.ratio))
 
 
 def plan_ranks_for(model: nn.Module, ratio: float) -> dict[str, int]:

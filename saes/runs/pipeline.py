@@ -145,14 +145,16 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         wants = (needs_calibration(job.method, cfg.calib.track_fidelity) or job.allocator is not None
                  or job.quant is not None)
         calib_ids = calibration_tokens(cfg, tok) if wants else None
+        if job.allocator is not None:  # an allocator training on windows of its own length draws them (Dobi-SVD)
+            job.allocator.use_text(lambda n, seqlen: calibration_tokens(cfg, tok, n, seqlen))
         eval_ids, skipped = eval_tokens(cfg, tok)
     dense = dense_model(cfg, loaded.identity, device)
     with timings.phase("eval_dense"):
         dense_ppl = dense_perplexity(model, dense, job.ppl, eval_ids, bool(cfg.get("offload")))
         dense_zs = dense_zeroshot(model, tok, dense, job.zeroshot) if job.zeroshot is not None else None
     dense_params = count_parameters(model)
-    report, rank_alloc = compress_in_place(cfg, model, layout, job.method, job.allocator, calib_ids, device,
-                                           timings, loaded.identity, job.key)
+    report, rank_alloc, allocation = compress_in_place(cfg, model, layout, job.method, job.allocator, calib_ids,
+                                                       device, timings, loaded.identity, job.key)
     finetuned = None
     if job.lora is not None:  # SVD-LLM's optional LoRA stage (a dagger in the tables)
         with timings.phase("finetune"):
@@ -180,8 +182,22 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     }
     return Obtained(model, tok, loaded.identity, eval_ids, skipped, dense_ppl, dense_zs, calibration,
                     shapes=[(d["m"], d["n"], d["rank"]) for d in report.layers.values()], dense_params=dense_params,
-                    params_extra={"rank_alloc": rank_alloc}, layers=report.layers, blocks=report.blocks,
+                    params_extra={"rank_alloc": rank_alloc, **({"allocation": allocation} if allocation else {}),
+                                  **remap_memory(report.layers)}, layers=report.layers, blocks=report.blocks,
                     finetune=finetuned, quant=quantized)
+
+
+def remap_memory(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{"remap": ...}`` when the method recorded a storage transform's bytes per layer (Dobi-SVD's remapping,
+    ``method.remap=true``): its bytes beside the fp16 bytes of the same factors and of the dense projections. A
+    memory figure, never a parameter count: the parameter budget is unchanged."""
+    if not layers or any("remap_bytes" not in d for d in layers.values()):
+        return {}
+    remap = sum(int(d["remap_bytes"]) for d in layers.values())
+    dense = sum(2 * d["m"] * d["n"] for d in layers.values())
+    factors = sum(2 * d["rank"] * (d["m"] + d["n"]) for d in layers.values())
+    return {"remap": {"bytes": remap, "fp16_factor_bytes": factors, "fp16_dense_bytes": dense,
+                      "memory_ratio": remap / dense}}
 
 
 def load(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
@@ -205,12 +221,14 @@ def load(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
                                                 "git_commit": manifest.get("git_commit")})
 
 
-def calibration_tokens(cfg: DictConfig, tok: Any) -> torch.Tensor:
-    """The calibration windows; a hub source that cannot be read names the offline alternatives."""
+def calibration_tokens(cfg: DictConfig, tok: Any, nsamples: int | None = None, seqlen: int | None = None
+                       ) -> torch.Tensor:
+    """The calibration windows (``nsamples`` x ``seqlen``: another draw of the same seeded sampler, default
+    ``calib.*``); a hub source that cannot be read names the offline alternatives."""
     calib = cfg.calib
     try:
-        return data_mod.calibration_ids(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed,
-                                        calib.get("path"), calib.get("split"))
+        return data_mod.calibration_ids(tok, calib.source, nsamples or calib.nsamples, seqlen or calib.seqlen,
+                                        calib.seed, calib.get("path"), calib.get("split"))
     except data_mod.DataUnavailable as exc:
         if calib.source not in data_mod.HUB_SOURCES:
             raise
@@ -276,9 +294,10 @@ def resume_dir(cfg: DictConfig, key: str) -> Path:
 
 def compress_in_place(cfg: DictConfig, model: nn.Module, layout: BlockLayout, method: Method,
                       allocator: Allocator | None, calib_ids: torch.Tensor | None, device: torch.device,
-                      timings: Timings, identity: str, key: str) -> tuple[CompressionReport, str]:
-    """Prepare the method, plan the ranks (the shared allocator's, the method's own or uniform), compress in
-    place; returns the report (the allocator's per-projection diagnostics in its layers) and ``uniform``/``mixed``."""
+                      timings: Timings, identity: str, key: str) -> tuple[CompressionReport, str, dict[str, Any]]:
+    """Prepare the method, plan the ranks (the shared allocator's, the method's own or uniform), let the method see
+    the final plan (:meth:`Method.prepare_ranks`), compress in place; returns the report (the allocator's
+    per-projection diagnostics in its layers), ``uniform``/``mixed`` and the allocator's summary of its plan."""
     engine_cfg = engine_config(cfg, device, identity, key)
     ratio = float(cfg.ratio)
     with timings.phase("prepare"):
@@ -296,12 +315,14 @@ def compress_in_place(cfg: DictConfig, model: nn.Module, layout: BlockLayout, me
         rank_alloc = "dense" if ratio == 0.0 else "uniform" if plan is None else "mixed"
         ranks = plan_ranks(model, layout, ratio) if plan is None else plan.ranks
         check_plan(model, layout, ranks)
+        if ratio != 0.0:
+            method.prepare_ranks(model, layout, ranks, calib_ids, engine_cfg)
     report = compress_model(model, method, ranks, calib_ids, engine_cfg)
     if plan is not None:
         for name, diag in plan.diagnostics.items():
             report.layers[name].update(diag)
     timings.phases.update(report.timings)
-    return report, rank_alloc
+    return report, rank_alloc, {} if plan is None else dict(plan.summary)
 
 
 # ------------------------------------------------------------------ evaluate

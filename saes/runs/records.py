@@ -35,7 +35,7 @@ ABSENT_IF: dict[str, Any] = {
 # records hash them always).
 ALLOCATOR_SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("method.strs",),
                                                   "adacr": ("method.min_keep", "method.max_keep", "method.importance"),
-                                                  "dip": ("method.dip",)}
+                                                  "dip": ("method.dip",), "dobi": ("method.dobi",)}
 OWN_ALLOCATOR = {"asvd": "strs", "asvd_strs": "strs", "adasvd": "adacr"}
 SCHEMA_VERSION = 1
 _ALWAYS = object()

@@ -18,19 +18,22 @@ The allocators, one module each behind :class:`Allocator` (:mod:`.base`, with th
     AdaSVD's adaptive compression ratios per block.
 ``dip`` (:mod:`.dip`)
     Dip-SVD's global protection per block.
+``dobi`` (:mod:`.dobi`, training in :mod:`.dobi_train`)
+    Dobi-SVD's learned truncation positions (its stage 1), projected onto the budget.
 """
 
 from __future__ import annotations
 
 from saes.engine.allocators.adacr import IMPORTANCE, AdaCR, adacr_keep, adacr_ratios, layer_importance
 from saes.engine.allocators.base import Allocator, Plan, block_of, block_shapes, uniform_budget
+from saes.engine.allocators.dobi import Dobi
 from saes.engine.allocators.dip import (DipGlobal, block_effective_ranks, block_gradient_sensitivity, dip_keep,
                                         dip_spread, effective_rank)
 from saes.engine.allocators.strs import STRS, activation_scale, strs_ranks, strs_sensitivity
 
-__all__ = ["IMPORTANCE", "RANK_ALLOCS", "STRS", "AdaCR", "Allocator", "DipGlobal", "Plan", "activation_scale",
+__all__ = ["IMPORTANCE", "RANK_ALLOCS", "STRS", "AdaCR", "Allocator", "DipGlobal", "Dobi", "Plan", "activation_scale",
            "adacr_keep", "adacr_ratios", "block_effective_ranks", "block_gradient_sensitivity", "block_of",
            "block_shapes", "dip_keep", "dip_spread", "effective_rank", "layer_importance", "strs_ranks",
            "strs_sensitivity", "uniform_budget"]
 
-RANK_ALLOCS = ("uniform", "strs", "adacr", "dip")  # method.rank_alloc (built from the config in saes.runs.job)
+RANK_ALLOCS = ("uniform", "strs", "adacr", "dip", "dobi")  # method.rank_alloc (built from the config in saes.runs.job)

@@ -5,9 +5,9 @@ allocators (adaCR, Dip-SVD) hand to :func:`ranks_for_layer_ratios`."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ class Plan:
     """Ranks per projection (``None``: it stays dense) and what the allocator records per projection."""
     ranks: dict[str, int | None]
     diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # the whole plan's numbers (the record's params.allocation)
 
 
 class Allocator(ABC):
@@ -31,6 +32,14 @@ class Allocator(ABC):
 
     def check(self, ratio: float) -> None:
         """Named errors for a ratio the settings cannot meet, before the model loads (none by default)."""
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, int]], ratio: float) -> None:
+        """Named errors for settings the projections' shapes ``name -> (m, n)`` (from the model's config alone)
+        cannot meet, before the weights load (none by default)."""
+
+    def use_text(self, sample: Callable[[int, int], torch.Tensor]) -> None:
+        """Receives the calibration source's seeded sampler ``sample(nsamples, seqlen)`` before :meth:`plan`, for
+        an allocator that trains on windows of its own length (Dobi-SVD); ignored by default."""
 
     @abstractmethod
     def plan(self, model: nn.Module, layout: BlockLayout, ratio: float, calib_ids: torch.Tensor,
