@@ -24,7 +24,7 @@ from torch import nn
 from saes.core.stats import SiteStats
 
 Stream = Literal["fp", "compressed"]
-Statistic = Literal["H", "Delta", "absmean"]
+Statistic = Literal["H", "Delta", "absmean", "mean", "var"]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -68,7 +68,7 @@ class Factors:
 class Method(ABC):
     """Base class. Subclasses set ``needs`` and ``stream`` and implement :meth:`factorize`.
 
-    ``needs``: statistics per input site, a subset of ``{"H", "Delta", "absmean"}``; empty
+    ``needs``: statistics per input site, a subset of ``{"H", "Delta", "absmean", "mean", "var"}``; empty
     means the method is data-free and the engine runs no calibration pass.
     ``stream``: the stream whose inputs ``X`` define ``H`` (the paper of each
     method decides; ``calib.propagate`` may override it for fairness studies).

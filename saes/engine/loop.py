@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from saes.core.linalg import FactorizationError
 from saes.core.lowrank import LowRankLinear, cast_factors, set_submodule
 from saes.core.method import Method, Stream
+from saes.core.pruning import Pruner
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, layout_for
 from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
 from saes.engine.stats_cache import CACHED, FREE, FPStatsCache
+from saes.engine.structure import prune_group
 from saes.io import token_digest
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,8 @@ def _only(stats: SiteStats, needs: frozenset[str]) -> SiteStats:
     if "Delta" in needs and delta is None:
         delta = torch.zeros_like(stats.H)
     return SiteStats(stats.tokens, stats.H if "H" in needs else None, delta if "Delta" in needs else None,
-                     stats.absmean if "absmean" in needs else None)
+                     stats.absmean if "absmean" in needs else None, stats.mean if "mean" in needs else None,
+                     stats.var if "var" in needs else None)
 
 
 def needs_calibration(method: Method, track_fidelity: bool) -> bool:
@@ -150,7 +153,11 @@ def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, strea
 
 def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: Method, ranks: dict[str, int],
                      stats: SiteStats, timings: dict[str, float], layers: dict[str, dict[str, Any]]) -> None:
-    """Replace each projection of ``group`` by the method's factors (checked before they become a layer)."""
+    """Replace each projection of ``group`` by the method's factors (checked before they become a layer); a
+    :class:`Pruner` removes structures instead (:func:`saes.engine.structure.prune_group`)."""
+    if isinstance(method, Pruner):
+        prune_group(block, group, prefix, method, stats, timings, layers)
+        return
     for name in group:
         full = f"{prefix}.{name}"
         t0 = time.perf_counter()
@@ -396,7 +403,10 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
         keep_fp = need_streams and (stream == "fp" or needs_delta or cfg.track_fidelity)
         run = _Run(layout, method, ranks, stream, cfg, keep_comp, keep_fp,
-                   staged=layout.stages is not None and not cfg.rerun, ckpt=ckpt, cache=cache,
+                   # the staged path reuses o_proj's input after the group is done: a pruner on the compressed
+                   # stream changes its width, so it takes the reference path
+                   staged=layout.stages is not None and not cfg.rerun
+                   and not (isinstance(method, Pruner) and stream == "compressed"), ckpt=ckpt, cache=cache,
                    timings={"calibration": 0.0, "factorisation": 0.0})
         timings = run.timings
 
