@@ -28,6 +28,9 @@ class WandaSP(Pruner):
         self.structure = uniform_plan(shapes, ratio, target)
         return self.structure
 
+    def check_budget(self, shapes: list[BlockShape], ratio: float, target: int) -> None:
+        uniform_plan(shapes, ratio, target)  # raises naming ratio when a block would lose every MLP channel
+
     def scores(self, kind: Kind, W: torch.Tensor, stats: SiteStats, groups: int) -> torch.Tensor:
         s = wanda_sp_scores(W, stats)
         return s if kind == "mlp" else channel_groups(s, groups, "sum")

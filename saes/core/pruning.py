@@ -203,6 +203,15 @@ class Pruner(Method):
         """The structure plan for the budget ``target``; ``scores`` (per block and kind) are given when
         :attr:`scores_first` says the plan needs every block's scores on the FP stream before the loop."""
 
+    def check_budget(self, shapes: list[BlockShape], ratio: float, target: int) -> None:
+        """A ``ValueError`` naming ``ratio`` when the blocks cannot give ``target`` parameters while each keeps one
+        attention group and one MLP channel (checked on the model's skeleton, before the weights load)."""
+        most = sum((s.groups - 1) * s.group_params + (s.channels - 1) * s.channel_params for s in shapes)
+        if target > most:
+            raise ValueError(f"ratio={ratio}: the SVD plan removes {target:,} linear parameters, more than "
+                             f"{self.name} can prune ({most:,}) while every block keeps one head group and one "
+                             "MLP channel: lower ratio")
+
     scores_first = False  # FLAP: the global threshold needs every block's scores before any block is pruned
 
     def scores(self, kind: Kind, W: torch.Tensor, stats: SiteStats, groups: int) -> torch.Tensor:

@@ -127,13 +127,12 @@ def prune_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: P
 
 # ------------------------------------------------------------------ what a saved folder says
 def pruned_layers(model: nn.Module, base: dict[str, tuple[int, int, bool]]) -> dict[str, dict[str, Any]]:
-    """Every linear whose shape or bias differs from the base model's (``base``: name -> ``(out, in, bias)``)."""
+    """Every planned projection (``base``: name -> dense ``(out, in, bias)``) with its shape and bias now."""
     out: dict[str, dict[str, Any]] = {}
     for name, (m, n, had_bias) in base.items():
         lin = model.get_submodule(name)
-        if (lin.out_features, lin.in_features, lin.bias is not None) != (m, n, had_bias):
-            out[name] = {"out_features": lin.out_features, "in_features": lin.in_features, "bias": lin.bias is not None,
-                         "base_out_features": m, "base_in_features": n, "base_bias": had_bias}
+        out[name] = {"out_features": lin.out_features, "in_features": lin.in_features, "bias": lin.bias is not None,
+                     "base_out_features": m, "base_in_features": n, "base_bias": had_bias}
     return out
 
 
