@@ -184,6 +184,7 @@ def test_run_saves_and_a_load_run_reproduces_it(tmp_path, method):
     (("method=flap", "method.compensate=yes"), "method.compensate"),
     (("method=wanda_sp", "ratio=0.9"), "ratio=0.9"),
     (("method=flap", "ratio=0.9"), "ratio=0.9"),
+    (("method=wanda_sp", "finetune=lora"), "drop finetune"),
 ])
 def test_bad_pruning_settings_fail_before_the_model_loads(tmp_path, monkeypatch, overrides, match):
     import saes.runs.pipeline as pipeline
@@ -192,3 +193,34 @@ def test_bad_pruning_settings_fail_before_the_model_loads(tmp_path, monkeypatch,
     with pytest.raises(ValueError, match=match):
         run(make_cfg(*overrides, results_dir=tmp_path))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("experiment, zeroshot", [("paradigms_pruning", True), ("paradigms_pruning_ppl", False)])
+def test_pruning_sweeps_expand_to_both_methods_at_both_ratios(experiment, zeroshot):
+    from experiments import sweeps
+    from saes.runs.records import config_key
+
+    overrides, _ = sweeps.sweep_overrides(experiment)
+    configs = [sweeps.compose(o) for o in overrides]
+    assert sorted((c.method.name, c.ratio) for c in configs) == [
+        ("flap", 0.2), ("flap", 0.4), ("wanda_sp", 0.2), ("wanda_sp", 0.4)]
+    assert len({config_key(sweeps.to_dict(c)) for c in configs}) == 4
+    for c in configs:
+        assert (c.calib.nsamples, c.calib.seqlen, c.model.name) == (32, 512, "smollm2_135m")
+        assert bool(c.eval.get("zeroshot") and c.eval.zeroshot.get("tasks")) == zeroshot
+
+
+@pytest.mark.parametrize("method", [WandaSP, FLAP])
+def test_the_staged_loop_prunes_as_the_reference_path_does(method):
+    """The staged block pass narrows the stored inputs of o_proj / down_proj to the channels kept; re-running the
+    block per group (the reference path) must agree."""
+    ids = calib_batch(4, 24)
+    models = []
+    for rerun in (False, True):
+        model, m = gqa_model(), method()
+        prune_model(model, m, 0.4, ids, EngineConfig(device=torch.device("cpu"), batch_size=2, rerun=rerun,
+                                                     track_fidelity=True))
+        models.append((model, m.structure.remove))
+    assert models[0][1] == models[1][1]
+    with torch.no_grad():
+        assert torch.allclose(models[0][0](ids).logits, models[1][0](ids).logits, atol=1e-5)

@@ -152,12 +152,13 @@ def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, strea
 
 
 def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: Method, ranks: dict[str, int],
-                     stats: SiteStats, timings: dict[str, float], layers: dict[str, dict[str, Any]]) -> None:
+                     stats: SiteStats, timings: dict[str, float],
+                     layers: dict[str, dict[str, Any]]) -> torch.Tensor | None:
     """Replace each projection of ``group`` by the method's factors (checked before they become a layer); a
-    :class:`Pruner` removes structures instead (:func:`saes.engine.structure.prune_group`)."""
+    :class:`Pruner` removes structures instead (:func:`saes.engine.structure.prune_group`); then the input
+    channels the group's projection keeps are returned (None: its input width is unchanged)."""
     if isinstance(method, Pruner):
-        prune_group(block, group, prefix, method, stats, timings, layers)
-        return
+        return prune_group(block, group, prefix, method, stats, timings, layers)
     for name in group:
         full = f"{prefix}.{name}"
         t0 = time.perf_counter()
@@ -179,6 +180,7 @@ def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, meth
         seconds = time.perf_counter() - t0
         timings["factorisation"] += seconds
         layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}
+    return None
 
 
 def _compress_block_rerun(run: _Run, block: nn.Module, ref: nn.Module | None, prefix: str, streams: _Streams,
@@ -273,8 +275,9 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
         timings["calibration"] += time.perf_counter() - t0
         return layers, fresh, X_next, Xf_next
 
-    def group_step(gi: int, inputs: Any) -> None:
-        """Accumulate group ``gi``'s statistics over the batches ``inputs`` yields, then factorise the group."""
+    def group_step(gi: int, inputs: Any) -> torch.Tensor | None:
+        """Accumulate group ``gi``'s statistics over the batches ``inputs`` yields, then factorise the group
+        (a pruner: the input channels of the group's projection it keeps, to narrow the stored input)."""
         t0 = time.perf_counter()
         acc = new_acc(sites[gi])
         for b, x in enumerate(inputs):
@@ -282,12 +285,15 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
         fp_in.pop(sites[gi], None)
         stats = statistics(sites[gi], acc)
         timings["calibration"] += time.perf_counter() - t0
-        _factorize_group(block, layout.groups[gi], prefix, method, ranks, stats, timings, layers)
+        return _factorize_group(block, layout.groups[gi], prefix, method, ranks, stats, timings, layers)
+
+    def narrowed(xs: list[torch.Tensor], kept: torch.Tensor | None) -> list[torch.Tensor]:
+        return xs if kept is None else [xb[..., kept.to(xb.device)] for xb in xs]
 
     X, kws = streams.X, streams.kws
     group_step(0, (_site_input(block, sites[0], x.to(dev), kw) for x, kw in zip(X, kws)))
     z = [_site_input(block, sites[1], x.to(dev), kw).to(stream_dev) for x, kw in zip(X, kws)]
-    group_step(1, (zb.to(dev) for zb in z))
+    z = narrowed(z, group_step(1, (zb.to(dev) for zb in z)))
     hu = [stages.mlp_input(block, x.to(dev), zb.to(dev)) for x, zb in zip(X, z)]
     del z
     h = [hb.to(stream_dev) for hb, _ in hu]
@@ -296,7 +302,7 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
     group_step(2, (ub.to(dev) for ub in u))
     d = [stages.down_input(block, ub.to(dev)).to(stream_dev) for ub in u]
     del u
-    group_step(3, (db.to(dev) for db in d))
+    d = narrowed(d, group_step(3, (db.to(dev) for db in d)))
     t0 = time.perf_counter()
     X_next = [stages.output(block, hb.to(dev), db.to(dev)).to(stream_dev) for hb, db in zip(h, d)]
     timings["calibration"] += time.perf_counter() - t0
@@ -403,10 +409,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
         keep_fp = need_streams and (stream == "fp" or needs_delta or cfg.track_fidelity)
         run = _Run(layout, method, ranks, stream, cfg, keep_comp, keep_fp,
-                   # the staged path reuses o_proj's input after the group is done: a pruner on the compressed
-                   # stream changes its width, so it takes the reference path
-                   staged=layout.stages is not None and not cfg.rerun
-                   and not (isinstance(method, Pruner) and stream == "compressed"), ckpt=ckpt, cache=cache,
+                   staged=layout.stages is not None and not cfg.rerun, ckpt=ckpt, cache=cache,
                    timings={"calibration": 0.0, "factorisation": 0.0})
         timings = run.timings
 

@@ -92,14 +92,15 @@ def channels_of(kind: Kind, keep: torch.Tensor, shape: BlockShape) -> torch.Tens
 
 
 def prune_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: Pruner, stats: SiteStats,
-                timings: dict[str, float], layers: dict[str, dict[str, Any]]) -> None:
+                timings: dict[str, float], layers: dict[str, dict[str, Any]]) -> torch.Tensor | None:
     """The engine's step for a pruner at one true-sequential group: at ``o_proj`` / ``down_proj`` the method
     selects the structures to keep (scored on the statistics of that projection's input) and the block loses
     the others; ``q,k,v`` and ``gate,up`` are pruned with them. Each projection's entry in ``layers`` gives its
-    dense shape ``m, n`` (``rank`` None: no factors) and the kept ``kept_m, kept_n``."""
+    dense shape ``m, n`` (``rank`` None: no factors) and the kept ``kept_m, kept_n``. Returns the input channels
+    of ``o_proj`` / ``down_proj`` that stay (the engine narrows the inputs it stored to them), else None."""
     kind: Kind | None = OUTPUT.get(group[-1]) if len(group) == 1 else None
     if kind is None:
-        return  # q,k,v / gate,up: pruned with their output projection
+        return None  # q,k,v / gate,up: pruned with their output projection
     t0 = time.perf_counter()
     shape = block_shape(block)
     names = ATTENTION if kind == "attention" else MLP
@@ -110,10 +111,11 @@ def prune_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: P
     if keep.numel() == 0:
         raise ValueError(f"{prefix}: {method.name} kept no {kind} structure")
     bias = None
+    channels = channels_of(kind, keep, shape)
     if method.compensate:
         if stats.mean is None:
             raise ValueError(f"{method.name}'s bias compensation needs the statistic mean")
-        bias = compensation_bias(W, stats.mean.to(W.device, W.dtype), channels_of(kind, keep, shape).to(W.device))
+        bias = compensation_bias(W, stats.mean.to(W.device, W.dtype), channels.to(W.device))
     prune_block(block, kind, keep, bias)
     seconds = time.perf_counter() - t0
     timings["factorisation"] += seconds
@@ -123,6 +125,7 @@ def prune_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: P
         layers[f"{prefix}.{name}"] = {"m": m, "n": n, "rank": None, "kept_m": int(kept_m), "kept_n": int(kept_n),
                                       "kept": int(keep.numel()), "of": shape.count(kind),
                                       **({"seconds": seconds} if name == group[0] else {})}
+    return channels
 
 
 # ------------------------------------------------------------------ what a saved folder says

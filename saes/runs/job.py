@@ -260,6 +260,9 @@ def ppl_settings(cfg: DictConfig) -> PplSettings:
 def compression_job(cfg: DictConfig) -> Job:
     validate(cfg)
     method = build_method(cfg)
+    if isinstance(method, Pruner) and cfg.get("finetune"):
+        raise ValueError(f"finetune={cfg.finetune.get('name', 'lora')} with method={cfg.method.name}: the LoRA stage "
+                         "adapts low-rank factors and a pruned model has none; drop finetune")
     allocator = shared_allocator(cfg, method)
     resolved = resolved_config(cfg)
     return Job(config=resolved, key=config_key(resolved), path=record_path(cfg.results_dir, resolved),
