@@ -178,6 +178,18 @@ def test_run_saves_and_a_load_run_reproduces_it(tmp_path, method):
     assert again["metrics"]["ppl"]["wiki_books"]["compressed"] == rec["metrics"]["ppl"]["wiki_books"]["compressed"]
     assert again["params"]["linears_compressed"] == p["linears_compressed"]
     assert again["params"]["model_dense"] == p["model_dense"]
+    if method == "flap":  # a manifest whose ratio its pruned layers do not meet is refused
+        import json
+        import shutil
+
+        from saes.runs.checkpoint import MANIFEST, CheckpointError
+
+        edited = tmp_path / "edited"
+        shutil.copytree(rec["saved_to"], edited)
+        manifest = json.loads((edited / MANIFEST).read_text())
+        (edited / MANIFEST).write_text(json.dumps({**manifest, "ratio": 0.2}))
+        with pytest.raises(CheckpointError, match="ratio 0.2"):
+            run(make_cfg(f"load={edited}", results_dir=tmp_path))
 
 
 @pytest.mark.parametrize("overrides, match", [
