@@ -25,11 +25,11 @@ from tests.conftest import calib_batch, make_cfg
 CPU = EngineConfig(device=torch.device("cpu"), batch_size=2)
 
 
-def gqa_model() -> torch.nn.Module:
-    """3 blocks, 8 query heads on 4 key/value heads (g = 2), head_dim 8; the MLP small enough that both kinds of
-    structure are pruned at the ratios below."""
-    return tiny_llama(hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=8,
-                      num_key_value_heads=4, seed=3).eval()
+def gqa_model(heads: int = 8, kv_heads: int = 4) -> torch.nn.Module:
+    """3 blocks, 8 query heads on 4 key/value heads (g = 2) by default, head_dim 64 / heads; the MLP small enough
+    that both kinds of structure are pruned at the ratios below."""
+    return tiny_llama(hidden_size=64 if heads == 8 else 48, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, seed=3).eval()
 
 
 def linear_params(model: torch.nn.Module) -> int:
@@ -39,8 +39,9 @@ def linear_params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("method", [WandaSP, FLAP])
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.4, 0.6])
-def test_plan_removes_the_svd_count_within_one_structure_and_keeps_gqa_whole(method, ratio):
-    model = gqa_model()
+@pytest.mark.parametrize("heads, kv_heads", [(8, 4), (6, 2)])  # g = 2; g = 3 as SmolLM2's 9 / 3
+def test_plan_removes_the_svd_count_within_one_structure_and_keeps_gqa_whole(method, ratio, heads, kv_heads):
+    model = gqa_model(heads, kv_heads)
     layout = layout_for(model)
     target = budget(model, layout, ratio)
     largest = max(max(s.group_params, s.channel_params) for s in map(block_shape, model.model.layers))

@@ -229,15 +229,15 @@ def load(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
                          "kept_m": d["out_features"], "kept_n": d["in_features"]} for name, d in pruned.items()}
         shapes = [(d["m"], d["n"], None) for d in layers.values()]
         kept = kept_linears(layers)
-        dense_params = count_parameters(model) + sum(
-            d["base_out_features"] * (d["base_in_features"] + d["base_bias"]) - d["out_features"] * (d["in_features"] + d["bias"])
-            for d in pruned.values())
+        dense_params = count_parameters(model) + sum(  # weights and biases each projection had, less what it has
+            d["base_out_features"] * (d["base_in_features"] + d["base_bias"])
+            - d["out_features"] * (d["in_features"] + d["bias"]) for d in pruned.values())
     return Obtained(model, tok, saved.identity, eval_ids, skipped, dense_ppl, None, manifest.get("calibration"),
                     shapes=shapes, dense_params=dense_params,
                     params_extra={"weights_bytes": sum(f.stat().st_size for f in saved.folder.glob("*.safetensors"))},
-                    layers=layers, kept_linears=kept, loaded_from={"folder": str(saved.folder), "manifest_sha256": saved.manifest_sha256,
-                                                "record_key": manifest.get("record_key"),
-                                                "git_commit": manifest.get("git_commit")})
+                    layers=layers, kept_linears=kept,
+                    loaded_from={"folder": str(saved.folder), "manifest_sha256": saved.manifest_sha256,
+                                 "record_key": manifest.get("record_key"), "git_commit": manifest.get("git_commit")})
 
 
 def calibration_tokens(cfg: DictConfig, tok: Any) -> torch.Tensor:
