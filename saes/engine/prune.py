@@ -78,9 +78,10 @@ def plan_structures(model: nn.Module, method: Pruner, ratio: float, calib_ids: t
 
 
 def prune_model(model: nn.Module, method: Pruner, ratio: float, calib_ids: torch.Tensor | None,
-                cfg: EngineConfig) -> tuple[CompressionReport, dict[str, Any]]:
-    """Plan and prune in place; returns the engine's report and the plan's summary for the record."""
-    plan = plan_structures(model, method, ratio, calib_ids, cfg)
+                cfg: EngineConfig, plan: StructurePlan | None = None) -> tuple[CompressionReport, dict[str, Any]]:
+    """Prune in place by ``plan`` (:func:`plan_structures`' when None); returns the engine's report and the
+    plan's summary for the record."""
+    plan = plan if plan is not None else plan_structures(model, method, ratio, calib_ids, cfg)
     layout = layout_for(model)
     # the uniform rank plan is the loop's budget argument; a pruner does not read it
     report = compress_model(model, method, plan_ranks(model, layout, ratio), calib_ids,

@@ -31,7 +31,7 @@ from saes.engine.allocators import Allocator, Plan
 from saes.engine.config import CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks, projections
 from saes.engine.loop import compress_model, needs_calibration
-from saes.engine.prune import prune_model
+from saes.engine.prune import plan_structures, prune_model
 from saes.engine.structure import block_table, pruned_layers
 from saes.engine.resume import owned, release
 from saes.evaluation import zeroshot
@@ -162,9 +162,10 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     if isinstance(job.method, Pruner):  # structures removed instead of factors (saes.engine.prune)
         base = {name: (*model.get_submodule(name).weight.shape, model.get_submodule(name).bias is not None)
                 for name in projections(model, layout)}
-        with timings.phase("prepare"):
-            report, structure = prune_model(model, job.method, float(cfg.ratio), calib_ids,
-                                            engine_config(cfg, device, loaded.identity, job.key))
+        engine_cfg = engine_config(cfg, device, loaded.identity, job.key)
+        with timings.phase("prepare"):  # the budget and the structure plan (FLAP: every block scored first)
+            plan = plan_structures(model, job.method, float(cfg.ratio), calib_ids, engine_cfg)
+        report, structure = prune_model(model, job.method, float(cfg.ratio), calib_ids, engine_cfg, plan)
         timings.phases.update(report.timings)
         rank_alloc = "structured"
         pruned = {"pruned_layers": pruned_layers(model, base), "structure": block_table(model, layout.layers),
