@@ -4,6 +4,7 @@ importance scores against a direct computation, FLAP's bias compensation, save -
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -180,7 +181,6 @@ def test_run_saves_and_a_load_run_reproduces_it(tmp_path, method):
     assert again["params"]["linears_compressed"] == p["linears_compressed"]
     assert again["params"]["model_dense"] == p["model_dense"]
     if method == "flap":  # a manifest whose ratio its pruned layers do not meet is refused
-        import json
         import shutil
 
         from saes.runs.checkpoint import MANIFEST, CheckpointError
@@ -237,3 +237,24 @@ def test_the_staged_loop_prunes_as_the_reference_path_does(method):
     assert models[0][1] == models[1][1]
     with torch.no_grad():
         assert torch.allclose(models[0][0](ids).logits, models[1][0](ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_transformers_alone_loads_a_pruned_folder_with_the_same_logits(tmp_path, tokenizer):
+    from tests.test_portable import LOAD, outside
+
+    model = gqa_model()
+    layout = layout_for(model)
+    base = {p: (*model.get_submodule(p).weight.shape, False) for p in projections(model, layout)}
+    ids = calib_batch(2, 24, seed=5)
+    prune_model(model, FLAP(), 0.4, calib_batch(4, 24), CPU)
+    folder = save_compressed(model, tokenizer, tmp_path / "flap", {
+        "method": "flap", "pruned_layers": pruned_layers(model, base), "structure": block_table(model, layout.layers)})
+    work = tmp_path / "outside"
+    work.mkdir()
+    outside(LOAD, [str(work), json.dumps(ids.tolist()), str(folder)], work)
+    got = json.loads((work / "report.json").read_text())[str(folder)]
+    assert got["class"] == "SaesLowRankForCausalLM" and got["info"]["mismatched_keys"] == []
+    assert got["info"]["missing_keys"] == got["info"]["unexpected_keys"] == []
+    with torch.no_grad():
+        assert torch.equal(torch.load(work / "flap.pt"), model(ids).logits)

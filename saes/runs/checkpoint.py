@@ -34,7 +34,8 @@ MANIFEST = "lowrank_manifest.json"
 FORMAT_VERSION = 1
 PORTABLE_MODULE = "modeling_saes_lowrank"  # the copy of saes/hf_portable.py in a saved folder
 PORTABLE_MODEL_TYPE = "saes_lowrank"
-PORTABLE_KEYS = ("auto_map", "lowrank_base_model_type", "lowrank_base_architecture", "lowrank_layers")
+PORTABLE_KEYS = ("auto_map", "lowrank_base_model_type", "lowrank_base_architecture", "lowrank_layers",
+                 "pruned_layers")
 
 
 class CheckpointError(ValueError):
@@ -61,10 +62,11 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, proven
         tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         arch = type(model).__name__
-        if not pruned:  # a pruned model's per-block shapes are in the manifest only: its config.json stays the base's
-            (tmp / f"{PORTABLE_MODULE}.py").write_text(portable_source(config["model_type"], arch))
-            (tmp / "config.json").write_text(json.dumps(portable_config(config, arch, layers), indent=2,
-                                                        sort_keys=True) + "\n")
+        (tmp / f"{PORTABLE_MODULE}.py").write_text(portable_source(config["model_type"], arch))
+        portable = portable_config(config, arch, layers)
+        if pruned:  # the kept shapes of a pruned model's projections
+            portable["pruned_layers"] = provenance["pruned_layers"]
+        (tmp / "config.json").write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
         manifest = {"format": FORMAT_VERSION, "model_type": model.config.model_type,
                     "parameters": sum(p.numel() for p in model.parameters()), "layers": layers, **provenance}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
