@@ -2,7 +2,9 @@
 
 A method says which statistics it needs and from which activation stream, and
 turns ``(W, stats, rank)`` into ``(A, B)`` with ``W ~ A @ B``. Everything else
-(hooks, streams, devices, layer surgery, records) belongs to the engine.
+(hooks, streams, devices, layer surgery, records) belongs to the engine. A structured-pruning method
+(:class:`saes.core.pruning.Pruner`) is a ``Method`` that answers which head groups and MLP channels stay
+instead of factorising; the same loop hands it its statistics and removes the rest.
 
 The core imports nothing from the engine: the whole-model hooks (:meth:`Method.allocate`,
 :meth:`Method.prepare`) receive the engine's block layout and settings typed as the small
