@@ -258,3 +258,39 @@ def test_transformers_alone_loads_a_pruned_folder_with_the_same_logits(tmp_path,
     assert got["info"]["missing_keys"] == got["info"]["unexpected_keys"] == []
     with torch.no_grad():
         assert torch.equal(torch.load(work / "flap.pt"), model(ids).logits)
+
+
+def test_wanda_sp_scores_each_block_on_the_outputs_of_the_blocks_pruned_before_it():
+    """Sequential pruning: the last block's o_proj / down_proj statistics are the pruned model's own inputs there
+    (on the kept channels), not the dense model's."""
+    model, method = gqa_model(), WandaSP()
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    select = method.select
+
+    def recording(block, kind, W, stats, groups):
+        keep = select(block, kind, W, stats, groups)
+        if block == 2:
+            seen[kind] = (stats.mean, channels_of(kind, keep, block_shape(model.model.layers[2])))
+        return keep
+
+    method.select = recording
+    ids = calib_batch(4, 24)
+    dense = copy.deepcopy(model)
+    prune_model(model, method, 0.4, ids, CPU)
+    for net, pruned in ((model, True), (dense, False)):
+        inputs: dict[str, list[torch.Tensor]] = {}
+        hooks = [net.get_submodule(f"model.layers.2.{site}").register_forward_pre_hook(
+            lambda _m, a, site=site: inputs.setdefault(site, []).append(a[0].reshape(-1, a[0].shape[-1])))
+            for site in OUTPUT]
+        with torch.no_grad():
+            for b in ids.split(2):
+                net(b)
+        for h in hooks:
+            h.remove()
+        for site, kind in OUTPUT.items():
+            mean, kept = seen[kind]
+            got = torch.cat(inputs[site]).double().mean(0)
+            if pruned:
+                assert torch.allclose(mean[kept], got, atol=1e-5), site
+            else:
+                assert not torch.allclose(mean, got, atol=1e-4), site
