@@ -32,8 +32,8 @@ from saes.engine.config import CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks, projections
 from saes.engine.loop import compress_model, needs_calibration
 from saes.engine.prune import plan_structures, prune_model
-from saes.engine.structure import block_table, pruned_layers
 from saes.engine.resume import owned, release
+from saes.engine.structure import block_table, pruned_layers
 from saes.evaluation import zeroshot
 from saes.evaluation.dense import DenseModel, cached_perplexity, dense_perplexity, dense_zeroshot
 from saes.evaluation.offload import placed
