@@ -2,7 +2,9 @@
 
 A method says which statistics it needs and from which activation stream, and
 turns ``(W, stats, rank)`` into ``(A, B)`` with ``W ~ A @ B``. Everything else
-(hooks, streams, devices, layer surgery, records) belongs to the engine.
+(hooks, streams, devices, layer surgery, records) belongs to the engine. A structured-pruning method
+(:class:`saes.core.pruning.Pruner`) is a ``Method`` that answers which head groups and MLP channels stay
+instead of factorising; the same loop hands it its statistics and removes the rest.
 
 The core imports nothing from the engine: the whole-model hooks (:meth:`Method.allocate`,
 :meth:`Method.prepare`) receive the engine's block layout and settings typed as the small
@@ -24,7 +26,7 @@ from torch import nn
 from saes.core.stats import SiteStats
 
 Stream = Literal["fp", "compressed"]
-Statistic = Literal["H", "Delta", "absmean"]
+Statistic = Literal["H", "Delta", "absmean", "mean", "var"]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -68,7 +70,7 @@ class Factors:
 class Method(ABC):
     """Base class. Subclasses set ``needs`` and ``stream`` and implement :meth:`factorize`.
 
-    ``needs``: statistics per input site, a subset of ``{"H", "Delta", "absmean"}``; empty
+    ``needs``: statistics per input site, a subset of ``{"H", "Delta", "absmean", "mean", "var"}``; empty
     means the method is data-free and the engine runs no calibration pass.
     ``stream``: the stream whose inputs ``X`` define ``H`` (the paper of each
     method decides; ``calib.propagate`` may override it for fairness studies).

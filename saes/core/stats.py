@@ -26,10 +26,20 @@ class SiteStats:
     H: torch.Tensor | None = None  # [n, n] = X X^T / N on the method's stream
     Delta: torch.Tensor | None = None  # [n, n] = (X^f - X) X^T / N
     absmean: torch.Tensor | None = None  # [n] = mean over tokens of |x_j| (ASVD's scaling)
+    mean: torch.Tensor | None = None  # [n] = mean over tokens of x_j (FLAP's bias compensation)
+    var: torch.Tensor | None = None  # [n] = population variance over tokens of x_j (FLAP's fluctuation)
 
     def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "SiteStats":
         cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
-        return SiteStats(tokens=self.tokens, H=cast(self.H), Delta=cast(self.Delta), absmean=cast(self.absmean))
+        return SiteStats(tokens=self.tokens, H=cast(self.H), Delta=cast(self.Delta), absmean=cast(self.absmean),
+                         mean=cast(self.mean), var=cast(self.var))
+
+    @property
+    def sqnorm(self) -> torch.Tensor:
+        """``||X_j||^2 / N`` per channel (Wanda's activation norm, squared and per token), from ``mean`` and ``var``."""
+        if self.mean is None or self.var is None:
+            raise StatisticsError("the channel norms need the statistics mean and var")
+        return self.var + self.mean**2
 
 
 def block_rows(n: int) -> list[tuple[int, int]]:
@@ -42,9 +52,13 @@ def block_rows(n: int) -> list[tuple[int, int]]:
 
 
 class StreamingStats:
-    """Accumulates the statistics in ``needs`` (``H``, ``Delta``, ``absmean``) batch by batch."""
+    """Accumulates the statistics in ``needs`` (``H``, ``Delta``, ``absmean``, ``mean``, ``var``) batch by batch.
 
-    KNOWN = frozenset({"H", "Delta", "absmean"})
+    ``mean`` and ``var`` (per channel) are merged batch by batch with Chan et al.'s pairwise update (the batch's
+    own mean and centred sum of squares, then combined), in float64 whatever ``dtype``: a variance taken as
+    ``E[x^2] - E[x]^2`` in float32 loses its digits on channels whose mean dwarfs their spread."""
+
+    KNOWN = frozenset({"H", "Delta", "absmean", "mean", "var"})
 
     def __init__(self, n: int, needs: frozenset[str] | set[str], dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
@@ -56,6 +70,9 @@ class StreamingStats:
         self._H = zeros(n, n) if "H" in needs else None
         self._D = zeros(n, n) if "Delta" in needs else None
         self._abs = zeros(n) if "absmean" in needs else None
+        moments = bool({"mean", "var"} & set(needs))
+        self._mean = torch.zeros(n, dtype=torch.float64, device=device) if moments else None
+        self._m2 = torch.zeros(n, dtype=torch.float64, device=device) if moments else None  # centred sum of squares
         self._slabs = block_rows(n)
 
     def update(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
@@ -71,6 +88,13 @@ class StreamingStats:
             self._D.addmm_(dx.mT, x)
         if self._abs is not None:
             self._abs += x.abs().sum(0)
+        if self._mean is not None and self._m2 is not None:
+            xd = x.double()
+            k, t = x.shape[0], self.tokens
+            mean_b = xd.mean(0)
+            delta = mean_b - self._mean
+            self._m2 += ((xd - mean_b) ** 2).sum(0) + delta**2 * (t * k / (t + k))
+            self._mean += delta * (k / (t + k))
         self.tokens += x.shape[0]
 
     def finalize(self, where: str = "") -> SiteStats:
@@ -82,7 +106,8 @@ class StreamingStats:
             for lo, hi in self._slabs:
                 H[hi:, lo:hi] = H[lo:hi, hi:].mT
         out = {name: None if t is None else t / self.tokens
-               for name, t in (("H", H), ("Delta", self._D), ("absmean", self._abs))}
+               for name, t in (("H", H), ("Delta", self._D), ("absmean", self._abs), ("var", self._m2))}
+        out["mean"] = None if self._mean is None else self._mean.clone()
         for name, t in out.items():
             if t is not None and not torch.isfinite(t).all():
                 raise StatisticsError(

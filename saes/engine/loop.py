@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from saes.core.linalg import FactorizationError
 from saes.core.lowrank import LowRankLinear, cast_factors, set_submodule
 from saes.core.method import Method, Stream
+from saes.core.pruning import Pruner
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, layout_for
 from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
 from saes.engine.stats_cache import CACHED, FREE, FPStatsCache
+from saes.engine.structure import prune_group
 from saes.io import token_digest
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,8 @@ def _only(stats: SiteStats, needs: frozenset[str]) -> SiteStats:
     if "Delta" in needs and delta is None:
         delta = torch.zeros_like(stats.H)
     return SiteStats(stats.tokens, stats.H if "H" in needs else None, delta if "Delta" in needs else None,
-                     stats.absmean if "absmean" in needs else None)
+                     stats.absmean if "absmean" in needs else None, stats.mean if "mean" in needs else None,
+                     stats.var if "var" in needs else None)
 
 
 def needs_calibration(method: Method, track_fidelity: bool) -> bool:
@@ -149,8 +152,13 @@ def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, strea
 
 
 def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: Method, ranks: dict[str, int],
-                     stats: SiteStats, timings: dict[str, float], layers: dict[str, dict[str, Any]]) -> None:
-    """Replace each projection of ``group`` by the method's factors (checked before they become a layer)."""
+                     stats: SiteStats, timings: dict[str, float],
+                     layers: dict[str, dict[str, Any]]) -> torch.Tensor | None:
+    """Replace each projection of ``group`` by the method's factors (checked before they become a layer); a
+    :class:`Pruner` removes structures instead (:func:`saes.engine.structure.prune_group`); then the input
+    channels the group's projection keeps are returned (None: its input width is unchanged)."""
+    if isinstance(method, Pruner):
+        return prune_group(block, group, prefix, method, stats, timings, layers)
     for name in group:
         full = f"{prefix}.{name}"
         t0 = time.perf_counter()
@@ -172,6 +180,7 @@ def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, meth
         seconds = time.perf_counter() - t0
         timings["factorisation"] += seconds
         layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}
+    return None
 
 
 def _compress_block_rerun(run: _Run, block: nn.Module, ref: nn.Module | None, prefix: str, streams: _Streams,
@@ -266,8 +275,9 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
         timings["calibration"] += time.perf_counter() - t0
         return layers, fresh, X_next, Xf_next
 
-    def group_step(gi: int, inputs: Any) -> None:
-        """Accumulate group ``gi``'s statistics over the batches ``inputs`` yields, then factorise the group."""
+    def group_step(gi: int, inputs: Any) -> torch.Tensor | None:
+        """Accumulate group ``gi``'s statistics over the batches ``inputs`` yields, then factorise the group
+        (a pruner: the input channels of the group's projection it keeps, to narrow the stored input)."""
         t0 = time.perf_counter()
         acc = new_acc(sites[gi])
         for b, x in enumerate(inputs):
@@ -275,12 +285,15 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
         fp_in.pop(sites[gi], None)
         stats = statistics(sites[gi], acc)
         timings["calibration"] += time.perf_counter() - t0
-        _factorize_group(block, layout.groups[gi], prefix, method, ranks, stats, timings, layers)
+        return _factorize_group(block, layout.groups[gi], prefix, method, ranks, stats, timings, layers)
+
+    def narrowed(xs: list[torch.Tensor], kept: torch.Tensor | None) -> list[torch.Tensor]:
+        return xs if kept is None else [xb[..., kept.to(xb.device)] for xb in xs]
 
     X, kws = streams.X, streams.kws
     group_step(0, (_site_input(block, sites[0], x.to(dev), kw) for x, kw in zip(X, kws)))
     z = [_site_input(block, sites[1], x.to(dev), kw).to(stream_dev) for x, kw in zip(X, kws)]
-    group_step(1, (zb.to(dev) for zb in z))
+    z = narrowed(z, group_step(1, (zb.to(dev) for zb in z)))
     hu = [stages.mlp_input(block, x.to(dev), zb.to(dev)) for x, zb in zip(X, z)]
     del z
     h = [hb.to(stream_dev) for hb, _ in hu]
@@ -289,7 +302,7 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
     group_step(2, (ub.to(dev) for ub in u))
     d = [stages.down_input(block, ub.to(dev)).to(stream_dev) for ub in u]
     del u
-    group_step(3, (db.to(dev) for db in d))
+    d = narrowed(d, group_step(3, (db.to(dev) for db in d)))
     t0 = time.perf_counter()
     X_next = [stages.output(block, hb.to(dev), db.to(dev)).to(stream_dev) for hb, db in zip(h, d)]
     timings["calibration"] += time.perf_counter() - t0

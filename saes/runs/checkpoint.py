@@ -28,12 +28,14 @@ import torch
 from torch import nn
 
 from saes.core.lowrank import LowRankLinear, check_installed, set_submodule
+from saes.engine.structure import rebuild
 
 MANIFEST = "lowrank_manifest.json"
 FORMAT_VERSION = 1
 PORTABLE_MODULE = "modeling_saes_lowrank"  # the copy of saes/hf_portable.py in a saved folder
 PORTABLE_MODEL_TYPE = "saes_lowrank"
-PORTABLE_KEYS = ("auto_map", "lowrank_base_model_type", "lowrank_base_architecture", "lowrank_layers")
+PORTABLE_KEYS = ("auto_map", "lowrank_base_model_type", "lowrank_base_architecture", "lowrank_layers",
+                 "pruned_layers")
 
 
 class CheckpointError(ValueError):
@@ -50,7 +52,8 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, proven
     """Write the folder atomically (a temporary sibling renamed into place)."""
     folder = Path(folder)
     layers = lowrank_layers(model)
-    if not layers:
+    pruned = bool(provenance.get("pruned_layers"))
+    if not layers and not pruned:
         raise CheckpointError("the model has no LowRankLinear layer: nothing compressed to save")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
@@ -60,8 +63,10 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, proven
         config = json.loads((tmp / "config.json").read_text())
         arch = type(model).__name__
         (tmp / f"{PORTABLE_MODULE}.py").write_text(portable_source(config["model_type"], arch))
-        (tmp / "config.json").write_text(json.dumps(portable_config(config, arch, layers), indent=2, sort_keys=True)
-                                         + "\n")
+        portable = portable_config(config, arch, layers)
+        if pruned:  # the kept shapes of a pruned model's projections
+            portable["pruned_layers"] = provenance["pruned_layers"]
+        (tmp / "config.json").write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
         manifest = {"format": FORMAT_VERSION, "model_type": model.config.model_type,
                     "parameters": sum(p.numel() for p in model.parameters()), "layers": layers, **provenance}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
@@ -132,6 +137,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     for name, spec in manifest["layers"].items():
         if not {"rank", "in_features", "out_features", "bias"} <= set(spec):
             raise CheckpointError(f"{path}: layer {name} lacks rank/in_features/out_features/bias")
+    pruned = manifest.get("pruned_layers") or {}
+    wanted = {"in_features", "out_features", "bias", "base_in_features", "base_out_features", "base_bias"}
+    for name, spec in pruned.items():
+        if not isinstance(spec, dict) or not wanted <= set(spec):
+            raise CheckpointError(f"{path}: pruned layer {name} lacks one of {sorted(wanted)}")
     return manifest
 
 
@@ -162,6 +172,10 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None) -> tup
         # Built in ``dtype`` as from_pretrained(dtype=...) builds it (rotary frequencies stay float32; a later
         # model.to(dtype) would round them, and the logits would differ from the portable folder's).
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    try:  # a pruned model: each block's projections take the shapes the manifest records
+        rebuild(model, manifest.get("pruned_layers") or {})
+    except (AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / MANIFEST}: {exc}") from None
     for name, spec in manifest["layers"].items():
         try:
             dense = model.get_submodule(name)

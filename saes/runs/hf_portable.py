@@ -5,7 +5,8 @@ writes into every saved folder, with the two ``BASE_*`` lines below set to the b
 architecture. It imports only torch and transformers. ``config.json`` then has
 ``model_type: "saes_lowrank"``, ``auto_map`` naming the two classes of this file,
 ``lowrank_base_model_type`` / ``lowrank_base_architecture`` (the same values), and
-``lowrank_layers``: dotted projection name -> ``{rank, in_features, out_features, bias}``.
+``lowrank_layers``: dotted projection name -> ``{rank, in_features, out_features, bias}``; a structurally
+pruned model has ``pruned_layers`` instead: name -> its kept ``{in_features, out_features, bias}`` and base shape.
 
 :class:`SaesLowRankForCausalLM` is the base architecture's own ``*ForCausalLM`` class in which
 every listed projection ``y = W x + b`` is ``y = A (B x) + b`` (``B: [rank, in]``, ``A: [out, rank]``),
@@ -59,8 +60,17 @@ class SaesLowRankForCausalLM(getattr(transformers, BASE_ARCHITECTURE)):  # type:
     def __init__(self, config: SaesLowRankConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         layers: dict[str, dict[str, Any]] = getattr(config, "lowrank_layers", None) or {}
-        if not layers:
+        pruned: dict[str, dict[str, Any]] = getattr(config, "pruned_layers", None) or {}
+        if not layers and not pruned:
             raise ValueError("config.json has no lowrank_layers: not a folder saved by the SAES harness")
+        for name, spec in pruned.items():  # a pruned model: the projections take their kept shapes
+            parent, _, child = name.rpartition(".")
+            dense = self.get_submodule(name)
+            if (dense.in_features, dense.out_features) != (spec["base_in_features"], spec["base_out_features"]):
+                raise ValueError(f"pruned_layers[{name!r}] was pruned from {spec['base_out_features']}x"
+                                 f"{spec['base_in_features']}, the {BASE_ARCHITECTURE} module there is another shape")
+            setattr(self.get_submodule(parent) if parent else self, child,
+                    nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]))
         for name, spec in layers.items():
             parent, _, child = name.rpartition(".")
             dense = self.get_submodule(name)

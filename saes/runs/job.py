@@ -20,8 +20,11 @@ from torch import nn
 
 from saes.core.lowrank import check_ratio, rank_for_ratio
 from saes.core.method import DTYPES as PRECISIONS, Method
+from saes.core.pruning import Pruner, svd_removal
 from saes.engine.allocators import RANK_ALLOCS, STRS, AdaCR, Allocator, DipGlobal, Dobi
 from saes.engine.layout import layout_for, plan_ranks, projections
+from saes.engine.prune import budget
+from saes.engine.structure import block_shape
 from saes.evaluation import zeroshot
 from saes.evaluation.perplexity import PplSettings
 from saes.inputs import data as data_mod
@@ -174,6 +177,10 @@ def check_ranks_before_loading(cfg: DictConfig, method: Method, allocator: Alloc
     model = skeleton(model_config(model_spec(cfg.model)))
     plan_ranks_for(model, float(cfg.ratio))
     method.check_setting(len(model.get_submodule(layout_for(model).layers)), float(cfg.ratio))
+    if isinstance(method, Pruner):  # the structures can give the SVD plan's parameter count
+        layout = layout_for(model)
+        method.check_budget([block_shape(b) for b in model.get_submodule(layout.layers)], float(cfg.ratio),
+                            budget(model, layout, float(cfg.ratio)))
     if allocator is not None:
         allocator.check(float(cfg.ratio))
         allocator.check_shapes({p: tuple(model.get_submodule(p).weight.shape)
@@ -257,6 +264,9 @@ def ppl_settings(cfg: DictConfig) -> PplSettings:
 def compression_job(cfg: DictConfig) -> Job:
     validate(cfg)
     method = build_method(cfg)
+    if isinstance(method, Pruner) and cfg.get("finetune"):
+        raise ValueError(f"finetune={cfg.finetune.get('name', 'lora')} with method={cfg.method.name}: the LoRA stage "
+                         "adapts low-rank factors and a pruned model has none; drop finetune")
     allocator = shared_allocator(cfg, method)
     resolved = resolved_config(cfg)
     return Job(config=resolved, key=config_key(resolved), path=record_path(cfg.results_dir, resolved),
@@ -305,6 +315,9 @@ def check_manifest_ratio(folder: Path, manifest: dict[str, Any]) -> None:
     it. Every plan keeps at most the uniform plan's parameters and misses them by less than one rank of one
     projection (the budget rule shared by every allocator); a ratio its layers do not meet is refused."""
     ratio = check_ratio(manifest["ratio"])
+    if manifest.get("pruned_layers"):
+        check_pruned_ratio(folder, manifest, ratio)
+        return
     shapes = manifest_shapes(manifest)
     if not manifest["layers"]:
         raise CheckpointError(f"{folder / MANIFEST} lists no low-rank layer")
@@ -317,6 +330,21 @@ def check_manifest_ratio(folder: Path, manifest: dict[str, Any]) -> None:
                               f"{budget:,}, within one rank of it): the manifest was edited or does not belong "
                               "to these weights")
 
+
+
+def check_pruned_ratio(folder: Path, manifest: dict[str, Any], ratio: float) -> None:
+    """A pruned folder removes the SVD plan's parameter count at its ratio, overshooting by less than one
+    structure (:mod:`saes.core.pruning`'s budget rule)."""
+    layers = manifest["pruned_layers"].values()
+    target = svd_removal([(d["base_out_features"], d["base_in_features"]) for d in layers], ratio)
+    removed = sum(d["base_out_features"] * d["base_in_features"] - d["out_features"] * d["in_features"]
+                  for d in layers)
+    largest = max(max(b["group_params"], b["channel_params"]) for b in manifest.get("structure") or [{}])
+    if not 0 <= removed - target < largest:
+        raise CheckpointError(f"{folder / MANIFEST} says ratio {ratio}, but its pruned layers remove {removed:,} "
+                              f"parameters (the SVD plan at ratio {ratio} removes {target:,}; a pruned plan removes "
+                              "that to within one structure): the manifest was edited or does not belong to these "
+                              "weights")
 
 
 def manifest_shapes(manifest: dict[str, Any]) -> list[tuple[int, int, int | None]]:

@@ -26,11 +26,14 @@ from torch import nn
 
 from saes.core.lowrank import count_parameters
 from saes.core.method import DTYPES as PRECISIONS, Method
+from saes.core.pruning import Pruner
 from saes.engine.allocators import Allocator, Plan
 from saes.engine.config import CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks, projections
 from saes.engine.loop import compress_model, needs_calibration
+from saes.engine.prune import plan_structures, prune_model
 from saes.engine.resume import owned, release
+from saes.engine.structure import block_table, pruned_layers
 from saes.evaluation import zeroshot
 from saes.evaluation.dense import DenseModel, cached_perplexity, dense_perplexity, dense_zeroshot
 from saes.evaluation.offload import placed
@@ -87,7 +90,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with timings.phase("eval_compressed"):
             metrics = evaluate(got, job, resolve_device(cfg.device), bool(cfg.get("offload")))
         timings.total()
-        params = {**parameter_counts(got.shapes, count_parameters(got.model), got.dense_params), **got.params_extra}
+        params = {**parameter_counts(got.shapes, count_parameters(got.model), got.dense_params, got.kept_linears),
+                  **got.params_extra}
         env = environment()
         saved_to = None
         if cfg.save:
@@ -122,11 +126,14 @@ class Obtained:
     finetune: dict[str, Any] | None = None
     quant: dict[str, Any] | None = None  # quant=gptq: memory and losses
     loaded_from: dict[str, Any] | None = None  # a load= run
+    kept_linears: int | None = None  # a pruned model: linear weights kept (its shapes' ranks are None)
+    pruned: dict[str, Any] | None = None  # a pruned model: pruned_layers and structure for its manifest
 
     @property
     def dense_projections(self) -> list[tuple[str, int, int]]:
         """``(name, m, n)`` of the projections the plan left dense."""
-        return [(name, d["m"], d["n"]) for name, d in self.layers.items() if d.get("rank", 0) is None]
+        return [(name, d["m"], d["n"]) for name, d in self.layers.items()
+                if d.get("rank", 0) is None and "kept_m" not in d]
 
 
 def dense_model(cfg: DictConfig, identity: str, device: torch.device) -> DenseModel:
@@ -153,8 +160,21 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         dense_ppl = dense_perplexity(model, dense, job.ppl, eval_ids, bool(cfg.get("offload")))
         dense_zs = dense_zeroshot(model, tok, dense, job.zeroshot) if job.zeroshot is not None else None
     dense_params = count_parameters(model)
-    report, rank_alloc, allocation = compress_in_place(cfg, model, layout, job.method, job.allocator, calib_ids,
-                                                       device, timings, loaded.identity, job.key)
+    pruned, allocation = None, None
+    if isinstance(job.method, Pruner):  # structures removed instead of factors (saes.engine.prune)
+        base = {name: (*model.get_submodule(name).weight.shape, model.get_submodule(name).bias is not None)
+                for name in projections(model, layout)}
+        engine_cfg = engine_config(cfg, device, loaded.identity, job.key)
+        with timings.phase("prepare"):  # the budget and the structure plan (FLAP: every block scored first)
+            plan = plan_structures(model, job.method, float(cfg.ratio), calib_ids, engine_cfg)
+        report, structure = prune_model(model, job.method, float(cfg.ratio), calib_ids, engine_cfg, plan)
+        timings.phases.update(report.timings)
+        rank_alloc = "structured"
+        pruned = {"pruned_layers": pruned_layers(model, base), "structure": block_table(model, layout.layers),
+                  "plan": structure}
+    else:
+        report, rank_alloc, allocation = compress_in_place(cfg, model, layout, job.method, job.allocator, calib_ids,
+                                                           device, timings, loaded.identity, job.key)
     finetuned = None
     if job.lora is not None:  # SVD-LLM's optional LoRA stage (a dagger in the tables)
         with timings.phase("finetune"):
@@ -183,8 +203,14 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     return Obtained(model, tok, loaded.identity, eval_ids, skipped, dense_ppl, dense_zs, calibration,
                     shapes=[(d["m"], d["n"], d["rank"]) for d in report.layers.values()], dense_params=dense_params,
                     params_extra={"rank_alloc": rank_alloc, **({"allocation": allocation} if allocation else {}),
-                                  **remap_memory(report.layers)}, layers=report.layers, blocks=report.blocks,
-                    finetune=finetuned, quant=quantized)
+                                  **({"structure": pruned["plan"]} if pruned else {}), **remap_memory(report.layers)},
+                    layers=report.layers, blocks=report.blocks, finetune=finetuned, quant=quantized,
+                    kept_linears=None if pruned is None else kept_linears(report.layers), pruned=pruned)
+
+
+def kept_linears(layers: dict[str, dict[str, Any]]) -> int:
+    """Linear weights a pruned model keeps (``kept_m x kept_n`` per projection)."""
+    return sum(d["kept_m"] * d["kept_n"] if "kept_m" in d else d["m"] * d["n"] for d in layers.values())
 
 
 def remap_memory(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -213,12 +239,22 @@ def load(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     shapes = manifest_shapes(saved.manifest)
     dense_params = count_parameters(model) + sum(m * n - r * (m + n) for m, n, r in shapes if r is not None)
     manifest = saved.manifest
+    kept = None
+    if manifest.get("pruned_layers"):  # a pruned model: its layers are the projections with their kept shapes
+        pruned = manifest["pruned_layers"]
+        layers = {name: {"m": d["base_out_features"], "n": d["base_in_features"], "rank": None,
+                         "kept_m": d["out_features"], "kept_n": d["in_features"]} for name, d in pruned.items()}
+        shapes = [(d["m"], d["n"], None) for d in layers.values()]
+        kept = kept_linears(layers)
+        dense_params = count_parameters(model) + sum(  # weights and biases each projection had, less what it has
+            d["base_out_features"] * (d["base_in_features"] + d["base_bias"])
+            - d["out_features"] * (d["in_features"] + d["bias"]) for d in pruned.values())
     return Obtained(model, tok, saved.identity, eval_ids, skipped, dense_ppl, None, manifest.get("calibration"),
                     shapes=shapes, dense_params=dense_params,
                     params_extra={"weights_bytes": sum(f.stat().st_size for f in saved.folder.glob("*.safetensors"))},
-                    layers=layers, loaded_from={"folder": str(saved.folder), "manifest_sha256": saved.manifest_sha256,
-                                                "record_key": manifest.get("record_key"),
-                                                "git_commit": manifest.get("git_commit")})
+                    layers=layers, kept_linears=kept,
+                    loaded_from={"folder": str(saved.folder), "manifest_sha256": saved.manifest_sha256,
+                                 "record_key": manifest.get("record_key"), "git_commit": manifest.get("git_commit")})
 
 
 def calibration_tokens(cfg: DictConfig, tok: Any, nsamples: int | None = None, seqlen: int | None = None
@@ -348,7 +384,7 @@ def save(cfg: DictConfig, job: Job, got: Obtained, env: dict[str, Any]) -> Path:
     """``save=true``: the compressed model and its manifest, beside the record's stem under ``models/``."""
     return save_compressed(got.model.to("cpu"), got.tokenizer, Path(cfg.results_dir) / "models" / run_stem(job.config), {
         "base": got.identity, "method": job.config["method"], "ratio": cfg.ratio, "calibration": got.calibration,
-        "record_key": job.key, "git_commit": env["git_commit"],
+        "record_key": job.key, "git_commit": env["git_commit"], **(got.pruned or {}),
         **({"dense_layers": dense} if (dense := {f"{name}": {"out_features": m, "in_features": n}
                                                    for name, m, n in got.dense_projections}) else {})})
 
@@ -374,10 +410,11 @@ def build_record(job: Job, got: Obtained, metrics: dict[str, Any], params: dict[
 
 
 def parameter_counts(shapes: list[tuple[int, int, int | None]], model_compressed: int,
-                     model_dense: int) -> dict[str, Any]:
-    """Achieved ratios from the planned projections' ``(m, n, rank)`` (``None``: kept dense), and of the model."""
+                     model_dense: int, kept: int | None = None) -> dict[str, Any]:
+    """Achieved ratios from the planned projections' ``(m, n, rank)`` (``None``: kept dense), and of the model;
+    ``kept``: the linear weights a pruned model keeps (its shapes say only the dense ``m, n``)."""
     lin_dense = sum(m * n for m, n, _ in shapes)
-    lin_comp = sum(m * n if r is None else r * (m + n) for m, n, r in shapes)
+    lin_comp = kept if kept is not None else sum(m * n if r is None else r * (m + n) for m, n, r in shapes)
     return {"linears_dense": lin_dense, "linears_compressed": lin_comp, "linears_ratio": 1 - lin_comp / lin_dense,
             "model_dense": model_dense, "model_compressed": model_compressed,
             "model_ratio": 1 - model_compressed / model_dense}

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from saes.core.lowrank import check_ratio, count_parameters
+from saes.core.pruning import Pruner
 from saes.engine.cost import BENCH_CPU_FP64_TFLOPS, RATES, Rates, Shape, cpu_rates, factorisation_seconds, \
     forward_flops, peak_gb, stats_flops
 from saes.engine.layout import layout_for, plan_ranks
@@ -101,7 +102,9 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
         "dtype": str(cfg.model.dtype), "blocks": shape.blocks, "calibration_tokens": tokens if calibrated else 0,
         "projections": {k: {**v, "count": count[k]} for k, v in types.items()}, "params": params,
         "plan_note": None if not method.plans_ranks and cfg.method.get("rank_alloc", "uniform") == "uniform"
-        else "the method's allocator moves ranks within this budget (decided on calibration data)",
+        else "a pruner removes head groups and MLP channels holding this plan's removed parameters (no ranks)"
+        if isinstance(method, Pruner) else "the method's allocator moves ranks within this budget (decided on "
+        "calibration data)",
         "predicted_seconds": seconds or None, "rates_tflops": vars(rates) if rates else None,
         "bench": str(bench_path) if bench else None,
         "peak_device_gb": peak_gb(shape, tokens, family, act_bytes=nbytes, weight_bytes=nbytes) if calibrated else None,
