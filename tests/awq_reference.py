@@ -60,6 +60,7 @@ def calibration() -> torch.Tensor:
 def main() -> None:  # pragma: no cover - runs in AutoAWQ's throwaway environment only
     import awq
     import awq.quantize.quantizer as qz
+    from torch import nn
     from awq.models.llama import LlamaAWQForCausalLM
 
     out: dict[str, Any] = {"autoawq": getattr(awq, "__version__", "0.2.9"), "calib": calibration(), "settings": {}}
@@ -69,11 +70,21 @@ def main() -> None:  # pragma: no cover - runs in AutoAWQ's throwaway environmen
         clips: dict[str, torch.Tensor] = {}
         orig_best, orig_loss = qz.AwqQuantizer._compute_best_scale, qz.AwqQuantizer._compute_loss
         orig_apply_scale, orig_apply_clip = qz.apply_scale, qz.apply_clip
+        orig_init = qz.AwqQuantizer.init_quant
         block = {"i": -1}
 
-        def best_scale(self, *args, **kw):  # one call per scale group: collect its grid losses
+        def best_scale(self, x, w_mean, x_mean, module2inspect, *args, **kw):  # one call per scale group
             groups.append({"losses": []})
-            return orig_best(self, *args, **kw)
+            # AutoAWQ keeps the weights to restore after each grid point as ``{k: v.cpu()}``: a copy on a GPU, but
+            # on the CPU the same storage, which the next ``weight.mul_(scales)`` scales in place, so every grid
+            # point would compound the scales of the ones before (and leave the block scaled). The state dict
+            # is made a copy here, as it is on the GPU AutoAWQ is written for.
+            module2inspect.state_dict = lambda *a, **k: {n: v.clone() for n, v in
+                                                         nn.Module.state_dict(module2inspect, *a, **k).items()}
+            try:
+                return orig_best(self, x, w_mean, x_mean, module2inspect, *args, **kw)
+            finally:
+                del module2inspect.state_dict
 
         def loss(self, *args, **kw):
             value = orig_loss(self, *args, **kw)
@@ -92,7 +103,18 @@ def main() -> None:  # pragma: no cover - runs in AutoAWQ's throwaway environmen
                 clips[f"model.layers.{block['i']}.{name}"] = max_val.clone().float().squeeze(-1)
             return orig_apply_clip(module, clip_list)
 
+        def init_quant(self, *args, **kw):
+            # transformers 5 hands the blocks a KV cache (``cache``, a DynamicCache) that AutoAWQ 0.2.9 (tested up to
+            # transformers 4.51) passes on to every forward of its search: each call would append its keys and
+            # values to the last ones'. The search's forwards are independent passes over the calibration
+            # sequences, so the cache is dropped, as AutoAWQ drops ``use_cache``.
+            modules, kwargs, inps = orig_init(self, *args, **kw)
+            for name in ("cache", "past_key_values", "past_key_value"):
+                kwargs.pop(name, None)
+            return modules, kwargs, inps
+
         qz.AwqQuantizer._compute_best_scale, qz.AwqQuantizer._compute_loss = best_scale, loss
+        qz.AwqQuantizer.init_quant = init_quant
         qz.apply_scale, qz.apply_clip = apply_scale, apply_clip
         try:
             wrapper = LlamaAWQForCausalLM(model, "llama", False, model.config, None, None)
@@ -102,6 +124,7 @@ def main() -> None:  # pragma: no cover - runs in AutoAWQ's throwaway environmen
                              max_calib_seq_len=SEQLEN, export_compatible=True)
         finally:
             qz.AwqQuantizer._compute_best_scale, qz.AwqQuantizer._compute_loss = orig_best, orig_loss
+            qz.AwqQuantizer.init_quant = orig_init
             qz.apply_scale, qz.apply_clip = orig_apply_scale, orig_apply_clip
         for g in groups:
             g["ratio_index"] = min(range(len(g["losses"])), key=lambda k: (g["losses"][k], k))
