@@ -11,14 +11,14 @@ q, k, v                            the attention's input norm  the attention
 o (when v and o have one shape)    v (its output side)         o
 gate, up                           the MLP's input norm        the MLP
 down                               up (its output side)        down
-A of every low-rank projection     its B                       the projection
+A of every low-rank projection     its B                       A (the projection's output)
 =================================  ==========================  ============================
 
 A low-rank projection ``A (B x)`` has an input side ``B`` (it reads what the dense projection read, so it takes
 the dense projection's place in its group) and an output side ``A`` (whose output the next op reads, so it is
 the previous op where the dense projection was). ``A``'s input is the rank-``r`` latent ``B x``: a scale group
-of its own, folded exactly into ``B``'s rows (no nonlinearity between them), inspected at the projection's
-output. Under grouped-query attention ``o`` is not scaled (AutoAWQ's rule: the shapes of v and o differ).
+of its own, folded exactly into ``B``'s rows (no nonlinearity between them), inspected at ``A``'s output (the
+projection's). Under grouped-query attention ``o`` is not scaled (AutoAWQ's rule: the shapes of v and o differ).
 The clip search skips q and k (both factors of low-rank ones), whose errors the ``q k^T`` product multiplies.
 
 Order (AutoAWQ's): block by block, each block's inputs are the full-precision model's (the calibration tokens
@@ -79,7 +79,7 @@ def scale_groups(block: nn.Module, layout: BlockLayout) -> list[ScaleGroup]:
         groups.append(ScaleGroup(output_side(block, v), (input_side(block, o),), o))
     groups.append(ScaleGroup(layout.stages.mlp_in_norm, (input_side(block, gate), input_side(block, up)), mlp))
     groups.append(ScaleGroup(output_side(block, up), (input_side(block, down),), down))
-    groups += [ScaleGroup(f"{p}.B", (f"{p}.A",), p) for p in layout.projections
+    groups += [ScaleGroup(f"{p}.B", (f"{p}.A",), f"{p}.A") for p in layout.projections
                if isinstance(block.get_submodule(p), LowRankLinear)]
     return groups
 
