@@ -228,3 +228,22 @@ def test_awq_runs_end_to_end_dense_and_low_rank_with_records(tmp_path):
     assert ql["bits_per_dense_linear_weight"] == pytest.approx(bits / lr["params"]["linears_dense"])
     assert len(ql["scale_groups"]) == 2 * (3 + 7)  # the three dense-input groups and one per factor pair
     assert 1 < lr["metrics"]["ppl"]["wiki_books"]["compressed"] < float("inf")
+
+
+def test_the_equal_memory_sweep_pairs_awq_with_the_recorded_gptq_runs():
+    """``experiment=quant_memory``: 12 runs, AWQ beside every GPTQ row; the GPTQ ones are Table 10's committed
+    records (their keys unchanged by quant=awq's arrival)."""
+    from experiments import sweeps
+    from saes.runs.records import config_key
+
+    from .conftest import ROOT
+
+    js = sweeps.jobs("quant_memory", [], ROOT / "results")
+    assert len(js) == 12 and len({config_key(j.config) for j in js}) == 12
+    rows = {(j.config["quant"]["method"], j.config["method"]["name"], j.ratio, j.config["quant"]["bits"]) for j in js}
+    assert rows == {(q, m, r, b) for q in ("gptq", "awq") for m, r, b in
+                    (("svd", 0.0, 4), ("svd", 0.0, 3), ("saes", 0.25, 4), ("svdllm", 0.25, 4), ("saes", 0.5, 4),
+                     ("svdllm", 0.5, 4))}
+    for j in js:
+        if j.config["quant"]["method"] == "gptq":
+            assert j.record is not None and j.record["key"] == config_key(j.config), j.overrides
