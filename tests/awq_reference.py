@@ -17,8 +17,13 @@ sees this project's torch and transformers through a ``.pth`` file and never tou
 What is stored, per setting (bits, group size): for every scale group (in AutoAWQ's order, block by block) the
 previous op, the scaled linears, the 20 grid losses and the chosen scales; for every clipped linear its per-group
 clip values; every norm's weight after the scales are folded in, and every linear's fake-quantized weight
-after scaling and clipping (AutoAWQ's ``pseudo_quantize_tensor`` of those, in float32: AutoAWQ's own packing step, which casts to
-float16 first, is skipped with ``export_compatible=True``).
+after scaling and clipping (AutoAWQ's ``pseudo_quantize_tensor`` of those, in float32: AutoAWQ's own packing step,
+which casts to float16 first, is skipped with ``export_compatible=True``).
+
+Two faults of AutoAWQ 0.2.9 run on a CPU beside transformers 5 are worked around in :func:`main` (each says why):
+the weights it restores after each grid point alias the live ones on a CPU, and it hands the blocks' KV cache to
+every forward of its search. Without the two fixes its grid losses differ from the paper's definition (and from
+ours) after the first grid point; with them ours equals it bit for bit here.
 """
 
 from __future__ import annotations

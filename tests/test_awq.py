@@ -62,7 +62,8 @@ def test_awq_equals_autoawq_on_the_stored_reference(reference, key):
         assert round(g["ratio"] * 20) == r["ratio_index"], (i, g["prev"])
         torch.testing.assert_close(g["scales"], r["scales"], rtol=1e-5, atol=1e-6)
         assert g["losses"] == pytest.approx(r["losses"], rel=1e-5)
-    clips = {f"model.layers.{i}.{name}": c for i, found in enumerate(done["blocks"]) for name, c in found["clips"].items()}
+    clips = {f"model.layers.{i}.{name}": c
+             for i, found in enumerate(done["blocks"]) for name, c in found["clips"].items()}
     assert sorted(clips) == sorted(ref["clips"])  # every linear but q and k
     for name, c in ref["clips"].items():
         torch.testing.assert_close(clips[name], c, rtol=1e-5, atol=1e-6)
@@ -90,7 +91,8 @@ def test_the_scales_alone_leave_the_dense_models_logits_unchanged():
     model, ids = tiny_llama(), calibration()
     before = logits(model, ids)
     scales_only(model, ids)
-    assert not torch.equal(model.model.layers[0].input_layernorm.weight, tiny_llama().model.layers[0].input_layernorm.weight)
+    norm = model.model.layers[0].input_layernorm.weight
+    assert not torch.equal(norm, tiny_llama().model.layers[0].input_layernorm.weight)  # the scales were folded in
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
 
 
@@ -143,7 +145,8 @@ def test_scale_groups_of_a_low_rank_block(tiny_gqa, tiny_mha):
     assert groups["input_layernorm"].inspect == "self_attn"
     assert "self_attn.v_proj.A" not in groups  # grouped-query attention: o is not scaled (AutoAWQ's rule)
     assert groups["mlp.up_proj"].linears == ("mlp.down_proj.B",)  # dense up: its rows take down's scales
-    assert groups["mlp.down_proj.B"].linears == ("mlp.down_proj.A",) and groups["mlp.down_proj.B"].inspect == "mlp.down_proj.A"
+    assert groups["mlp.down_proj.B"].linears == ("mlp.down_proj.A",)
+    assert groups["mlp.down_proj.B"].inspect == "mlp.down_proj.A"
     assert "mlp.up_proj.B" not in groups
     lowrank = [p for p in layout.projections if isinstance(block.get_submodule(p), LowRankLinear)]
     assert sum(g.prev.endswith(".B") for g in groups.values()) == len(lowrank) == 6

@@ -13,11 +13,11 @@ scale and clip search, on the full-precision model's block inputs as AutoAWQ doe
 
 The weights are fake-quantized (dequantized onto the grid, in the model's dtype): perplexity and accuracy are
 those of the quantized model; packed low-bit kernels are not part of this harness (on this CPU they would not
-run). Memory is counted as stored by a GPTQ (or AWQ: the same layout) checkpoint: ``b`` bits per quantized weight plus, per group and
-output row, a 16-bit scale and (asymmetric grid) a ``b``-bit zero point; everything outside the blocks'
-linears (embeddings, norms, the head) at 16 bits. ``bits_per_dense_linear_weight`` (the linears' storage over
-the dense model's linear parameters) is the number rows compare at: dense GPTQ at 3 bits vs low rank at ratio
-``R`` plus GPTQ at ``b'`` bits with ``(1 - R) b'`` about 3.
+run). Memory is counted as stored by a GPTQ checkpoint (an AWQ one stores the same): ``b`` bits per quantized
+weight plus, per group and output row, a 16-bit scale and (asymmetric grid) a ``b``-bit zero point; everything
+outside the blocks' linears (embeddings, norms, the head) at 16 bits. ``bits_per_dense_linear_weight`` (the
+linears' storage over the dense model's linear parameters) is the number rows compare at: dense GPTQ at 3 bits
+vs low rank at ratio ``R`` plus GPTQ at ``b'`` bits with ``(1 - R) b'`` about 3.
 """
 
 from __future__ import annotations
