@@ -235,7 +235,7 @@ def test_awq_runs_end_to_end_dense_and_low_rank_with_records(tmp_path):
 
 def test_the_equal_memory_sweep_pairs_awq_with_the_recorded_gptq_runs():
     """``experiment=quant_memory``: 12 runs, AWQ beside every GPTQ row; the GPTQ ones are Table 10's committed
-    records (their keys unchanged by quant=awq's arrival)."""
+    records (their keys unchanged by quant=awq's arrival), and AWQ 4-bit of the dense model has its record."""
     from experiments import sweeps
     from saes.runs.records import config_key
 
@@ -248,5 +248,5 @@ def test_the_equal_memory_sweep_pairs_awq_with_the_recorded_gptq_runs():
                     (("svd", 0.0, 4), ("svd", 0.0, 3), ("saes", 0.25, 4), ("svdllm", 0.25, 4), ("saes", 0.5, 4),
                      ("svdllm", 0.5, 4))}
     for j in js:
-        if j.config["quant"]["method"] == "gptq":
+        if j.config["quant"]["method"] == "gptq" or "+experiment/quant=awq4_dense" in j.overrides:
             assert j.record is not None and j.record["key"] == config_key(j.config), j.overrides
