@@ -87,6 +87,21 @@ def test_awq_is_no_worse_than_round_to_nearest_on_the_calibration_inputs(bits):
     assert err_awq <= err_rtn, (float(err_awq), float(err_rtn))
 
 
+def test_awq_of_a_low_rank_model_is_no_worse_than_round_to_nearest(tiny_mha):
+    layout = layout_for(tiny_mha)
+    dense = low_rank(tiny_mha)
+    ids = calib_batch(8, 64, seed=3)
+    rtn, ours = copy.deepcopy(dense), copy.deepcopy(dense)
+    with torch.no_grad():
+        for name in block_linears(rtn.model.layers):
+            W = rtn.model.layers.get_submodule(name).weight
+            W.copy_(awq.fake_quantize(W, 3, 16))
+    awq_model(ours, layout, ids, 3, 16, CPU, 4)
+    ref = logits(dense, ids)
+    err_rtn, err_awq = ((logits(rtn, ids) - ref) ** 2).mean(), ((logits(ours, ids) - ref) ** 2).mean()
+    assert err_awq <= err_rtn, (float(err_awq), float(err_rtn))
+
+
 def test_the_scales_alone_leave_the_dense_models_logits_unchanged():
     model, ids = tiny_llama(), calibration()
     before = logits(model, ids)
