@@ -13,8 +13,9 @@ EXPERIMENTS = ("table10",)
 
 
 def name(j: Job) -> str:
-    bits = j.config["quant"]["bits"]
-    return f"GPTQ ({bits}-bit)" if j.ratio == 0 else f"{display(j.config)} @{j.ratio:g} + GPTQ ({bits}-bit)"
+    q = j.config["quant"]
+    tag = f"{q['method'].upper()} ({q['bits']}-bit)"  # GPTQ or AWQ
+    return tag if j.ratio == 0 else f"{display(j.config)} @{j.ratio:g} + {tag}"
 
 
 def build(ctx: Context) -> Document:

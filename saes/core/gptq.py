@@ -40,20 +40,35 @@ class Quantized:
     loss: float  # sum over columns of (w - q)^2 / [H^{-1}]_jj / 2: the OBS estimate of the added output error
 
 
-def check_settings(bits: int, group_size: int | None, damp: float, block: int) -> None:
+def check_grid(bits: int, group_size: int | None) -> None:
+    """The grid's settings (shared by GPTQ and AWQ), named by their config keys."""
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"quant.bits must be one of {BITS}; got {bits!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"quant.group_size must be a positive int or null (one group per row); got {group_size!r}")
-    if not 0.0 < damp < 1.0:
+
+
+def check_settings(bits: int, group_size: int | None, damp: float, block: int) -> None:
+    check_grid(bits, group_size)
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not 0.0 < damp < 1.0:
         raise ValueError(f"quant.damp must lie in (0, 1) (a fraction of mean(diag H)); got {damp}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"quant.block must be a positive int; got {block!r}")
 
 
-def grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero)`` per row of ``w: [m, k]`` (the min-max grid above)."""
+def grid(w: torch.Tensor, bits: int, sym: bool, span_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` per row of ``w: [m, k]`` (the min-max grid above).
+
+    ``span_zero=False`` is AutoAWQ's grid (``pseudo_quantize_tensor`` with a zero point, used by ``quant=awq``):
+    the range is the row's own ``[min, max]`` (zero need not lie in it), ``scale = max(max - min, 1e-5) / (2^b - 1)``
+    and ``zero = clamp(round(-min / scale), 0, 2^b - 1)``; asymmetric only."""
     maxq = 2 ** bits - 1
+    if not span_zero:
+        if sym:
+            raise ValueError("the grid without zero in its range (AWQ's) has a zero point: sym must be false")
+        lo, hi = w.min(dim=1).values, w.max(dim=1).values
+        scale = (hi - lo).clamp(min=1e-5) / maxq
+        return scale, torch.clamp(torch.round(-lo / scale), 0, maxq)
     lo = w.min(dim=1).values.clamp(max=0)
     hi = w.max(dim=1).values.clamp(min=0)
     if sym:

@@ -38,6 +38,7 @@ class BlockStages:
     """
 
     mlp_in_norm: str
+    attn_in_norm: str = "input_layernorm"  # the norm whose output q,k,v read (AWQ folds its scales into it)
     attn_out_norm: str | None = None
     mlp_out_norm: str | None = None
     act: str = "mlp.act_fn"

@@ -44,7 +44,8 @@ def validate(cfg: DictConfig) -> None:
         check_quant(cfg)
     if not (cfg.ratio == 0 and cfg.get("quant")):  # ratio=0: the dense model, only worth a run when quantized
         if cfg.ratio == 0:
-            raise ValueError("ratio=0 compresses nothing; it is a run only with quant=gptq (GPTQ of the dense model)")
+            raise ValueError("ratio=0 compresses nothing; it is a run only with quant=gptq or quant=awq "
+                             "(the dense model quantized)")
         check_ratio(cfg.ratio)
     check_int("seed", cfg.seed)
     check_int("calib.seed", cfg.calib.seed)
@@ -59,7 +60,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def check_quant(cfg: DictConfig) -> QuantSettings:
-    """``quant=gptq``: its settings, and the settings it cannot be combined with, named before any work."""
+    """``quant=gptq|awq``: its settings, and the settings it cannot be combined with, named before any work."""
     q = QuantSettings.from_config(cfg.quant)
     for key, clash, why in (("save", bool(cfg.save), "a saved folder holds factors, not packed low-bit weights"),
                             ("finetune", bool(cfg.get("finetune")), "LoRA on fake-quantized factors is not a stage here")):
@@ -287,7 +288,8 @@ def loaded_job(cfg: DictConfig) -> Job:
     if cfg.save:
         raise ValueError("save=true with load=<folder>: the folder is already saved; drop one of them")
     if cfg.get("quant"):
-        raise ValueError("quant=gptq with load=<folder>: quantization is a stage of a compression run; drop load=")
+        raise ValueError(f"quant={cfg.quant.method} with load=<folder>: quantization is a stage of a compression run; "
+                         "drop load=")
     folder = Path(cfg.load).expanduser().resolve()
     manifest = read_manifest(folder)
     lacking = [k for k in ("base", "method", "ratio") if manifest.get(k) is None]

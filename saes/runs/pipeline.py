@@ -124,7 +124,7 @@ class Obtained:
     layers: dict[str, Any]
     blocks: list[Any] = field(default_factory=list)
     finetune: dict[str, Any] | None = None
-    quant: dict[str, Any] | None = None  # quant=gptq: memory and losses
+    quant: dict[str, Any] | None = None  # quant=gptq|awq: memory and losses (GPTQ) or scale groups (AWQ)
     loaded_from: dict[str, Any] | None = None  # a load= run
     kept_linears: int | None = None  # a pruned model: linear weights kept (its shapes' ranks are None)
     pruned: dict[str, Any] | None = None  # a pruned model: pruned_layers and structure for its manifest
@@ -180,13 +180,13 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         with timings.phase("finetune"):
             finetuned = lora_finetune(model, tok, job.lora, device)
     quantized = None
-    if job.quant is not None:  # GPTQ of the factors and the dense projections (Table 10)
+    if job.quant is not None:  # GPTQ or AWQ of the factors and the dense projections (Table 10, issue 28)
         assert calib_ids is not None
         with timings.phase("quantize"):
             dense_linear = sum(d["m"] * d["n"] for d in report.layers.values())
             done = quantize_model(model, layout, calib_ids, job.quant, device, cfg.calib.batch_size)
             quantized = {**memory(model, layout, job.quant, done["linear_bits"], dense_linear),
-                         "seconds": done["seconds"], "loss_total": sum(done["losses"].values())}
+                         "seconds": done["seconds"], **done["summary"]}
             for name, loss in done["losses"].items():  # per projection: gptq_loss (dense), gptq_loss_A/_B (factors)
                 proj, _, factor = name.rpartition(".")
                 if factor in ("A", "B") and proj in report.layers:
