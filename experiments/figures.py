@@ -6,6 +6,7 @@
     fig1d_fixed_vs_adaptive.png  accuracy and perplexity against ratio, fixed beta against ACES (ablation)
     fig4_speed_memory.png   memory and speed-up against ratio (python -m experiments.bench_speed's JSON)
     fig6_aces_beta.png      the beta ACES chose for each block's k_proj (table1's SAES-SVD runs)
+    paradigms_ppl_vs_memory.png  perplexity against bits per dense linear weight, every paradigm (experiments/paradigms.py)
     seeds_gap_closed.png    gap closed vs SVD-LLM over calibration seeds 0-2 (experiments/seeds.py)
 
 A value a record lacks is never drawn: the point is left out and the legend says which ratios are
@@ -290,6 +291,11 @@ def build_all(ctx: "Context", skip: set[str]) -> list[Path]:
         written.append(fig1d(ctx.jobs("ablation"), out_dir / "fig1d_fixed_vs_adaptive.png"))
     if "aces_selector" not in skip:
         written.append(fig_surrogate_error(ctx.jobs("aces_selector"), out_dir / "aces_surrogate_error.png"))
+    if "paradigms" not in skip:
+        from experiments import paradigms  # it draws with this module's helpers
+
+        fig = paradigms.figure(ctx.jobs(*paradigms.EXPERIMENTS), out_dir / "paradigms_ppl_vs_memory.png")
+        written += [fig] if fig else []
     if "seeds" not in skip and not ctx.overrides:
         from experiments import seeds  # it draws with this module's helpers
 

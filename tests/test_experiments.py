@@ -300,7 +300,9 @@ def test_reference_tables_are_the_papers_numbers():
     assert paper.ref_value(paper.reference("table6_llama3_8b.csv"), "SVD-LLM", "ppl_wikitext2", "0.8") == "6971.65"
     for f in (ROOT / "results" / "reference").glob("*.csv"):
         rows = paper.reference(f.name)
-        assert rows and all(r["source"].startswith("Table ") and r["model"] and r["unit"] for r in rows)
+        ours = f.name.startswith("table")  # the SAES-SVD paper's tables; other files cite other papers by name
+        assert rows and all(r["source"] and (r["source"].startswith("Table ") or not ours) and r["model"] and r["unit"]
+                            for r in rows)
         assert all(paper.as_float(r["value"]) is not None for r in rows)
 
 

@@ -208,16 +208,17 @@ def test_bad_pruning_settings_fail_before_the_model_loads(tmp_path, monkeypatch,
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("experiment, zeroshot", [("paradigms_pruning", True), ("paradigms_pruning_ppl", False)])
-def test_pruning_sweeps_expand_to_both_methods_at_both_ratios(experiment, zeroshot):
+@pytest.mark.parametrize("experiment, zeroshot, low_rank", [("paradigms_pruning", True, []),
+                                                             ("paradigms_params", False, ["saes", "svdllm"])])
+def test_pruning_sweeps_expand_to_both_methods_at_both_ratios(experiment, zeroshot, low_rank):
     from experiments import sweeps
     from saes.runs.records import config_key
 
     overrides, _ = sweeps.sweep_overrides(experiment)
     configs = [sweeps.compose(o) for o in overrides]
-    assert sorted((c.method.name, c.ratio) for c in configs) == [
-        ("flap", 0.2), ("flap", 0.4), ("wanda_sp", 0.2), ("wanda_sp", 0.4)]
-    assert len({config_key(sweeps.to_dict(c)) for c in configs}) == 4
+    assert sorted((c.method.name, c.ratio) for c in configs) == sorted(
+        (m, r) for m in ["flap", "wanda_sp", *low_rank] for r in (0.2, 0.4))
+    assert len({config_key(sweeps.to_dict(c)) for c in configs}) == len(configs)
     for c in configs:
         assert (c.calib.nsamples, c.calib.seqlen, c.model.name) == (32, 512, "smollm2_135m")
         assert bool(c.eval.get("zeroshot") and c.eval.zeroshot.get("tasks")) == zeroshot

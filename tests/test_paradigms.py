@@ -1,0 +1,49 @@
+"""The paradigms table (experiments/paradigms.py): memory per run as stored, the Pareto front, and a table and
+figure built from records alone."""
+
+from __future__ import annotations
+
+from experiments import paradigms, sweeps
+from experiments.sweeps import Context
+
+from .test_experiments import TINY, has_cells, synthetic_record, write
+
+
+def P(bits: float, ppl: float, name: str = "x") -> paradigms.Point:
+    return paradigms.Point(f"{name}{bits}-{ppl}", "low rank", bits, ppl)
+
+
+def test_the_front_keeps_exactly_the_points_nothing_beats():
+    a, b, c, d, e = P(16, 10), P(12, 20), P(12, 15), P(4, 40), P(8, 50)
+    # b loses to c (same bits, lower PPL); e loses to d (fewer bits, lower PPL); a, c, d trade bits for PPL
+    assert paradigms.pareto([a, b, c, d, e]) == {a, c, d}
+    assert paradigms.pareto([P(4, 40), P(4, 40, "y")]) == {P(4, 40), P(4, 40, "y")}  # ties both stay
+
+
+def test_memory_is_sixteen_bits_per_kept_weight_unless_a_checkpoint_says_otherwise():
+    rec = {"params": {"linears_ratio": 0.25}}
+    assert paradigms.bits(rec) == 12.0
+    assert paradigms.bits({**rec, "quant": {"bits_per_dense_linear_weight": 3.13}}) == 3.13
+
+
+def test_table_and_figure_from_records(tmp_path):
+    ppl = {"svdllm": 100.0, "saes": 70.0, "wanda_sp": 55.0, "flap": 48.0}
+    js = sweeps.jobs(paradigms.PARAMS, TINY, tmp_path)
+    for j in js:
+        rec = synthetic_record(j.config, ppl[j.config["method"]["name"]] * (1 + j.ratio), dense_ppl=30.0)
+        if j.config["method"]["name"] in ("wanda_sp", "flap"):
+            rec["params"]["rank_alloc"] = "structured"
+        write(j, rec)
+    q = next(j for j in sweeps.jobs(paradigms.MEMORY, TINY, tmp_path) if j.ratio == 0)
+    rec = synthetic_record(q.config, 40.0, dense_ppl=30.0)
+    rec["quant"] = {"bits_per_dense_linear_weight": 4.17}
+    write(q, rec)
+    doc = paradigms.build(Context(tmp_path, TINY))
+    md = doc.markdown()
+    assert not doc.refused, md
+    assert has_cells(md, "| 0.2 | FLAP | pruning | 0.2000 | 57.60 |")
+    assert has_cells(md, "| SAES-SVD @0.4 | low rank | 12.80 | 98.00 | |")  # FLAP @0.4 (67.2) beats it at 12.8 bits
+    assert has_cells(md, f"| {paradigms.name(q)} | quantization | 4.17 | 40.00 | yes |")
+    assert "Not run yet (equal memory)" in md
+    all_jobs = [*sweeps.jobs(paradigms.PARAMS, TINY, tmp_path), *sweeps.jobs(paradigms.MEMORY, TINY, tmp_path)]
+    assert paradigms.figure(all_jobs, tmp_path / "f.png").is_file()
