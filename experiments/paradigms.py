@@ -1,6 +1,6 @@
 """Beyond SVD (issue 28): low rank against structured pruning and quantization, at equal parameters and equal memory.
 
-    python run.py experiment=paradigms_params   # SVD-LLM, SAES-SVD, Wanda-sp, FLAP at 0.2 / 0.4 (perplexity only)
+    python run.py experiment=paradigms_params   # SVD-LLM, SAES-SVD, Wanda-sp, FLAP, SliceGPT at 0.2 / 0.4 (perplexity only)
     python run.py experiment=quant_memory       # GPTQ and AWQ at 3 / 4 bits; low rank at 0.25 / 0.5 + 4-bit
     python -m experiments.tables                # results/tables/paradigms.md, results/figures/paradigms_ppl_vs_memory.png
 
@@ -32,7 +32,7 @@ PAPER = "paradigms_llama7b.csv"
 class Point:
     """One run as the figure and the front see it."""
     name: str
-    family: str  # low rank | pruning | quantization | low rank + quantization
+    family: str  # low rank | pruning | rotation + slicing | quantization | <kind> + quantization
     bits: float  # per dense linear weight
     ppl: float
 
@@ -47,8 +47,8 @@ def name(j: Job) -> str:
 
 
 def family(j: Job) -> str:
-    pruned = (j.record or {}).get("params", {}).get("rank_alloc") == "structured"
-    kind = "pruning" if pruned else "low rank"
+    alloc = (j.record or {}).get("params", {}).get("rank_alloc")
+    kind = {"structured": "pruning", "sliced": "rotation + slicing"}.get(alloc, "low rank")
     if not j.config.get("quant"):
         return kind
     return "quantization" if j.ratio == 0 else f"{kind} + quantization"

@@ -174,7 +174,11 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None) -> tup
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     try:  # a pruned model: each block's projections take the shapes the manifest records
         rebuild(model, manifest.get("pruned_layers") or {})
-    except (AttributeError, ValueError) as exc:
+        if manifest.get("slicing"):  # SliceGPT: narrower embeddings and norms, the shortcut matrices
+            from saes.engine.slicing import rebuild_sliced
+
+            rebuild_sliced(model, manifest["slicing"])
+    except (AttributeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{folder / MANIFEST}: {exc}") from None
     for name, spec in manifest["layers"].items():
         try:

@@ -21,6 +21,7 @@ from torch import nn
 from saes.core.lowrank import check_ratio, rank_for_ratio
 from saes.core.method import DTYPES as PRECISIONS, Method
 from saes.core.pruning import Pruner, svd_removal
+from saes.core.slicegpt import Slicer
 from saes.engine.allocators import RANK_ALLOCS, STRS, AdaCR, Allocator, DipGlobal, Dobi
 from saes.engine.layout import layout_for, plan_ranks, projections
 from saes.engine.prune import budget
@@ -176,6 +177,10 @@ def check_ranks_before_loading(cfg: DictConfig, method: Method, allocator: Alloc
     if float(cfg.ratio) == 0.0:  # nothing is compressed (quant=gptq of the dense model)
         return
     model = skeleton(model_config(model_spec(cfg.model)))
+    if isinstance(method, Slicer):  # the architecture, then a width that gives the SVD plan's parameter count
+        from saes.engine.slicing import plan_width
+
+        plan_width(model, method, float(cfg.ratio))
     plan_ranks_for(model, float(cfg.ratio))
     method.check_setting(len(model.get_submodule(layout_for(model).layers)), float(cfg.ratio))
     if isinstance(method, Pruner):  # the structures can give the SVD plan's parameter count
@@ -265,7 +270,10 @@ def ppl_settings(cfg: DictConfig) -> PplSettings:
 def compression_job(cfg: DictConfig) -> Job:
     validate(cfg)
     method = build_method(cfg)
-    if isinstance(method, Pruner) and cfg.get("finetune"):
+    if isinstance(method, Slicer) and cfg.get("quant"):
+        raise ValueError(f"quant={cfg.quant.get('method')} with method={cfg.method.name}: quantizing a sliced model (its "
+                         "shortcut matrices included) is not implemented; drop quant")
+    if isinstance(method, (Pruner, Slicer)) and cfg.get("finetune"):
         raise ValueError(f"finetune={cfg.finetune.get('name', 'lora')} with method={cfg.method.name}: the LoRA stage "
                          "adapts low-rank factors and a pruned model has none; drop finetune")
     allocator = shared_allocator(cfg, method)
@@ -342,6 +350,9 @@ def check_pruned_ratio(folder: Path, manifest: dict[str, Any], ratio: float) -> 
     removed = sum(d["base_out_features"] * d["base_in_features"] - d["out_features"] * d["in_features"]
                   for d in layers)
     largest = max(max(b["group_params"], b["channel_params"]) for b in manifest.get("structure") or [{}])
+    if manifest.get("slicing"):  # SliceGPT: its shortcut matrices count; its structure is one hidden dimension
+        removed -= int(manifest["slicing"]["shortcut_parameters"])
+        largest = int(manifest["slicing"]["max_structure"])
     if not 0 <= removed - target < largest:
         raise CheckpointError(f"{folder / MANIFEST} says ratio {ratio}, but its pruned layers remove {removed:,} "
                               f"parameters (the SVD plan at ratio {ratio} removes {target:,}; a pruned plan removes "

@@ -27,12 +27,14 @@ from torch import nn
 from saes.core.lowrank import count_parameters
 from saes.core.method import DTYPES as PRECISIONS, Method
 from saes.core.pruning import Pruner
+from saes.core.slicegpt import Slicer
 from saes.engine.allocators import Allocator, Plan
 from saes.engine.config import CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, check_plan, layout_for, plan_ranks, projections
 from saes.engine.loop import compress_model, needs_calibration
 from saes.engine.prune import plan_structures, prune_model
 from saes.engine.resume import owned, release
+from saes.engine.slicing import plan_width, slice_model
 from saes.engine.structure import block_table, pruned_layers
 from saes.evaluation import zeroshot
 from saes.evaluation.dense import DenseModel, cached_perplexity, dense_perplexity, dense_zeroshot
@@ -172,6 +174,21 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         rank_alloc = "structured"
         pruned = {"pruned_layers": pruned_layers(model, base), "structure": block_table(model, layout.layers),
                   "plan": structure}
+    elif isinstance(job.method, Slicer):  # the residual stream rotated and sliced (saes.engine.slicing)
+        base = {name: (*model.get_submodule(name).weight.shape, model.get_submodule(name).bias is not None)
+                for name in projections(model, layout)}
+        engine_cfg = engine_config(cfg, device, loaded.identity, job.key)
+        with timings.phase("prepare"):
+            width, structure = plan_width(model, job.method, float(cfg.ratio))
+        assert calib_ids is not None
+        sliced = slice_model(model, width, calib_ids, engine_cfg)
+        report = CompressionReport(stream=job.method.stream, tokens=sliced.tokens, layers=sliced.layers,
+                                   blocks=sliced.blocks, timings=sliced.timings)
+        timings.phases.update(report.timings)
+        rank_alloc = "sliced"
+        structure["shortcut_parameters"] = sliced.shortcut_parameters
+        pruned = {"pruned_layers": pruned_layers(model, base), "structure": block_table(model, layout.layers),
+                  "plan": structure, "slicing": {**sliced.spec, **structure, "dense_parameters": dense_params}}
     else:
         report, rank_alloc, allocation = compress_in_place(cfg, model, layout, job.method, job.allocator, calib_ids,
                                                            device, timings, loaded.identity, job.key)
@@ -205,7 +222,13 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
                     params_extra={"rank_alloc": rank_alloc, **({"allocation": allocation} if allocation else {}),
                                   **({"structure": pruned["plan"]} if pruned else {}), **remap_memory(report.layers)},
                     layers=report.layers, blocks=report.blocks, finetune=finetuned, quant=quantized,
-                    kept_linears=None if pruned is None else kept_linears(report.layers), pruned=pruned)
+                    kept_linears=None if pruned is None else kept_linears(report.layers) + shortcut_parameters(pruned),
+                    pruned=pruned)
+
+
+def shortcut_parameters(manifest: dict[str, Any]) -> int:
+    """The shortcut matrices a sliced model's blocks hold (linear weights beside its projections; 0 otherwise)."""
+    return int((manifest.get("slicing") or {}).get("shortcut_parameters", 0))
 
 
 def kept_linears(layers: dict[str, dict[str, Any]]) -> int:
@@ -249,6 +272,9 @@ def load(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         dense_params = count_parameters(model) + sum(  # weights and biases each projection had, less what it has
             d["base_out_features"] * (d["base_in_features"] + d["base_bias"])
             - d["out_features"] * (d["in_features"] + d["bias"]) for d in pruned.values())
+        if manifest.get("slicing"):  # shortcuts, a narrower embedding and an untied head: the dense count is recorded
+            kept += shortcut_parameters(manifest)
+            dense_params = int(manifest["slicing"]["dense_parameters"])
     return Obtained(model, tok, saved.identity, eval_ids, skipped, dense_ppl, None, manifest.get("calibration"),
                     shapes=shapes, dense_params=dense_params,
                     params_extra={"weights_bytes": sum(f.stat().st_size for f in saved.folder.glob("*.safetensors"))},
