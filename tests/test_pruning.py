@@ -209,7 +209,7 @@ def test_bad_pruning_settings_fail_before_the_model_loads(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("experiment, zeroshot, low_rank", [("paradigms_pruning", True, []),
-                                                             ("paradigms_params", False, ["saes", "svdllm"])])
+                                                             ("paradigms_params", False, ["saes", "svdllm", "slicegpt"])])
 def test_pruning_sweeps_expand_to_both_methods_at_both_ratios(experiment, zeroshot, low_rank):
     from experiments import sweeps
     from saes.runs.records import config_key

@@ -108,6 +108,15 @@ def test_every_sliced_position_sees_its_calibration_signal_in_principal_axes():
         assert (G - torch.diag(diag)).abs().max() < 1e-4 * diag.max(), key
         assert torch.all(diag[:-1] >= diag[1:] * (1 - 1e-4)), key
     torch.testing.assert_close(torch.cat(seen["0.input_layernorm"]).double().pow(2).sum(0), top, rtol=1e-4, atol=0)
+    # every in-block norm divides by the mean square over the dense width d (the reference's RMSN(mean_dim=d))
+    eps = model.config.rms_norm_eps
+    for key, xs in seen.items():
+        x = torch.cat(xs)
+        norm = model.get_submodule(f"model.layers.{key}")
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) / 64 + eps),
+                                       rtol=1e-5, atol=1e-6)
+
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.4])
