@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from saes.core.lowrank import check_ratio, count_parameters
 from saes.core.pruning import Pruner
+from saes.core.slicegpt import Slicer
 from saes.engine.cost import BENCH_CPU_FP64_TFLOPS, RATES, Rates, Shape, cpu_rates, factorisation_seconds, \
     forward_flops, peak_gb, stats_flops
 from saes.engine.layout import layout_for, plan_ranks
@@ -97,14 +98,23 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
         eval_tokens = windows * ppl.seqlen * len(ppl.sources)
         per_token = shape.blocks * forward_flops(shape, ppl.seqlen) + 2 * shape.hidden * config.vocab_size
         seconds["eval_ppl_one_model"] = eval_tokens * per_token / (rates.forward * 1e12) if windows else None
+    note = None
+    if isinstance(method, Slicer):
+        from saes.engine.slicing import plan_width
+
+        width, budget = plan_width(model, method, ratio)
+        note = (f"{method.name} slices the residual stream to width {width} of {budget['hidden']} (its blocks' "
+                f"projections plus shortcut matrices remove {budget['removed']:,} parameters, this plan "
+                f"{budget['target']:,}); the head stays {budget['hidden']} wide and is untied (no ranks)")
+    elif isinstance(method, Pruner):
+        note = "a pruner removes head groups and MLP channels holding this plan's removed parameters (no ranks)"
+    elif method.plans_ranks or cfg.method.get("rank_alloc", "uniform") != "uniform":
+        note = "the method's allocator moves ranks within this budget (decided on calibration data)"
     plan = {
         "model": str(cfg.model.name), "method": method.name, "ratio": ratio, "device": device,
         "dtype": str(cfg.model.dtype), "blocks": shape.blocks, "calibration_tokens": tokens if calibrated else 0,
         "projections": {k: {**v, "count": count[k]} for k, v in types.items()}, "params": params,
-        "plan_note": None if not method.plans_ranks and cfg.method.get("rank_alloc", "uniform") == "uniform"
-        else "a pruner removes head groups and MLP channels holding this plan's removed parameters (no ranks)"
-        if isinstance(method, Pruner) else "the method's allocator moves ranks within this budget (decided on "
-        "calibration data)",
+        "plan_note": note,
         "predicted_seconds": seconds or None, "rates_tflops": vars(rates) if rates else None,
         "bench": str(bench_path) if bench else None,
         "peak_device_gb": peak_gb(shape, tokens, family, act_bytes=nbytes, weight_bytes=nbytes) if calibrated else None,
