@@ -214,3 +214,26 @@ def test_slicing_a_little_costs_less_than_slicing_a_lot():
         slice_model(model, width, ids, CPU)
         errors.append(float((logits(model, ids) - ref).pow(2).mean()))
     assert errors == sorted(errors) and errors[0] < 0.5 * errors[-1], errors
+
+
+@pytest.mark.slow
+def test_transformers_alone_loads_a_sliced_folder_with_the_same_logits(tmp_path, tokenizer):
+    import json
+
+    from tests.test_portable import LOAD, outside
+
+    model, ids = tied_model(), calib_batch(2, 24, seed=5)
+    layout = layout_for(model)
+    base = {p: (*model.get_submodule(p).weight.shape, False) for p in projections(model, layout)}
+    width, plan = plan_width(model, SliceGPT(), 0.2)
+    result = slice_model(model, width, calib_batch(4, 32), CPU)
+    folder = save_compressed(model, tokenizer, tmp_path / "slicegpt", {
+        "method": "slicegpt", "pruned_layers": pruned_layers(model, base),
+        "structure": block_table(model, layout.layers), "slicing": {**result.spec, **plan}})
+    work = tmp_path / "outside"
+    work.mkdir()
+    outside(LOAD, [str(work), json.dumps(ids.tolist()), str(folder)], work)
+    got = json.loads((work / "report.json").read_text())[str(folder)]
+    assert got["class"] == "SaesLowRankForCausalLM" and got["info"]["mismatched_keys"] == []
+    assert got["info"]["missing_keys"] == got["info"]["unexpected_keys"] == []
+    assert torch.equal(torch.load(work / "slicegpt.pt"), logits(model, ids))

@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 PORTABLE_MODULE = "modeling_saes_lowrank"  # the copy of saes/hf_portable.py in a saved folder
 PORTABLE_MODEL_TYPE = "saes_lowrank"
 PORTABLE_KEYS = ("auto_map", "lowrank_base_model_type", "lowrank_base_architecture", "lowrank_layers",
-                 "pruned_layers")
+                 "pruned_layers", "slicing")
 
 
 class CheckpointError(ValueError):
@@ -66,6 +66,8 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, proven
         portable = portable_config(config, arch, layers)
         if pruned:  # the kept shapes of a pruned model's projections
             portable["pruned_layers"] = provenance["pruned_layers"]
+        if provenance.get("slicing"):  # SliceGPT's widths, norms and shortcuts
+            portable["slicing"] = provenance["slicing"]
         (tmp / "config.json").write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
         manifest = {"format": FORMAT_VERSION, "model_type": model.config.model_type,
                     "parameters": sum(p.numel() for p in model.parameters()), "layers": layers, **provenance}

@@ -6,7 +6,10 @@ architecture. It imports only torch and transformers. ``config.json`` then has
 ``model_type: "saes_lowrank"``, ``auto_map`` naming the two classes of this file,
 ``lowrank_base_model_type`` / ``lowrank_base_architecture`` (the same values), and
 ``lowrank_layers``: dotted projection name -> ``{rank, in_features, out_features, bias}``; a structurally
-pruned model has ``pruned_layers`` instead: name -> its kept ``{in_features, out_features, bias}`` and base shape.
+pruned model has ``pruned_layers`` instead: name -> its kept ``{in_features, out_features, bias}`` and base shape;
+a SliceGPT model also has ``slicing`` (its width, its norms' scale and epsilon, each block's shortcut shapes):
+its embeddings and in-block norms are built at the sliced width and each decoder block carries the two shortcut
+linears on its residual path (``attn_shortcut``, ``mlp_shortcut``), as ``saes.engine.slicing`` builds them.
 
 :class:`SaesLowRankForCausalLM` is the base architecture's own ``*ForCausalLM`` class in which
 every listed projection ``y = W x + b`` is ``y = A (B x) + b`` (``B: [rank, in]``, ``A: [out, rank]``),
@@ -52,6 +55,30 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class SlicedBlock(nn.Module):
+    """Mixin of a sliced decoder block: the pre-norm block with the residual carried through two shortcuts."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        mid = self.attn_shortcut(hidden_states) + attn
+        return self.mlp_shortcut(mid) + self.mlp(self.post_attention_layernorm(mid))
+
+
+def _slice(model: nn.Module, slicing: dict[str, Any]) -> None:
+    width = int(slicing["width"])
+    old = model.get_input_embeddings()
+    model.set_input_embeddings(nn.Embedding(old.num_embeddings, width, padding_idx=old.padding_idx))
+    blocks = model.model.layers
+    if len(blocks) != len(slicing["shortcuts"]):
+        raise ValueError(f"slicing lists {len(slicing['shortcuts'])} blocks, the model has {len(blocks)}")
+    for block, ((a_in, a_out), (_, m_out)) in zip(blocks, slicing["shortcuts"]):
+        block.__class__ = type(f"Sliced{type(block).__name__}", (SlicedBlock, type(block)), {})
+        block.attn_shortcut = nn.Linear(a_in, a_out, bias=False)
+        block.mlp_shortcut = nn.Linear(a_out, m_out, bias=False)
+        for name, n in (("input_layernorm", a_in), ("post_attention_layernorm", a_out)):
+            setattr(block, name, type(getattr(block, name))(n, eps=float(slicing["norm_eps"])))
+
+
 class SaesLowRankForCausalLM(getattr(transformers, BASE_ARCHITECTURE)):  # type: ignore[misc]
     """The base ``*ForCausalLM`` with the projections of ``config.lowrank_layers`` factorised."""
 
@@ -71,6 +98,8 @@ class SaesLowRankForCausalLM(getattr(transformers, BASE_ARCHITECTURE)):  # type:
                                  f"{spec['base_in_features']}, the {BASE_ARCHITECTURE} module there is another shape")
             setattr(self.get_submodule(parent) if parent else self, child,
                     nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]))
+        if getattr(config, "slicing", None):  # SliceGPT: sliced embeddings and norms, shortcut linears
+            _slice(self, config.slicing)
         for name, spec in layers.items():
             parent, _, child = name.rpartition(".")
             dense = self.get_submodule(name)
