@@ -78,7 +78,8 @@ def test_pca_is_orthogonal_descending_and_keeps_the_most_energy():
     torch.testing.assert_close(S, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
     scale, eps = norm_correction(64, 16, 1e-6)  # RMSNorm over 16 channels normalising by the mean over 64
     x = torch.randn(16, dtype=torch.float64)
-    torch.testing.assert_close(scale * x / torch.sqrt(x.pow(2).sum() / 16 + eps), x / torch.sqrt(x.pow(2).sum() / 64 + 1e-6))
+    torch.testing.assert_close(scale * x / torch.sqrt(x.pow(2).sum() / 16 + eps),
+                               x / torch.sqrt(x.pow(2).sum() / 64 + 1e-6))
 
 
 def test_every_sliced_position_sees_its_calibration_signal_in_principal_axes():
@@ -163,7 +164,8 @@ def test_a_sliced_model_saves_and_reloads_to_the_same_logits(tmp_path, tokenizer
     loaded, _, manifest = load_compressed(folder)
     assert manifest["slicing"]["width"] == width
     assert loaded.model.embed_tokens.weight.shape == (258, width) and loaded.lm_head.weight.shape == (258, 64)
-    assert loaded.model.layers[1].input_layernorm.variance_epsilon == model.model.layers[1].input_layernorm.variance_epsilon
+    eps = [m.model.layers[1].input_layernorm.variance_epsilon for m in (loaded, model)]
+    assert eps[0] == eps[1] == result.spec["norm_eps"]
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
@@ -174,8 +176,8 @@ def test_run_saves_and_a_load_run_reproduces_it(tmp_path):
     assert p["linears_dense"] - p["linears_compressed"] == s["removed"] and 0 <= s["overshoot"] < s["max_structure"]
     again = run(make_cfg(f"load={rec['saved_to']}", results_dir=tmp_path))
     assert again["metrics"]["ppl"]["wiki_books"]["compressed"] == rec["metrics"]["ppl"]["wiki_books"]["compressed"]
-    assert (again["params"]["linears_compressed"], again["params"]["model_dense"], again["params"]["model_compressed"]) \
-        == (p["linears_compressed"], p["model_dense"], p["model_compressed"])
+    counts = ("linears_compressed", "model_dense", "model_compressed")
+    assert [again["params"][k] for k in counts] == [p[k] for k in counts]
 
 
 def _gemma_config():
@@ -189,6 +191,7 @@ def _gemma_config():
     (("method=slicegpt", "ratio=0.9"), "ratio=0.9"),
     (("method=slicegpt", "finetune=lora"), "drop finetune"),
     (("method=slicegpt", "quant=gptq"), "drop quant"),
+    (("method=slicegpt", "calib.propagate=fp"), "calib.propagate=fp"),
     (("method=slicegpt", "ratio=0.2", "gemma"), "model_type='gemma3_text'"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, monkeypatch, overrides, match):

@@ -262,7 +262,8 @@ def slice_model(model: nn.Module, width: int, calib_ids: torch.Tensor, cfg: Engi
         _set_shortcut(block, "mlp_shortcut", shortcut(Q_mid, Q_out))
         _set_output(block, "mlp.down_proj", Q_out)
         xs = [rotate_input(y, Q_out.to(y.device)) for y in ys]
-        block_energy.append({"kept_variance_attn_in": energy_in, "kept_variance_mlp_in": kept_variance(vals_mid, width)})
+        block_energy.append({"kept_variance_attn_in": energy_in,
+                             "kept_variance_mlp_in": kept_variance(vals_mid, width)})
         energy_in = kept_variance(vals_out, Q_out.shape[1])
         Q_in = Q_out
         block.to(home)

@@ -270,9 +270,12 @@ def ppl_settings(cfg: DictConfig) -> PplSettings:
 def compression_job(cfg: DictConfig) -> Job:
     validate(cfg)
     method = build_method(cfg)
+    if isinstance(method, Slicer) and cfg.calib.propagate == "fp":
+        raise ValueError(f"calib.propagate=fp with method={cfg.method.name}: each block's PCA is taken on the model "
+                         "as already sliced (the compressed stream) by construction; drop calib.propagate")
     if isinstance(method, Slicer) and cfg.get("quant"):
-        raise ValueError(f"quant={cfg.quant.get('method')} with method={cfg.method.name}: quantizing a sliced model (its "
-                         "shortcut matrices included) is not implemented; drop quant")
+        raise ValueError(f"quant={cfg.quant.get('method')} with method={cfg.method.name}: quantizing a sliced model "
+                         "(its shortcut matrices included) is not implemented; drop quant")
     if isinstance(method, (Pruner, Slicer)) and cfg.get("finetune"):
         raise ValueError(f"finetune={cfg.finetune.get('name', 'lora')} with method={cfg.method.name}: the LoRA stage "
                          "adapts low-rank factors and a pruned model has none; drop finetune")
