@@ -105,6 +105,18 @@ def outside(script: str, args: list[str], cwd: Path, timeout: float = 300) -> su
     return proc
 
 
+def logits_outside(folder: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """The logits transformers alone (``trust_remote_code=True``, no project on the path) gives for ``folder`` on
+    ``ids``, after checking it loaded the portable class with every weight in place."""
+    work = tmp_path / "outside"
+    work.mkdir()
+    outside(LOAD, [str(work), json.dumps(ids.tolist()), str(folder)], work)
+    got = json.loads((work / "report.json").read_text())[str(folder)]
+    assert got["class"] == "SaesLowRankForCausalLM"
+    assert got["info"]["missing_keys"] == got["info"]["unexpected_keys"] == got["info"]["mismatched_keys"] == []
+    return torch.load(work / f"{folder.name}.pt")
+
+
 @pytest.mark.slow
 def test_transformers_alone_loads_the_folder_with_the_same_logits(tmp_path):
     ids = calib_batch(n=2, seqlen=40, seed=5)

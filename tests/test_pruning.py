@@ -242,7 +242,7 @@ def test_the_staged_loop_prunes_as_the_reference_path_does(method):
 
 @pytest.mark.slow
 def test_transformers_alone_loads_a_pruned_folder_with_the_same_logits(tmp_path, tokenizer):
-    from tests.test_portable import LOAD, outside
+    from tests.test_portable import logits_outside
 
     model = gqa_model()
     layout = layout_for(model)
@@ -251,14 +251,8 @@ def test_transformers_alone_loads_a_pruned_folder_with_the_same_logits(tmp_path,
     prune_model(model, FLAP(), 0.4, calib_batch(4, 24), CPU)
     folder = save_compressed(model, tokenizer, tmp_path / "flap", {
         "method": "flap", "pruned_layers": pruned_layers(model, base), "structure": block_table(model, layout.layers)})
-    work = tmp_path / "outside"
-    work.mkdir()
-    outside(LOAD, [str(work), json.dumps(ids.tolist()), str(folder)], work)
-    got = json.loads((work / "report.json").read_text())[str(folder)]
-    assert got["class"] == "SaesLowRankForCausalLM" and got["info"]["mismatched_keys"] == []
-    assert got["info"]["missing_keys"] == got["info"]["unexpected_keys"] == []
     with torch.no_grad():
-        assert torch.equal(torch.load(work / "flap.pt"), model(ids).logits)
+        assert torch.equal(logits_outside(folder, ids, tmp_path), model(ids).logits)
 
 
 def test_wanda_sp_scores_each_block_on_the_outputs_of_the_blocks_pruned_before_it():

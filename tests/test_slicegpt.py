@@ -221,9 +221,7 @@ def test_slicing_a_little_costs_less_than_slicing_a_lot():
 
 @pytest.mark.slow
 def test_transformers_alone_loads_a_sliced_folder_with_the_same_logits(tmp_path, tokenizer):
-    import json
-
-    from tests.test_portable import LOAD, outside
+    from tests.test_portable import logits_outside
 
     model, ids = tied_model(), calib_batch(2, 24, seed=5)
     layout = layout_for(model)
@@ -233,10 +231,4 @@ def test_transformers_alone_loads_a_sliced_folder_with_the_same_logits(tmp_path,
     folder = save_compressed(model, tokenizer, tmp_path / "slicegpt", {
         "method": "slicegpt", "pruned_layers": pruned_layers(model, base),
         "structure": block_table(model, layout.layers), "slicing": {**result.spec, **plan}})
-    work = tmp_path / "outside"
-    work.mkdir()
-    outside(LOAD, [str(work), json.dumps(ids.tolist()), str(folder)], work)
-    got = json.loads((work / "report.json").read_text())[str(folder)]
-    assert got["class"] == "SaesLowRankForCausalLM" and got["info"]["mismatched_keys"] == []
-    assert got["info"]["missing_keys"] == got["info"]["unexpected_keys"] == []
-    assert torch.equal(torch.load(work / "slicegpt.pt"), logits(model, ids))
+    assert torch.equal(logits_outside(folder, ids, tmp_path), logits(model, ids))
