@@ -269,19 +269,21 @@ def test_awq_runs_end_to_end_dense_and_low_rank_with_records(tmp_path):
 
 
 def test_the_equal_memory_sweep_pairs_awq_with_the_recorded_gptq_runs():
-    """``experiment=quant_memory``: 12 runs, AWQ beside every GPTQ row; the GPTQ ones are Table 10's committed
-    records (their keys unchanged by quant=awq's arrival), and AWQ 4-bit of the dense model has its record."""
+    """``experiment=quant_memory``: 16 runs, AWQ beside every dense and low-rank GPTQ row, and the two pruning methods
+    at the low-rank ratios with GPTQ 4-bit; the dense and low-rank GPTQ rows are Table 10's committed records (their
+    keys unchanged by quant=awq's arrival), and AWQ 4-bit of the dense model has its record."""
     from experiments import sweeps
     from saes.runs.records import config_key
 
     from .conftest import ROOT
 
     js = sweeps.jobs("quant_memory", [], ROOT / "results")
-    assert len(js) == 12 and len({config_key(j.config) for j in js}) == 12
+    assert len(js) == 16 and len({config_key(j.config) for j in js}) == 16
     rows = {(j.config["quant"]["method"], j.config["method"]["name"], j.ratio, j.config["quant"]["bits"]) for j in js}
     assert rows == {(q, m, r, b) for q in ("gptq", "awq") for m, r, b in
                     (("svd", 0.0, 4), ("svd", 0.0, 3), ("saes", 0.25, 4), ("svdllm", 0.25, 4), ("saes", 0.5, 4),
-                     ("svdllm", 0.5, 4))}
+                     ("svdllm", 0.5, 4))} | {("gptq", m, r, 4) for m in ("flap", "wanda_sp") for r in (0.25, 0.5)}
     for j in js:
-        if j.config["quant"]["method"] == "gptq" or "+experiment/quant=awq4_dense" in j.overrides:
+        pruned = j.config["method"]["name"] in ("flap", "wanda_sp")
+        if (j.config["quant"]["method"] == "gptq" and not pruned) or "+experiment/quant=awq4_dense" in j.overrides:
             assert j.record is not None and j.record["key"] == config_key(j.config), j.overrides

@@ -289,3 +289,21 @@ def test_wanda_sp_scores_each_block_on_the_outputs_of_the_blocks_pruned_before_i
                 assert torch.allclose(mean[kept], got, atol=1e-5), site
             else:
                 assert not torch.allclose(mean, got, atol=1e-4), site
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "flap"])
+def test_pruning_then_gptq_stores_its_kept_weights_at_the_bits_it_counts(tmp_path, method):
+    """Pruning + quantization (issue 28's equal-memory rows): the same structures as the unquantized plan are
+    kept, and the memory counted is that of the kept weights alone (b bits each, plus a 16-bit scale and a b-bit
+    zero point per row and group), far below the dense model's at the same bits."""
+    plain = run(make_cfg(f"method={method}", "ratio=0.25", results_dir=tmp_path))
+    rec = run(make_cfg(f"method={method}", "ratio=0.25", "quant=gptq", "quant.bits=4", "quant.group_size=32",
+                       results_dir=tmp_path))
+    assert rec["params"]["structure"] == plain["params"]["structure"]
+    assert rec["params"]["linears_compressed"] == plain["params"]["linears_compressed"]
+    kept = [(d["kept_m"], d["kept_n"]) for d in rec["layers"].values()]
+    assert sum(m * n for m, n in kept) == rec["params"]["linears_compressed"]
+    bits = sum(m * n * 4 + m * -(-n // 32) * 20 for m, n in kept)
+    assert rec["quant"]["bits_per_dense_linear_weight"] == pytest.approx(bits / rec["params"]["linears_dense"])
+    assert rec["quant"]["bits_per_dense_linear_weight"] < 0.8 * (4 + 20 / 32)
+    assert 1 < rec["metrics"]["ppl"]["wiki_books"]["compressed"] < float("inf")
