@@ -1,6 +1,6 @@
 """Beyond SVD (issue 28): low rank against structured pruning and quantization, at equal parameters and equal memory.
 
-    python run.py experiment=paradigms_params   # SVD-LLM, SAES-SVD, Wanda-sp, FLAP, SliceGPT at 0.2 / 0.4 (PPL only)
+    python run.py experiment=paradigms_params   # SVD-LLM, SAES-SVD, Wanda-sp, FLAP, LLM-Pruner, SliceGPT at 0.2 / 0.4 (PPL only)
     python run.py experiment=quant_memory       # GPTQ and AWQ at 3 / 4 bits; low rank at 0.25 / 0.5 + 4-bit
     python -m experiments.tables                # results/tables/paradigms.md, results/figures/paradigms_ppl_vs_memory.png
 

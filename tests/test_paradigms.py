@@ -27,11 +27,11 @@ def test_memory_is_sixteen_bits_per_kept_weight_unless_a_checkpoint_says_otherwi
 
 
 def test_table_and_figure_from_records(tmp_path):
-    ppl = {"svdllm": 100.0, "saes": 70.0, "wanda_sp": 55.0, "flap": 48.0, "slicegpt": 60.0}
+    ppl = {"svdllm": 100.0, "saes": 70.0, "wanda_sp": 55.0, "flap": 48.0, "llm_pruner": 65.0, "slicegpt": 60.0}
     js = sweeps.jobs(paradigms.PARAMS, TINY, tmp_path)
     for j in js:
         rec = synthetic_record(j.config, ppl[j.config["method"]["name"]] * (1 + j.ratio), dense_ppl=30.0)
-        if j.config["method"]["name"] in ("wanda_sp", "flap"):
+        if j.config["method"]["name"] in ("wanda_sp", "flap", "llm_pruner"):
             rec["params"]["rank_alloc"] = "structured"
         if j.config["method"]["name"] == "slicegpt":
             rec["params"]["rank_alloc"] = "sliced"
@@ -44,6 +44,7 @@ def test_table_and_figure_from_records(tmp_path):
     md = doc.markdown()
     assert not doc.refused, md
     assert has_cells(md, "| 0.2 | FLAP | pruning | 0.2000 | 57.60 |")
+    assert has_cells(md, "| 0.2 | LLM-Pruner | pruning | 0.2000 | 78.00 |")
     assert has_cells(md, "| 0.4 | SliceGPT | rotation + slicing | 0.2000 | 84.00 |")
     assert has_cells(md, "| SAES-SVD @0.4 | low rank | 12.80 | 98.00 | |")  # FLAP @0.4 (67.2) beats it at 12.8 bits
     assert has_cells(md, f"| {paradigms.name(q)} | quantization | 4.17 | 40.00 | yes |")

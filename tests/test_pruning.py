@@ -4,19 +4,21 @@ importance scores against a direct computation, FLAP's bias compensation, save -
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
 import torch
 
 from baselines.flap import FLAP
+from baselines.llm_pruner import LLMPruner
 from baselines.wanda_sp import WandaSP
 from saes.core.pruning import (BlockShape, channel_groups, compensation_bias, flap_scores, global_plan, svd_removal,
                                uniform_plan, wanda_sp_scores)
 from saes.core.stats import StreamingStats
 from saes.engine.config import EngineConfig
 from saes.engine.layout import layout_for, projections
-from saes.engine.prune import budget, prune_model
+from saes.engine.prune import budget, gradient_scores, prune_model
 from saes.engine.structure import OUTPUT, block_shape, block_table, channels_of, pruned_layers
 from saes.inputs.models import tiny_llama
 from saes.runs.checkpoint import load_compressed, save_compressed
@@ -38,7 +40,10 @@ def linear_params(model: torch.nn.Module) -> int:
     return sum(model.get_submodule(p).weight.numel() for p in projections(model, layout))
 
 
-@pytest.mark.parametrize("method", [WandaSP, FLAP])
+LLMP = functools.partial(LLMPruner, first=0, last=0)  # every block (the end blocks: a test below)
+
+
+@pytest.mark.parametrize("method", [WandaSP, FLAP, LLMP], ids=["wanda_sp", "flap", "llm_pruner"])
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.4, 0.6])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 4), (6, 2)])  # g = 2; g = 3 as SmolLM2's 9 / 3
 def test_plan_removes_the_svd_count_within_one_structure_and_keeps_gqa_whole(method, ratio, heads, kv_heads):
@@ -63,7 +68,7 @@ def test_plan_removes_the_svd_count_within_one_structure_and_keeps_gqa_whole(met
 
 def test_some_plan_removes_heads_and_channels():
     """The property above is not vacuous: attention groups go as well as MLP channels."""
-    for method in (WandaSP(), FLAP()):
+    for method in (WandaSP(), FLAP(), LLMPruner(first=0, last=0)):
         model = gqa_model()
         prune_model(model, method, 0.4, calib_batch(4, 24), CPU)
         assert any(r["attention"] > 0 for r in method.structure.remove), method.name
@@ -170,9 +175,10 @@ def test_save_then_load_gives_the_same_logits(tmp_path, tokenizer, method):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("method", ["wanda_sp", "flap"])
+@pytest.mark.parametrize("method", ["wanda_sp", "flap", "llm_pruner"])
 def test_run_saves_and_a_load_run_reproduces_it(tmp_path, method):
-    rec = run(make_cfg(f"method={method}", "ratio=0.4", "save=true", results_dir=tmp_path))
+    every_block = ("method.first=0", "method.last=0") if method == "llm_pruner" else ()  # the tiny model has 2
+    rec = run(make_cfg(f"method={method}", "ratio=0.4", "save=true", *every_block, results_dir=tmp_path))
     p = rec["params"]
     assert p["linears_compressed"] < p["linears_dense"] and p["structure"]["overshoot"] >= 0
     assert p["linears_dense"] - p["linears_compressed"] == p["structure"]["removed"]
@@ -198,6 +204,10 @@ def test_run_saves_and_a_load_run_reproduces_it(tmp_path, method):
     (("method=wanda_sp", "ratio=0.9"), "ratio=0.9"),
     (("method=flap", "ratio=0.9"), "ratio=0.9"),
     (("method=wanda_sp", "finetune=lora"), "drop finetune"),
+    (("method=llm_pruner", "method.first=-1"), "method.first"),
+    (("method=llm_pruner",), "keep all 2 blocks whole"),  # its recipe's 4 + 2 blocks on the 2-block tiny model
+    (("method=llm_pruner", "method.first=0", "method.last=0", "offload=true"), "drop offload"),
+    (("method=llm_pruner", "method.first=1", "method.last=0", "ratio=0.6"), "method.first, method.last"),
 ])
 def test_bad_pruning_settings_fail_before_the_model_loads(tmp_path, monkeypatch, overrides, match):
     import saes.runs.pipeline as pipeline
@@ -217,7 +227,7 @@ def test_pruning_sweeps_expand_to_both_methods_at_both_ratios(experiment, zerosh
     overrides, _ = sweeps.sweep_overrides(experiment)
     configs = [sweeps.compose(o) for o in overrides]
     assert sorted((c.method.name, c.ratio) for c in configs) == sorted(
-        (m, r) for m in ["flap", "wanda_sp", *low_rank] for r in (0.2, 0.4))
+        (m, r) for m in ["flap", "wanda_sp", "llm_pruner", *low_rank] for r in (0.2, 0.4))
     assert len({config_key(sweeps.to_dict(c)) for c in configs}) == len(configs)
     for c in configs:
         assert (c.calib.nsamples, c.calib.seqlen, c.model.name) == (32, 512, "smollm2_135m")
@@ -307,3 +317,52 @@ def test_pruning_then_gptq_stores_its_kept_weights_at_the_bits_it_counts(tmp_pat
     assert rec["quant"]["bits_per_dense_linear_weight"] == pytest.approx(bits / rec["params"]["linears_dense"])
     assert rec["quant"]["bits_per_dense_linear_weight"] < 0.8 * (4 + 20 / 32)
     assert 1 < rec["metrics"]["ppl"]["wiki_books"]["compressed"] < float("inf")
+
+
+def _direct_taylor(model: torch.nn.Module, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """LLM-Pruner's element1 scores written out: one backward of the mean loss over all of ``ids``, then per
+    structure the sum of |W * G| over the rows and columns it owns, index by index."""
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    out = []
+    for block in model.model.layers:
+        a, mlp, dh = block.self_attn, block.mlp, block.self_attn.head_dim
+        g = a.q_proj.out_features // a.k_proj.out_features
+
+        def s(lin: torch.nn.Linear) -> torch.Tensor:
+            return (lin.weight.detach().double() * lin.weight.grad.double()).abs()
+
+        att = torch.tensor([s(a.q_proj)[j * g * dh:(j + 1) * g * dh].sum() + s(a.k_proj)[j * dh:(j + 1) * dh].sum()
+                            + s(a.v_proj)[j * dh:(j + 1) * dh].sum() + s(a.o_proj)[:, j * g * dh:(j + 1) * g * dh].sum()
+                            for j in range(a.k_proj.out_features // dh)], dtype=torch.float64)
+        ch = torch.tensor([s(mlp.gate_proj)[c].sum() + s(mlp.up_proj)[c].sum() + s(mlp.down_proj)[:, c].sum()
+                           for c in range(mlp.gate_proj.out_features)], dtype=torch.float64)
+        out.append({"attention": att, "mlp": ch})
+    model.zero_grad()
+    return out
+
+
+def test_llm_pruner_scores_equal_a_direct_computation_and_sum_over_batches():
+    model = gqa_model(6, 2)  # g = 3, as SmolLM2
+    ids = calib_batch(4, 24)
+    want = _direct_taylor(model, ids)
+    layout = layout_for(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    whole = gradient_scores(model, layout, LLMPruner(), ids, EngineConfig(device=torch.device("cpu"), batch_size=4))
+    halves = gradient_scores(model, layout, LLMPruner(), ids, CPU)  # two batches: two mean losses summed
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+    for w, one, two in zip(want, whole, halves):
+        for kind in ("attention", "mlp"):
+            assert torch.allclose(one[kind], w[kind], rtol=1e-4), kind
+            # two equal batches: the sum of their mean losses is twice the mean over all tokens
+            assert torch.allclose(two[kind], 2 * w[kind], rtol=1e-4), kind
+
+
+def test_llm_pruner_keeps_its_end_blocks_whole_and_prunes_the_others_by_one_ratio():
+    model = gqa_model()
+    before = [tuple(block_shape(b).count(k) for k in ("attention", "mlp")) for b in model.model.layers]
+    method = LLMPruner(first=1, last=1)
+    prune_model(model, method, 0.2, calib_batch(4, 24), CPU)
+    after = [tuple(block_shape(b).count(k) for k in ("attention", "mlp")) for b in model.model.layers]
+    assert after[0] == before[0] and after[2] == before[2] and after[1] != before[1]
+    assert method.structure.remove[0] == method.structure.remove[2] == {"attention": 0, "mlp": 0}

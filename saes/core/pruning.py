@@ -14,7 +14,11 @@ statistics ``mean`` and ``var`` per input channel are taken. With ``W`` that pro
   ``S_ij = |W_ij| ||X_j||_2``, channel score ``s_j = mean_i S_ij``, head score = sum over its channels;
 * FLAP (An et al., AAAI 2024, Eq. 6 "WIFV"): fluctuation ``f_j = Var_n(X_nj) ||W_:,j||^2`` (squared again for
   attention channels), z-scored within each module over its channels (``torch.std``'s unbiased estimate, as
-  FLAP's ``standarlization``), a head scored by the mean of its channels' z-scores.
+  FLAP's ``standarlization``), a head scored by the mean of its channels' z-scores;
+* LLM-Pruner (Ma et al., NeurIPS 2023, Eq. 4-5, first order, "element1" with the "sum" aggregation of its code):
+  ``I_W = |W * dL/dW|`` elementwise from the dense model's language-modelling loss on the calibration tokens, a
+  structure scored by the sum over every weight it owns in its block (:func:`taylor_scores`; these are the whole
+  coupled group, not one projection's input, so they are computed before the loop, :func:`saes.engine.prune.gradient_scores`).
 
 The budget (:func:`svd_removal`) is the number of linear parameters the uniform SVD plan at ``ratio`` removes,
 ``sum m n - r (m + n)`` with ``r = floor((1 - ratio) m n / (m + n))``; every plan here removes at least that many
@@ -110,6 +114,16 @@ def flap_scores(kind: Kind, W: torch.Tensor, stats: SiteStats, groups: int) -> t
     return channel_groups(zscore(f**2), groups, "mean")
 
 
+def taylor_scores(kind: Kind, products: dict[str, torch.Tensor], groups: int) -> torch.Tensor:
+    """LLM-Pruner's first-order importance of a block's structures from ``products[p] = |W_p * dL/dW_p|`` of its
+    projections (keys ``q, k, v, o`` or ``gate, up, down``): the sum over each structure's rows of the projections
+    it feeds and its columns of the output projection (rows and columns as :mod:`saes.engine.structure` owns them)."""
+    if kind == "mlp":
+        return products["gate"].sum(1) + products["up"].sum(1) + products["down"].sum(0)
+    rows = sum(products[p].sum(1).reshape(groups, -1).sum(1) for p in ("q", "k", "v"))
+    return rows + products["o"].sum(0).reshape(groups, -1).sum(1)
+
+
 def compensation_bias(W: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """FLAP's bias ``b = W[:, pruned] mean(X[:, pruned])`` that the pruned output projection adds, so its mean
     output on the calibration inputs equals the dense one's (``keep``: the input channels kept)."""
@@ -142,6 +156,28 @@ def uniform_plan(shapes: list[BlockShape], ratio: float, target: int) -> Structu
         if r["mlp"] >= s.channels:
             raise ValueError(f"ratio={ratio}: the pruning budget needs {r['mlp']} of block {i}'s {s.channels} MLP "
                              "channels; every block keeps at least one: lower ratio")
+    return StructurePlan(remove, target)
+
+
+def blockwise_plan(shapes: list[BlockShape], target: int, pruned: range) -> StructurePlan:
+    """LLM-Pruner's block-wise structure: only the blocks in ``pruned`` lose structures (its LLaMA-7B recipe keeps
+    the first 4 and last 2 of 32 whole), each by the same ratio ``rho`` of its heads and channels, ``rho`` chosen so
+    the pruned blocks give ``target``: :func:`uniform_plan` over those blocks (attention groups
+    ``floor(rho * groups)``, the MLP channels the rest, to within one channel)."""
+    inside = [shapes[i] for i in pruned]
+    prunable = sum(s.groups * s.group_params + s.channels * s.channel_params for s in inside)
+    if not inside or target >= prunable:
+        raise ValueError(f"the pruning budget ({target:,} parameters) needs more than blocks {pruned.start}.."
+                         f"{pruned.stop - 1} hold: prune more blocks (method.first, method.last) or lower ratio")
+    try:
+        plan = uniform_plan(inside, target / prunable, target)
+    except ValueError:
+        raise ValueError(f"the pruning budget ({target:,} parameters) would take every MLP channel of a block in "
+                         f"{pruned.start}..{pruned.stop - 1}: prune more blocks (method.first, method.last) or lower "
+                         "ratio") from None
+    remove = [{"attention": 0, "mlp": 0} for _ in shapes]
+    for i, r in zip(pruned, plan.remove):
+        remove[i] = r
     return StructurePlan(remove, target)
 
 
@@ -213,6 +249,9 @@ class Pruner(Method):
                              "MLP channel: lower ratio")
 
     scores_first = False  # FLAP: the global threshold needs every block's scores before any block is pruned
+    # where those scores come from: the statistics of the FP stream (:meth:`scores`), or the dense model's
+    # gradients on the calibration tokens (LLM-Pruner: :func:`saes.engine.prune.gradient_scores`)
+    scores_from: Literal["activations", "gradients"] = "activations"
 
     def scores(self, kind: Kind, W: torch.Tensor, stats: SiteStats, groups: int) -> torch.Tensor:
         """Importance per structure of one module (higher: more important)."""

@@ -174,6 +174,9 @@ def check_ranks_before_loading(cfg: DictConfig, method: Method, allocator: Alloc
     that rounds a rank to 0 is refused before the weights load, the dense evaluation and any pre-pass. The
     uniform plan's total is every method's budget, so it must exist whatever the allocation. The method's
     depth-dependent settings (ERC-SVD's ``plc.k``) are checked against the same skeleton."""
+    if isinstance(method, Pruner) and method.scores_from == "gradients" and cfg.get("offload"):
+        raise ValueError(f"method={cfg.method.name} takes the gradients of the whole model on the device; offload=true "
+                         "keeps the weights off it between blocks, where no backward pass can reach them: drop offload")
     if float(cfg.ratio) == 0.0:  # nothing is compressed (quant=gptq of the dense model)
         return
     model = skeleton(model_config(model_spec(cfg.model)))
