@@ -8,13 +8,24 @@ recovery.
   ``I = |W * dL/dW|`` per weight from one forward and backward of the dense model on the calibration tokens,
   summed over each structure (its code's ``sum`` aggregation): :func:`saes.core.pruning.taylor_scores`.
 * Block-wise structure: blocks ``first .. L - last - 1`` are pruned, the first ``first`` and last ``last`` blocks
-  stay whole (its LLaMA-7B recipe: layers 4 to 29 of 32, ``--block_*_layer_start 4 --block_*_layer_end 30``), each
-  pruned block by one ratio of its heads and channels (:func:`saes.core.pruning.blockwise_plan`).
+  stay whole (its LLaMA-7B recipe, ``scripts/llama_prune.sh``: layers 4 to 29 of 32), each pruned block losing the
+  same share ``rho`` of its parameters (:func:`saes.core.pruning.blockwise_plan`).
 
-Our readings: the calibration tokens are the harness's shared ones (its code draws 10 Bookcorpus sequences of
-64 tokens); the per-block ratio is solved so the pruned blocks give the SVD plan's parameter count (its code
-takes the ratio as given); attention groups go ``floor(rho * groups)`` per block and MLP channels take the rest of
-the budget (at SmolLM2's three key/value heads a head-wise ratio cannot be met exactly).
+Our readings, where the reference differs:
+- the calibration tokens are the harness's shared ones (its code draws 10 Bookcorpus sequences of 64 tokens), and
+  the gradient is the mean over sequences of each one's mean loss (the reference's one batch, for windows of one
+  length), from per-sequence backward passes;
+- ``rho`` is solved so the pruned blocks give the SVD plan's parameter count (its code takes the ratio as given),
+  and it is not applied to heads and channels alike: a block loses ``floor(rho * groups)`` attention groups and
+  the MLP channels give the rest (at 0.2 on SmolLM2, with its three key/value heads, no group and 33% of the
+  channels; at 0.4 one group and 56%), as in Wanda-sp's uniform plan;
+- grouped-query attention: a query head ``h`` belongs to key/value head ``h // g`` as transformers' ``repeat_kv``
+  shares them (its LLaMA-3 code folds the query scores as heads ``j, j + n_kv, ...``, an interleaving that does
+  not match ``repeat_kv``);
+- ``first``/``last`` stay 4 and 2 whatever the depth (on Gemma-3-270M's 18 blocks a third stays whole); scale
+  them with ``method.first`` / ``method.last``;
+- the reference scores in float32 on the CPU; a float16 model's per-sequence gradients lose bits below 6e-5 (as
+  FWSVD's Fisher pass here), and a score that is not finite stops the run.
 """
 
 from __future__ import annotations

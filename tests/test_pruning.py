@@ -13,8 +13,8 @@ import torch
 from baselines.flap import FLAP
 from baselines.llm_pruner import LLMPruner
 from baselines.wanda_sp import WandaSP
-from saes.core.pruning import (BlockShape, channel_groups, compensation_bias, flap_scores, global_plan, svd_removal,
-                               uniform_plan, wanda_sp_scores)
+from saes.core.pruning import (BlockShape, blockwise_plan, channel_groups, compensation_bias, flap_scores, global_plan,
+                               svd_removal, top_structures, uniform_plan, wanda_sp_scores)
 from saes.core.stats import StreamingStats
 from saes.engine.config import EngineConfig
 from saes.engine.layout import layout_for, projections
@@ -342,23 +342,63 @@ def _direct_taylor(model: torch.nn.Module, ids: torch.Tensor) -> list[dict[str, 
     return out
 
 
-def test_llm_pruner_scores_equal_a_direct_computation_and_sum_over_batches():
+def test_llm_pruner_scores_equal_a_direct_computation():
+    """Per-sequence gradients averaged (the harness's backward pass) equal one backward of the mean loss over all
+    the (equal-length) sequences, the reference's single batch; the flags and gradients are left as they were."""
     model = gqa_model(6, 2)  # g = 3, as SmolLM2
     ids = calib_batch(4, 24)
     want = _direct_taylor(model, ids)
-    layout = layout_for(model)
     flags = [p.requires_grad for p in model.parameters()]
-    whole = gradient_scores(model, layout, LLMPruner(), ids, EngineConfig(device=torch.device("cpu"), batch_size=4))
-    halves = gradient_scores(model, layout, LLMPruner(), ids, CPU)  # two batches: two mean losses summed
+    got = gradient_scores(model, layout_for(model), LLMPruner(), ids, CPU)
     assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
-    for w, one, two in zip(want, whole, halves):
+    for w, g in zip(want, got):
         for kind in ("attention", "mlp"):
-            assert torch.allclose(one[kind], w[kind], rtol=1e-4), kind
-            # two equal batches: the sum of their mean losses is twice the mean over all tokens
-            assert torch.allclose(two[kind], 2 * w[kind], rtol=1e-4), kind
+            assert torch.allclose(g[kind], w[kind], rtol=1e-4), kind
 
 
-def test_llm_pruner_keeps_its_end_blocks_whole_and_prunes_the_others_by_one_ratio():
+def test_llm_pruner_removes_the_structures_its_scores_rank_lowest():
+    """The plan follows the scores: a head group and an MLP channel with zero weights (zero |W G|) are the ones
+    removed where one of their kind goes, every kept set is the top of the scores, and the kept rows are the
+    dense model's own."""
+    model = gqa_model()
+    a, mlp, dh = model.model.layers[1].self_attn, model.model.layers[1].mlp, model.model.layers[1].self_attn.head_dim
+    with torch.no_grad():  # group 2 of block 1 (g = 2), MLP channel 5 of block 1
+        for lin in (a.q_proj,):
+            lin.weight[2 * 2 * dh:3 * 2 * dh] = 0
+        for lin in (a.k_proj, a.v_proj):
+            lin.weight[2 * dh:3 * dh] = 0
+        a.o_proj.weight[:, 2 * 2 * dh:3 * 2 * dh] = 0
+        mlp.gate_proj.weight[5] = 0
+        mlp.up_proj.weight[5] = 0
+        mlp.down_proj.weight[:, 5] = 0
+    dense = copy.deepcopy(model)
+    ids = calib_batch(4, 24)
+    scores = gradient_scores(dense, layout_for(dense), LLMPruner(), ids, CPU)
+    method = LLMPruner(first=0, last=0)
+    prune_model(model, method, 0.4, ids, CPU)
+    plan = method.structure
+    assert plan.remove[1]["attention"] >= 1 and plan.remove[1]["mlp"] >= 1
+    assert 2 not in plan.keep[1]["attention"].tolist() and 5 not in plan.keep[1]["mlp"].tolist()
+    for per, keep, r in zip(scores, plan.keep, plan.remove):
+        for kind in ("attention", "mlp"):
+            assert torch.equal(keep[kind], top_structures(per[kind], r[kind]))
+    kept = plan.keep[1]["mlp"]
+    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, dense.model.layers[1].mlp.up_proj.weight[kept])
+
+
+def test_blockwise_plan_spares_the_end_blocks_and_meets_the_budget_within_one_channel():
+    shapes = [BlockShape(groups=3, heads_per_group=3, head_dim=64, group_params=4 * 64 * 3 * 576 // 3,
+                         channels=1536, channel_params=3 * 576)] * 30
+    for target in (3_000_000, 9_000_000):
+        plan = blockwise_plan(shapes, target, range(4, 28))
+        assert all(plan.remove[i] == {"attention": 0, "mlp": 0} for i in (0, 1, 2, 3, 28, 29))
+        assert 0 <= plan.removed(shapes) - target < shapes[0].channel_params
+        assert len({(r["attention"], r["mlp"]) for r in plan.remove[4:28]}) <= 2  # even: at most one channel apart
+    with pytest.raises(ValueError, match="method.first, method.last"):
+        blockwise_plan(shapes, 80_000_000, range(4, 28))  # more than the 24 blocks hold
+
+
+def test_llm_pruner_keeps_its_end_blocks_whole():
     model = gqa_model()
     before = [tuple(block_shape(b).count(k) for k in ("attention", "mlp")) for b in model.model.layers]
     method = LLMPruner(first=1, last=1)

@@ -3,7 +3,8 @@
 :func:`dense_blocks` is the one dense block-by-block pass for methods' whole-model pre-passes (AdaSVD's
 layer importance, ASVD's ``mean|x|`` and sensitivity inputs); the engine's two-stream loop uses the
 same pieces (:func:`capture_block_inputs`, :func:`forward_capturing`, :func:`through`).
-:func:`sequence_gradients` is the one whole-model backward pass (FWSVD's Fisher, Dip-SVD's block sensitivity).
+:func:`sequence_gradients` is the one whole-model backward pass (FWSVD's Fisher, Dip-SVD's block sensitivity,
+LLM-Pruner's first-order scores).
 """
 
 from __future__ import annotations

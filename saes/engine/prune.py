@@ -16,14 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tqdm.auto import tqdm
-
 from saes.core.pruning import Kind, Pruner, StructurePlan, svd_removal, taylor_scores
 from saes.core.stats import StreamingStats
 from saes.engine.config import CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, layout_for, plan_ranks, projections
 from saes.engine.loop import compress_model
-from saes.engine.propagate import BlockPass, dense_blocks
+from saes.engine.propagate import BlockPass, dense_blocks, sequence_gradients
 from saes.engine.structure import ATTENTION, MLP, OUTPUT, block_shape
 
 
@@ -65,34 +63,25 @@ def fp_scores(model: nn.Module, layout: BlockLayout, method: Pruner, calib_ids: 
 def gradient_scores(model: nn.Module, layout: BlockLayout, method: Pruner, calib_ids: torch.Tensor,
                     cfg: EngineConfig) -> list[dict[str, torch.Tensor]]:
     """LLM-Pruner's first-order scores of every block's structures (:func:`saes.core.pruning.taylor_scores`) on the
-    dense model: per batch of ``cfg.batch_size`` calibration sequences one forward and backward of the whole model
-    (the mean next-token loss), ``dL/dW`` of every projection summed over the batches in float32 on
-    ``cfg.stats_device`` (a half-precision ``.grad`` would round the sum), then ``|W * dL/dW|``. The whole model
-    runs on ``cfg.device`` with its projections' gradients (LLaMA-7B in fp16: about 13 GB of weights, 13 GB of
-    gradients, 26 GB of float32 sums and the activations of one batch); nothing else gets a gradient."""
+    dense model: ``G = mean_d dL(d)/dW`` over the calibration sequences ``d`` (each one's mean next-token loss; with
+    windows of one length this is the gradient of the mean loss over all of them, as the reference's one batch),
+    from the harness's one whole-model backward pass (:func:`saes.engine.propagate.sequence_gradients`: one
+    projection's gradient on the device at a time), summed in float32 on ``cfg.stats_device``; then ``|W * G|``.
+    The whole model runs on ``cfg.device`` and goes back where it was. In float16, per-sequence gradients below
+    6e-5 are subnormal and lose bits, as for FWSVD's Fisher pass (the reference scores in float32 on the CPU);
+    a score that is not finite is a ``FloatingPointError`` naming the dtype."""
     names = projections(model, layout)
-    weights = {name: model.get_submodule(name).weight for name in names}
     acc_device = cfg.stats_device or cfg.device
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=acc_device) for name, w in weights.items()}
-    flags = {p: p.requires_grad for p in model.parameters()}
+    sums = {name: torch.zeros(model.get_submodule(name).weight.shape, dtype=torch.float32, device=acc_device)
+            for name in names}
+
+    def add(name: str, grad: torch.Tensor) -> None:
+        sums[name] += grad.to(acc_device, torch.float32)
+
     home = next(model.parameters()).device
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.requires_grad_(True)
-        model.to(cfg.device)
-        with torch.enable_grad():
-            for batch in tqdm(calib_ids.split(cfg.batch_size), desc=f"gradients[{method.name}]", unit="batch"):
-                ids = batch.to(cfg.device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-                for name, w in weights.items():
-                    assert w.grad is not None, name
-                    sums[name] += w.grad.to(acc_device, torch.float32)
-                    w.grad = None
+        sequence_gradients(model, names, calib_ids, cfg.device, add, f"gradients[{method.name}]")
     finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
         model.to(home)
     dtype = method.compute_dtype
     out: list[dict[str, torch.Tensor]] = []
@@ -103,9 +92,13 @@ def gradient_scores(model: nn.Module, layout: BlockLayout, method: Pruner, calib
             products = {}
             for site in sites:  # q, k, v, o / gate, up, down
                 name = f"{layout.layers}.{i}.{site}"
-                W = weights[name].detach().to(acc_device, dtype)
-                products[site.split(".")[-1].split("_")[0]] = (W * sums.pop(name).to(dtype)).abs()
+                W = model.get_submodule(name).weight.detach().to(acc_device, dtype)
+                products[site.split(".")[-1].split("_")[0]] = (W * sums.pop(name).to(dtype) / len(calib_ids)).abs()
             per[kind] = taylor_scores(kind, products, groups).cpu()  # type: ignore[arg-type]
+            if not torch.isfinite(per[kind]).all():
+                raise FloatingPointError(f"{method.name}: block {i}'s {kind} scores are not finite in "
+                                         f"{next(model.parameters()).dtype}; run the model in a wider dtype "
+                                         "(model.dtype=bfloat16 or float32)")
         out.append(per)
     return out
 

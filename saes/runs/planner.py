@@ -109,9 +109,9 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
     elif isinstance(method, Pruner):
         note = "a pruner removes head groups and MLP channels holding this plan's removed parameters (no ranks)"
         if method.scores_from == "gradients":
-            note += ("; its scores take one backward pass of the whole model on the device first: the weights, "
-                     "their projections' gradients and float32 sums of them (about 4x the weights in fp16) beside "
-                     "one batch's activations, above the peak below")
+            note += ("; its scores take a backward pass of the whole model per calibration sequence first: the "
+                     "weights on the device, float32 sums of every projection's gradient on stats_device (2x the "
+                     "weights in fp16), above the peak below")
     elif method.plans_ranks or cfg.method.get("rank_alloc", "uniform") != "uniform":
         note = "the method's allocator moves ranks within this budget (decided on calibration data)"
     plan = {
