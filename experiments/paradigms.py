@@ -2,12 +2,16 @@
 
     python run.py experiment=paradigms_params   # SVD-LLM, SAES-SVD, Wanda-sp, FLAP, LLM-Pruner, SliceGPT at 0.2 / 0.4 (PPL only)
     python run.py experiment=quant_memory       # GPTQ and AWQ at 3 / 4 bits; low rank at 0.25 / 0.5 + 4-bit
+    python run.py experiment=paradigms_pruning  # the pruners under table1's protocol (perplexity + zero-shot)
     python -m experiments.tables                # results/tables/paradigms.md, results/figures/paradigms_ppl_vs_memory.png
 
 Memory is the bits stored per dense linear weight of the decoder blocks: a quantized run's as its checkpoint
 stores them (the record's ``quant.bits_per_dense_linear_weight``: weights, scales and zero points); an unquantized
 run's at 16 bits per kept weight, ``16 (1 - linears_ratio)``. A point is on the Pareto front when no other point
 stores at most as many bits with a lower perplexity.
+
+Accuracy is a second protocol (table1's: zero-shot through lm-eval), so its table is checked on its own: the
+pruners' ``paradigms_pruning`` runs beside table1's SAES-SVD and SVD-LLM runs at the same ratios.
 """
 
 from __future__ import annotations
@@ -17,13 +21,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from experiments.paper import reference
-from experiments.records import ppl_of
-from experiments.render import MISSING, Document, Table, dense_record, fnum, prepare
+import math
+
+from experiments.records import ProtocolMismatch, check_protocol, mean_acc, mean_acc_stderr, ppl_of, rel_drop, tasks_run
+from experiments.render import MISSING, Document, Table, avg_head, dense_record, fnum, found, fpct, prepare
 from experiments.sweeps import Context, Job, display
+from experiments.table1 import pm
 
 NAME, TITLE = "paradigms", "Beyond SVD: low rank, structured pruning and quantization at equal parameters and memory"
-PARAMS, MEMORY = "paradigms_params", "quant_memory"
+PARAMS, MEMORY, ACCURACY = "paradigms_params", "quant_memory", "paradigms_pruning"
 EXPERIMENTS = (PARAMS, MEMORY)
+LOW_RANK = ("saes", "svdllm")  # table1's rows the pruners' accuracy is read beside
+SUBJECT, SUBJECT_NAME = "saes", "SAES-SVD"  # the row every accuracy is compared with
 FP_BITS = 16.0
 PAPER = "paradigms_llama7b.csv"
 
@@ -103,6 +112,7 @@ def build(ctx: Context) -> Document:
         out.append("Memory: a quantized run's bits as its checkpoint stores them (b bits per weight, a 16-bit scale "
                    "and a b-bit zero point per row and group of 128); an unquantized run's 16 bits per kept linear "
                    "weight. Pruning keeps dense (smaller) matrices; low rank keeps two factors per projection.")
+        out += ["", *accuracy(ctx)]
         paper = reference(PAPER)
         if paper:
             t = Table(["source", "model", "removed", "method", "evaluation", "WikiText-2 PPL", "note"],
@@ -113,6 +123,58 @@ def build(ctx: Context) -> Document:
         return out
 
     return prepare(ctx, NAME, TITLE, EXPERIMENTS, blocks)
+
+
+def accuracy_jobs(ctx: Context) -> list[Job]:
+    """The pruners' accuracy-protocol runs and table1's low-rank runs at their ratios."""
+    pruners = ctx.jobs(ACCURACY)
+    ratios = {j.ratio for j in pruners}
+    low_rank = [j for j in ctx.jobs("table1") if j.row in LOW_RANK and j.ratio in ratios]
+    return sorted([*low_rank, *pruners], key=lambda j: j.ratio)
+
+
+def accuracy(ctx: Context) -> list[str | Table]:
+    """Zero-shot accuracy at equal parameters, each average against SAES-SVD's at its ratio.
+
+    The difference's error is sqrt(se_a^2 + se_b^2), as if the two runs' answers were independent; they are scored
+    on the same examples, so this is conservative (a paired test would find more differences, never fewer)."""
+    js = accuracy_jobs(ctx)
+    recs = found(js)
+    try:
+        _, warnings = check_protocol(recs, ctx.allow_mixed)
+    except ProtocolMismatch as exc:
+        return ["**Accuracy: REFUSED**, the pruners' and table1's records do not share one protocol:",
+                "```\n" + str(exc) + "\n```"]
+    tasks = tasks_run(recs)
+    src = js[0].config["eval"]["ppl"]["sources"][0] if js else "?"
+    t = Table(["ratio", "method", "kind", f"PPL {src}", avg_head(tasks), "Drop", f"vs {SUBJECT_NAME}"],
+              caption="Equal parameters, accuracy protocol (table1's): zero-shot average ± standard error")
+    for j in js:
+        if j.record is None:
+            t.rows.append([f"{j.ratio:g}", display(j.config), "", *[MISSING] * 4])
+            continue
+        avg, se = mean_acc(j.record, tasks), mean_acc_stderr(j.record, tasks)
+        ref = next((k.record for k in js if k.row == SUBJECT and k.ratio == j.ratio and k.record), None)
+        t.rows.append([f"{j.ratio:g}", display(j.config), family(j), fnum(ppl_of(j.record, src)), pm(avg, se),
+                       fpct(rel_drop(mean_acc(j.record, tasks, "dense"), avg)),
+                       "-" if j.row == SUBJECT else versus(avg, se, mean_acc(ref, tasks), mean_acc_stderr(ref, tasks))])
+    made = f"`python run.py experiment={ACCURACY}` and `python run.py experiment=table1`"
+    missing = sum(j.record is None for j in js)
+    return [*warnings, t, f"Made by {made}; {len(js) - missing} of {len(js)} runs recorded. vs {SUBJECT_NAME}: "
+            "the difference of the averages, 'tie' within twice its standard error sqrt(se² + se²) (conservative: "
+            "both runs answer the same questions)."]
+
+
+def versus(a: float | None, se_a: float | None, b: float | None, se_b: float | None) -> str:
+    """``a - b`` with 'better' / 'worse' when it exceeds twice its standard error, else 'tie'."""
+    if a is None or b is None:
+        return "n/a"
+    d = a - b
+    if se_a is None or se_b is None:
+        return f"{d:+.3f}"
+    se = math.hypot(se_a, se_b)
+    word = "tie" if abs(d) <= 2 * se else ("better" if d > 0 else "worse")
+    return f"{d:+.3f} ({word})"
 
 
 def figure(js: Sequence[Job], path: Path) -> Path | None:

@@ -3,6 +3,9 @@ figure built from records alone."""
 
 from __future__ import annotations
 
+import json
+import math
+
 from experiments import paradigms, sweeps
 from experiments.sweeps import Context
 
@@ -51,3 +54,41 @@ def test_table_and_figure_from_records(tmp_path):
     assert "Not run yet (equal memory)" in md
     all_jobs = [*sweeps.jobs(paradigms.PARAMS, TINY, tmp_path), *sweeps.jobs(paradigms.MEMORY, TINY, tmp_path)]
     assert paradigms.figure(all_jobs, tmp_path / "f.png").is_file()
+
+
+def test_versus_calls_a_difference_only_beyond_twice_its_standard_error():
+    assert paradigms.versus(0.40, 0.01, 0.37, 0.01) == "+0.030 (better)"  # 0.030 > 2 * 0.0141
+    assert paradigms.versus(0.37, 0.01, 0.40, 0.01) == "-0.030 (worse)"
+    assert paradigms.versus(0.39, 0.01, 0.37, 0.01) == "+0.020 (tie)"
+    assert paradigms.versus(0.39, None, 0.37, 0.01) == "+0.020"
+    assert paradigms.versus(None, 0.01, 0.37, 0.01) == "n/a"
+
+
+def test_accuracy_table_reads_the_pruners_beside_table1s_low_rank_runs(tmp_path):
+    acc = {"saes": 0.40, "svdllm": 0.36, "wanda_sp": 0.39, "flap": 0.45, "llm_pruner": 0.30}
+    pruners = sweeps.jobs(paradigms.ACCURACY, TINY, tmp_path)
+    table1 = [j for j in sweeps.jobs("table1", TINY, tmp_path) if j.row in paradigms.LOW_RANK]
+    for j in [*pruners, *table1]:
+        if j.ratio not in (0.2, 0.4) or (j.row == "llm_pruner" and j.ratio == 0.4):
+            continue  # one pruner run left missing; table1's other ratios are not read
+        a = acc[j.config["method"]["name"]] - j.ratio / 10
+        rec = synthetic_record(j.config, 50.0, {"arc_easy": a, "piqa": a})
+        for t in rec["metrics"]["zeroshot"]["tasks"].values():
+            t["compressed"]["acc_stderr"] = t["dense"]["acc_stderr"] = 0.01 * math.sqrt(2)  # mean's se: 0.01
+        if j.experiment == paradigms.ACCURACY:
+            rec["params"]["rank_alloc"] = "structured"
+        write(j, rec)
+    md = paradigms.build(Context(tmp_path, TINY)).markdown()
+    assert has_cells(md, "| 0.2 | SAES-SVD | low rank | 50.00 | 0.380 ± 0.010 | 24.0% | - |")
+    assert has_cells(md, "| 0.2 | SVD-LLM | low rank | 50.00 | 0.340 ± 0.010 | 32.0% | -0.040 (worse) |")
+    assert has_cells(md, "| 0.2 | Wanda-sp | pruning | 50.00 | 0.370 ± 0.010 | 26.0% | -0.010 (tie) |")
+    assert has_cells(md, "| 0.4 | FLAP | pruning | 50.00 | 0.410 ± 0.010 | 18.0% | +0.050 (better) |")
+    assert has_cells(md, "| 0.4 | LLM-Pruner | | missing | missing | missing | missing |")
+    assert "9 of 10 runs recorded" in md
+    for j in table1:  # a record from another protocol (here: another calibration text) refuses the accuracy table
+        if j.ratio == 0.2 and j.row == "saes":
+            rec = json.loads(j.path.read_text())
+            rec["calibration"]["tokens_sha256"] = "d" * 64
+            write(j, rec)
+    md = paradigms.build(Context(tmp_path, TINY)).markdown()
+    assert "**Accuracy: REFUSED**" in md and "0.380 ± 0.010" not in md
