@@ -7,6 +7,11 @@ Sweeps ``experiment=table1``, ``table1_lora``, ``table1_dip``, ``table1_strs``, 
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+import pandas as pd
+
 from experiments.paper import TABLE3_TASKS, as_float, marks, ref_value, reference
 from experiments.records import acc_of, gap_closed, mean_acc, mean_acc_stderr, ppl_of, rel_drop, tasks_run
 from experiments.render import MISSING, Document, Table, avg_head, dense_record, facc, fnum, found, fpct, prepare
@@ -66,6 +71,8 @@ def build(ctx: Context) -> Document:
             notes.append(f"Tasks asked for but not scored in every run: {', '.join(lost)} "
                          "(see each record's `metrics.zeroshot.missing`; offline, MathQA has no local copy).")
         out: list[str | Table] = [table, " ".join(notes)]
+        for j in (j for j in js if j.row == "dobisvd" and j.record is not None):
+            out.append(rank_profile(j.record, f"Dobi-SVD*'s learned ranks at {j.ratio:g}"))
         for ref in MATCH:
             out += beside_paper(js, ref, sources[0], tasks)
         return out
@@ -114,6 +121,32 @@ def dobi_notes(js: list[Job]) -> list[str]:
         out.append("Dobi-SVD* missing: not run here yet (`python run.py experiment=table1_dobi`, about 2 h of "
                    "stage-1 training per ratio on 2 CPU cores; the training is cached, resumed if stopped).")
     return out
+
+
+def rank_profile(rec: dict[str, Any], what: str, bands: int = 3) -> Table:
+    """Kept parameters per projection type and depth band: ``sum_l k_l (m_l + n_l) / sum_l m_l n_l`` over the
+    record's ``layers`` of that type in that band (a uniform plan at ratio r keeps 1 - r in every cell)."""
+    rows = []
+    for name, v in rec["layers"].items():
+        m = re.search(r"layers\.(\d+)\..*?(\w+)$", name)
+        if m and "rank" in v:
+            rows.append({"block": int(m[1]), "type": m[2], "kept": v["rank"] * (v["m"] + v["n"]), "dense": v["m"] * v["n"]})
+    if not rows:
+        return Table(["projection"], caption=f"{what}: the record has no per-projection ranks")
+    df = pd.DataFrame(rows)
+    depth = int(df["block"].max()) + 1
+    bands = min(bands, depth)
+    edges = [round(i * depth / bands) for i in range(bands + 1)]
+    df["band"] = pd.cut(df["block"], edges, right=False, labels=[f"blocks {a}-{b - 1}" for a, b in zip(edges, edges[1:])])
+    by = df.groupby(["type", "band"], observed=True)[["kept", "dense"]].sum()
+    frac = (by["kept"] / by["dense"]).unstack("band")
+    frac["all"] = df.groupby("type")["kept"].sum() / df.groupby("type")["dense"].sum()
+    order = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") if t in frac.index]
+    frac = frac.loc[order + sorted(set(frac.index) - set(order))]
+    t = Table(["projection", *map(str, frac.columns)], caption=f"{what}: kept parameter fraction by type and depth "
+              f"(overall {df['kept'].sum() / df['dense'].sum():.3f})")
+    t.rows = [[str(i), *[f"{x:.3f}" for x in r]] for i, r in frac.iterrows()]
+    return t
 
 
 def beside_paper(js: list[Job], ref_file: str, src: str, tasks: list[str]) -> list[str | Table]:

@@ -424,3 +424,18 @@ def test_table10_compares_at_the_bits_stored_per_dense_linear_weight(tmp_path):
 def test_labels_name_a_shared_allocator_only_beyond_the_methods_own_default(overrides, expected):
     cfg = sweeps.to_dict(sweeps.compose(overrides))
     assert sweeps.label(sweeps.Job("x", overrides, cfg, None, Path("nowhere.json"), None)) == expected
+
+
+def test_rank_profile_sums_kept_parameters_per_projection_type_and_depth_band():
+    from experiments.table1 import rank_profile
+
+    # 4 blocks, 2 bands; q_proj 8x8 keeps rank 2 (32 of 64) in blocks 0-1 and rank 1 (16 of 64) in blocks 2-3;
+    # down_proj 8x4 keeps rank 2 (24 of 32) in block 0 only and rank 1 (12 of 32) elsewhere
+    layers = {}
+    for b in range(4):
+        layers[f"model.layers.{b}.self_attn.q_proj"] = {"m": 8, "n": 8, "rank": 2 if b < 2 else 1}
+        layers[f"model.layers.{b}.mlp.down_proj"] = {"m": 8, "n": 4, "rank": 2 if b == 0 else 1}
+    t = rank_profile({"layers": layers}, "x", bands=2)
+    assert t.header == ["projection", "blocks 0-1", "blocks 2-3", "all"]
+    assert t.rows == [["q_proj", "0.500", "0.250", "0.375"], ["down_proj", "0.562", "0.375", "0.469"]]
+    assert "overall 0.406" in t.caption  # (64 + 32 + 36 + 24) / 384
