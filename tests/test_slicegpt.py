@@ -232,3 +232,15 @@ def test_transformers_alone_loads_a_sliced_folder_with_the_same_logits(tmp_path,
         "method": "slicegpt", "pruned_layers": pruned_layers(model, base),
         "structure": block_table(model, layout.layers), "slicing": {**result.spec, **plan}})
     assert torch.equal(logits_outside(folder, ids, tmp_path), logits(model, ids))
+
+
+def test_a_sliced_folder_refuses_transformers_4_rather_than_reading_layer_outputs_0(monkeypatch):
+    """transformers 4.x models take ``layer_outputs[0]`` of a decoder block; the sliced block returns the hidden
+    states themselves (transformers 5), so under 4.x the portable code would keep the first sequence only."""
+    import transformers
+
+    from saes.runs import hf_portable
+
+    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    with pytest.raises(ImportError, match="needs transformers >= 5"):
+        hf_portable._slice(tied_model(), {"width": 48, "shortcuts": [], "norm_eps": 1e-6})

@@ -65,6 +65,11 @@ class SlicedBlock(nn.Module):
 
 
 def _slice(model: nn.Module, slicing: dict[str, Any]) -> None:
+    # transformers 5 decoder layers return the hidden states; 4.x models read layer_outputs[0], which on this
+    # block's tensor would be the first sequence: refuse rather than compute something else
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"this SliceGPT folder needs transformers >= 5 (found {transformers.__version__}): its "
+                          "sliced decoder blocks return a tensor, as transformers 5's do")
     width = int(slicing["width"])
     old = model.get_input_embeddings()
     model.set_input_embeddings(nn.Embedding(old.num_embeddings, width, padding_idx=old.padding_idx))
