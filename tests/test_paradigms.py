@@ -65,7 +65,7 @@ def test_versus_calls_a_difference_only_beyond_twice_its_standard_error():
 
 
 def test_accuracy_table_reads_the_pruners_beside_table1s_low_rank_runs(tmp_path):
-    acc = {"saes": 0.40, "svdllm": 0.36, "wanda_sp": 0.39, "flap": 0.45, "llm_pruner": 0.30}
+    acc = {"saes": 0.40, "svdllm": 0.36, "wanda_sp": 0.39, "flap": 0.45, "llm_pruner": 0.30, "slicegpt": 0.33}
     pruners = sweeps.jobs(paradigms.ACCURACY, TINY, tmp_path)
     table1 = [j for j in sweeps.jobs("table1", TINY, tmp_path) if j.row in paradigms.LOW_RANK]
     for j in [*pruners, *table1]:
@@ -76,7 +76,7 @@ def test_accuracy_table_reads_the_pruners_beside_table1s_low_rank_runs(tmp_path)
         for t in rec["metrics"]["zeroshot"]["tasks"].values():
             t["compressed"]["acc_stderr"] = t["dense"]["acc_stderr"] = 0.01 * math.sqrt(2)  # mean's se: 0.01
         if j.experiment == paradigms.ACCURACY:
-            rec["params"]["rank_alloc"] = "structured"
+            rec["params"]["rank_alloc"] = "sliced" if j.row == "slicegpt" else "structured"
         write(j, rec)
     md = paradigms.build(Context(tmp_path, TINY)).markdown()
     assert has_cells(md, "| 0.2 | SAES-SVD | low rank | 50.00 | 0.380 ± 0.010 | 24.0% | - |")
@@ -84,7 +84,8 @@ def test_accuracy_table_reads_the_pruners_beside_table1s_low_rank_runs(tmp_path)
     assert has_cells(md, "| 0.2 | Wanda-sp | pruning | 50.00 | 0.370 ± 0.010 | 26.0% | -0.010 (tie) |")
     assert has_cells(md, "| 0.4 | FLAP | pruning | 50.00 | 0.410 ± 0.010 | 18.0% | +0.050 (better) |")
     assert has_cells(md, "| 0.4 | LLM-Pruner | | missing | missing | missing | missing |")
-    assert "9 of 10 runs recorded" in md
+    assert has_cells(md, "| 0.2 | SliceGPT | rotation + slicing | 50.00 | 0.310 ± 0.010 | 38.0% | -0.070 (worse) |")
+    assert "11 of 12 runs recorded" in md
     for j in table1:  # a record from another protocol (here: another calibration text) refuses the accuracy table
         if j.ratio == 0.2 and j.row == "saes":
             rec = json.loads(j.path.read_text())
