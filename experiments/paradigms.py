@@ -24,7 +24,8 @@ from experiments.paper import reference
 import math
 
 from experiments.records import ProtocolMismatch, check_protocol, mean_acc, mean_acc_stderr, ppl_of, rel_drop, tasks_run
-from experiments.render import MISSING, Document, Table, avg_head, dense_record, fnum, found, fpct, prepare
+from experiments.render import (MISSING, Document, Table, avg_head, commands, dense_record, fnum, found, fpct,
+                                prepare)
 from experiments.sweeps import Context, Job, display
 from experiments.table1 import pm
 
@@ -158,7 +159,7 @@ def accuracy(ctx: Context) -> list[str | Table]:
         t.rows.append([f"{j.ratio:g}", display(j.config), family(j), fnum(ppl_of(j.record, src)), pm(avg, se),
                        fpct(rel_drop(mean_acc(j.record, tasks, "dense"), avg)),
                        "-" if j.row == SUBJECT else versus(avg, se, mean_acc(ref, tasks), mean_acc_stderr(ref, tasks))])
-    made = f"`python run.py experiment={ACCURACY}` and `python run.py experiment=table1`"
+    made = " and ".join(f"`{c}`" for c in commands([ACCURACY, "table1"], ctx.overrides))
     missing = sum(j.record is None for j in js)
     return [*warnings, t, f"Made by {made}; {len(js) - missing} of {len(js)} runs recorded. vs {SUBJECT_NAME}: "
             "the difference of the averages, 'tie' within twice its standard error sqrt(se² + se²) (conservative: "
