@@ -27,6 +27,7 @@ import logging
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from saes.core.dobi import BETA, pca_factors, principal_subspace, remap_bytes, tanh_mask, top_svd
 from saes.core.linalg import check_finite
@@ -124,8 +125,10 @@ def truncated_stream_subspaces(model: nn.Module, layout: BlockLayout, ranks: dic
                for i, (p, k) in enumerate(ranks.items()) if k is not None}
     bases: dict[str, torch.Tensor] = {}
     prefix = layout.layers + "."
+    bar = tqdm(total=len(model.get_submodule(layout.layers)), desc="dobi stage 2", unit="block")
 
     def reduce(step: BlockPass) -> None:
+        bar.update(1)
         for p, mod in modules.items():
             if p.startswith(f"{prefix}{step.index}.") and p not in bases:
                 assert mod.moment is not None, f"{p} saw no calibration token"
@@ -133,6 +136,6 @@ def truncated_stream_subspaces(model: nn.Module, layout: BlockLayout, ranks: dic
                                               ).to(torch.float32)
                 mod.moment = mod.total = None
 
-    with Installed(model, modules):
+    with Installed(model, modules), bar:
         dense_blocks(model, layout, calib_ids, cfg, on_block=reduce)
     return bases
