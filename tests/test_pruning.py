@@ -218,7 +218,7 @@ def test_bad_pruning_settings_fail_before_the_model_loads(tmp_path, monkeypatch,
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("experiment, zeroshot, low_rank", [("paradigms_pruning", True, []),
+@pytest.mark.parametrize("experiment, zeroshot, low_rank", [("paradigms_pruning", True, ["slicegpt"]),
                                                              ("paradigms_params", False, ["saes", "svdllm", "slicegpt"])])
 def test_pruning_sweeps_expand_to_both_methods_at_both_ratios(experiment, zeroshot, low_rank):
     from experiments import sweeps
