@@ -150,15 +150,16 @@ def accuracy(ctx: Context) -> list[str | Table]:
     src = js[0].config["eval"]["ppl"]["sources"][0] if js else "?"
     t = Table(["ratio", "method", "kind", f"PPL {src}", avg_head(tasks), "Drop", f"vs {SUBJECT_NAME}"],
               caption="Equal parameters, accuracy protocol (table1's): zero-shot average ± standard error")
+    subject = {k.ratio: (mean_acc(k.record, tasks), mean_acc_stderr(k.record, tasks))
+               for k in js if k.row == SUBJECT and k.record is not None}
     for j in js:
         if j.record is None:
             t.rows.append([f"{j.ratio:g}", display(j.config), "", *[MISSING] * 4])
             continue
         avg, se = mean_acc(j.record, tasks), mean_acc_stderr(j.record, tasks)
-        ref = next((k.record for k in js if k.row == SUBJECT and k.ratio == j.ratio and k.record), None)
         t.rows.append([f"{j.ratio:g}", display(j.config), family(j), fnum(ppl_of(j.record, src)), pm(avg, se),
                        fpct(rel_drop(mean_acc(j.record, tasks, "dense"), avg)),
-                       "-" if j.row == SUBJECT else versus(avg, se, mean_acc(ref, tasks), mean_acc_stderr(ref, tasks))])
+                       "-" if j.row == SUBJECT else versus(avg, se, *subject.get(j.ratio, (None, None)))])
     made = " and ".join(f"`{c}`" for c in commands([ACCURACY, "table1"], ctx.overrides))
     missing = sum(j.record is None for j in js)
     return [*warnings, t, f"Made by {made}; {len(js) - missing} of {len(js)} runs recorded. vs {SUBJECT_NAME}: "
