@@ -3,11 +3,13 @@ onto the subspaces their truncated activations span.
 
 ``method=dobisvd`` is the shared allocator ``method.rank_alloc=dobi`` (stage 1, :mod:`saes.engine.allocators.dobi`)
 plus this factorisation (stage 2 of its code, ``weight_updater.py``): the calibration windows run through the dense
-model with every projection's output replaced by its truncated activation at its planned rank ``k`` (the top-``k``
-singular triplets of each sequence's ``[L, m]`` output, the stage-1 mask at ``gamma = k``, block by block as the
-engine's FP stream runs), and for each projection the right singular vectors of every sequence (``[m, k]``, unit
-norm) are collected; the top-``k`` principal directions ``V`` of all of them give ``W_new = V V^T W``, stored as the
-factors ``A = V``, ``B = V^T W`` (:func:`saes.core.dobi.pca_factors`; the bias stays as it was).
+model with every projection's output replaced by its truncated activation at the activation rank its planned rank
+``k`` stands for, ``gamma = k / RR`` (``RR = 1`` unless stage 1 ran with ``method.dobi.rr=true``: the plan's
+``rank_ratio``): the top-``ceil(gamma)`` singular triplets of each sequence's ``[L, m]`` output under the stage-1 mask
+at ``gamma``, block by block as the engine's FP stream runs; for each projection the right singular vectors of every
+sequence (``[m, ceil(gamma)]``, unit norm) are collected, and the top-``k`` principal directions ``V`` of all of them
+give ``W_new = V V^T W``, stored as the factors ``A = V``, ``B = V^T W`` (:func:`saes.core.dobi.pca_factors`; the
+bias stays on the output, where its code puts it on the wrong factor).
 
 Departures from its code, and why: the principal directions are the exact eigenvectors of the collected vectors'
 second moment (its code: scikit-learn's incremental PCA, an approximation of the same), uncentred by default
@@ -24,6 +26,8 @@ part of the parameter budget or counts; the weights stay the fp32 factors.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -42,12 +46,14 @@ log = logging.getLogger(__name__)
 
 
 class _Collecting(nn.Module):
-    """A projection whose output is truncated per sequence at rank ``k`` (the stage-1 mask at ``gamma = k``), the
-    right singular vectors of every sequence added to ``moment`` (``sum V V^T``), ``total`` and ``count``."""
+    """A projection whose output is truncated per sequence at activation rank ``gamma`` (the top ``ceil(gamma)``
+    triplets under the stage-1 mask at ``gamma``), the right singular vectors of every sequence added to ``moment``
+    (``sum V V^T``), ``total`` and ``count``; ``k`` is the weight rank the PCA keeps."""
 
-    def __init__(self, lin: nn.Linear, k: int, beta: float, niter: int, dtype: torch.dtype, seed: int) -> None:
+    def __init__(self, lin: nn.Linear, k: int, gamma: float, beta: float, niter: int, dtype: torch.dtype,
+                 seed: int) -> None:
         super().__init__()
-        self.lin, self.k, self.beta, self.niter, self.dtype = lin, k, beta, niter, dtype
+        self.lin, self.k, self.gamma, self.beta, self.niter, self.dtype = lin, k, gamma, beta, niter, dtype
         self.generator = torch.Generator().manual_seed(seed)
         self.moment: torch.Tensor | None = None  # allocated at the first call: one block's at a time
         self.total: torch.Tensor | None = None
@@ -59,9 +65,9 @@ class _Collecting(nn.Module):
         flat = y.reshape(-1, y.shape[-2], y.shape[-1])
         outs = []
         for A in flat.to(self.dtype):
-            q = min(self.k, *A.shape)
+            q = min(math.ceil(self.gamma), *A.shape)
             U, S, V = top_svd(A, q, self.niter, self.generator)
-            T = tanh_mask(torch.tensor(float(self.k), dtype=S.dtype), q, self.beta).to(S.device)
+            T = tanh_mask(torch.tensor(float(self.gamma), dtype=S.dtype), q, self.beta).to(S.device)
             outs.append((U * (S * T)[None, :]) @ V.T)
             Vd = V.detach().to("cpu", torch.float64)
             if self.moment is None:
@@ -96,11 +102,12 @@ class DobiSVD(Method):
         return True
 
     def prepare_ranks(self, model: nn.Module, layout: BlockLayout, ranks: dict[str, int | None],
-                      calib_ids: torch.Tensor | None, cfg: EngineConfig) -> None:
+                      calib_ids: torch.Tensor | None, cfg: EngineConfig,
+                      rank_ratio: Mapping[str, float] | None = None) -> None:
         if calib_ids is None:
             raise ValueError("dobisvd needs calibration tokens for its truncated-activation stream")
         self.bases = truncated_stream_subspaces(model, layout, ranks, calib_ids, cfg, self.beta, self.niter,
-                                                self.centre, self.stream_dtype, self.seed)
+                                                self.centre, self.stream_dtype, self.seed, rank_ratio or {})
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         if layer not in self.bases:
@@ -118,10 +125,13 @@ class DobiSVD(Method):
 
 def truncated_stream_subspaces(model: nn.Module, layout: BlockLayout, ranks: dict[str, int | None],
                                calib_ids: torch.Tensor, cfg: EngineConfig, beta: float, niter: int, centre: bool,
-                               dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """``V [m, k]`` per projection of ``ranks`` (None: left alone) from the activation-truncated stream, block by
-    block; a block's accumulators are reduced to ``V`` and freed once its batches went through."""
-    modules = {p: _Collecting(model.get_submodule(p), k, beta, niter, dtype, seed * 1_000_003 + i)
+                               dtype: torch.dtype, seed: int, rank_ratio: Mapping[str, float] | None = None
+                               ) -> dict[str, torch.Tensor]:
+    """``V [m, k]`` per projection of ``ranks`` (None: left alone) from the stream truncated at ``k / rank_ratio``
+    (1 where absent), block by block; a block's accumulators are reduced to ``V`` and freed once its batches went
+    through."""
+    rr = rank_ratio or {}
+    modules = {p: _Collecting(model.get_submodule(p), k, k / rr.get(p, 1.0), beta, niter, dtype, seed * 1_000_003 + i)
                for i, (p, k) in enumerate(ranks.items()) if k is not None}
     bases: dict[str, torch.Tensor] = {}
     prefix = layout.layers + "."

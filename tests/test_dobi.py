@@ -4,18 +4,21 @@ stage-1 training that resumes to the uninterrupted result."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
 
 import pytest
 import torch
 from torch import nn
 
-from baselines.dobisvd import _Collecting
+from baselines.dobisvd import _Collecting, truncated_stream_subspaces
 from saes.core.dobi import (SVDGuard, guarded_svd, kept_fraction, pca_factors, principal_subspace, svd_backward,
                             tanh_mask, truncate_activation)
 from saes.core.lowrank import rank_for_ratio
 from saes.engine.allocation import fit_ranks
 from saes.engine.allocators.dobi_train import DobiTraining, train_positions
+from saes.engine.config import EngineConfig
 from saes.engine.layout import layout_for, plan_ranks
 from saes.inputs.models import tiny_llama
 from saes.runs.pipeline import run
@@ -118,7 +121,7 @@ def test_pca_update_is_a_rank_k_projection_and_the_truncation_for_a_shared_subsp
     s = torch.tensor([10.0, 9.0, 8.0, 7.0, 0.1, 0.09, 0.08, 0.07, 0.06, 0.05], dtype=torch.float64)
     lin = nn.Linear(n, m, bias=False).double()
     lin.weight.data = (Uw * s) @ Vw.T  # a clear gap after k: the randomized SVD finds the top-k subspace
-    mod = _Collecting(lin, k, beta=10.0, niter=2, dtype=torch.float64, seed=0)
+    mod = _Collecting(lin, k, float(k), beta=10.0, niter=2, dtype=torch.float64, seed=0)
     for c in range(1, 6):
         mod(torch.linalg.qr(torch.randn(L, n, dtype=torch.float64)).Q[None] * c)
     assert mod.count == 5 * k
@@ -133,6 +136,64 @@ def test_pca_update_is_a_rank_k_projection_and_the_truncation_for_a_shared_subsp
     V2 = principal_subspace(R @ R.T, k, R.sum(1), 30)
     P2 = V2 @ V2.T
     assert torch.allclose(P2 @ P2, P2, atol=1e-12) and int(torch.linalg.matrix_rank(P2)) == k
+
+
+def test_stage2_truncates_at_the_activation_rank_rr_stands_for():
+    """Under ``rr=true`` a weight rank ``k`` stands for activation rank ``k / RR``: each sequence gives
+    ``ceil(k / RR)`` directions (its code's ``ceil(gamma)``) and the PCA still keeps ``k``; without a rank ratio the
+    stream is the ``RR = 1`` one, draw for draw."""
+    torch.manual_seed(3)
+    model = tiny_llama(num_key_value_heads=2).eval()
+    layout = layout_for(model)
+    ids = calib_batch(n=3, seqlen=32)
+    ranks = plan_ranks(model, layout, 0.4)
+    cfg = EngineConfig(device=torch.device("cpu"), batch_size=3)
+    plain = truncated_stream_subspaces(model, layout, ranks, ids, cfg, 10.0, 2, False, torch.float32, 0)
+    ones = truncated_stream_subspaces(model, layout, ranks, ids, cfg, 10.0, 2, False, torch.float32, 0,
+                                      {p: 1.0 for p in ranks})
+    assert all(torch.equal(plain[p], ones[p]) for p in ranks)
+    counts: dict[str, int] = {}
+    original = _Collecting.forward
+
+    def counting(self, x):
+        out = original(self, x)
+        counts[id(self.lin)] = self.count
+        return out
+
+    rr = {p: 2.5 for p in ranks}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Collecting, "forward", counting)
+        halved = truncated_stream_subspaces(model, layout, ranks, ids, cfg, 10.0, 2, False, torch.float32, 0, rr)
+    for p, k in ranks.items():
+        m = model.get_submodule(p).weight.shape[0]
+        assert halved[p].shape == plain[p].shape == (m, k)
+        assert counts[id(model.get_submodule(p))] == 3 * min(math.ceil(k / 2.5), 32, m)
+
+
+def test_trainings_of_another_precision_or_device_do_not_share_a_cache_entry(tmp_path, monkeypatch):
+    """The learned positions depend on the forward they are learned through: a float64 model (or another device)
+    gets its own cache entry, while a float32 CPU training keeps the key it had before either entered it."""
+    import saes.engine.allocators.dobi as dobi
+
+    keys: list[dict] = []
+
+    def capture(*args):
+        keys.append(args[-1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dobi, "train_positions", capture)
+    allocator = dobi.Dobi(windows=2, seqlen=64, select_windows=1)
+    allocator.use_text(lambda n, L: calib_batch(n=n, seqlen=L))
+    model = tiny_llama(num_key_value_heads=2).eval()
+    layout = layout_for(model)
+    for dtype, device in ((torch.float32, "cpu"), (torch.float64, "cpu"), (torch.float32, "meta")):
+        cfg = EngineConfig(device=torch.device(device), cache_dir=tmp_path, model_identity="tiny")
+        with pytest.raises(KeyboardInterrupt):
+            allocator.plan(model.to(dtype), layout, 0.4, calib_batch(), cfg, None)
+    float32, float64, other_device = keys
+    assert "model_dtype" not in float32 and "device" not in float32
+    assert float64["model_dtype"] == "torch.float64" and other_device["device"] == "meta"
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3
 
 
 def test_training_resumes_to_the_uninterrupted_result(tmp_path):
@@ -222,15 +283,27 @@ def test_bad_dobi_settings_are_named_before_the_model_loads(tmp_path, monkeypatc
     assert not (tmp_path / "runs").exists()
 
 
-def test_rr_allows_short_windows(tmp_path):
+@pytest.mark.parametrize("method", ("svdllm", "dobisvd"))
+def test_rr_allows_short_windows(tmp_path, monkeypatch, method):
     """With ``rr=true`` a window shorter than a projection's smaller dimension is accepted (``RR = min / L``): the
-    weight rank is ``RR gamma`` and the plan keeps the budget."""
+    weight rank is ``RR gamma``, the plan keeps the budget, and Dobi-SVD's stage 2 receives the plan's ``RR``."""
+    import baselines.dobisvd
     from saes.runs.job import prepare
-    cfg = make_cfg("method=svdllm", "method.rank_alloc=dobi", *SMALL, "method.dobi.seqlen=48", "method.dobi.rr=true",
-                   results_dir=tmp_path)
+    seen: dict[str, float] = {}
+    stream = baselines.dobisvd.truncated_stream_subspaces
+
+    def recording(*args):
+        seen.update(args[-1])
+        return stream(*args)
+
+    monkeypatch.setattr(baselines.dobisvd, "truncated_stream_subspaces", recording)
+    cfg = make_cfg(f"method={method}", "method.rank_alloc=dobi", *SMALL, "method.dobi.seqlen=48",
+                   "method.dobi.rr=true", results_dir=tmp_path)
     allocator = prepare(cfg).allocator
     assert allocator.rank_ratio(64, 160) == pytest.approx(64 / 48) and allocator.rank_ratio(32, 64) == 1.0
     rec = run(cfg)
+    if method == "dobisvd":
+        assert seen["model.layers.0.self_attn.q_proj"] == pytest.approx(64 / 48)
     q = rec["layers"]["model.layers.0.self_attn.q_proj"]
     assert q["dobi_rank"] == pytest.approx(q["dobi_gamma"] * 64 / 48)
     alloc = rec["params"]["allocation"]

@@ -20,7 +20,7 @@ Stage 2 projects each weight onto the output subspace its truncated activations 
 (:func:`principal_subspace`), i.e. the factors ``A = V``, ``B = V^T W`` (:func:`pca_factors`).
 
 Where this departs from the authors' code (said again in the README): the SVD forward is exact
-(``torch.linalg.svd``) when ``q`` reaches the activation's full rank, and the randomized one draws from an
+(``torch.linalg.svd``) when ``q`` reaches the activation's smaller dimension, and the randomized one draws from an
 explicit seeded generator (a resumed training repeats the same draws); the PCA is the exact eigenbasis of the
 second moment of all collected vectors, uncentred by default (sign-invariant: a singular vector and its negative
 are the same direction; the code's scikit-learn incremental PCA centres them), ``centre=True`` centres it.

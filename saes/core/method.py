@@ -15,6 +15,7 @@ annotates its override with the engine's own types.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,10 +120,11 @@ class Method(ABC):
         """A whole-model pre-pass on the dense model (e.g. FWSVD's gradients); no-op by default."""
 
     def prepare_ranks(self, model: nn.Module, layout: Blocks, ranks: dict[str, int | None],
-                      calib_ids: torch.Tensor | None, cfg: PassSettings) -> None:
+                      calib_ids: torch.Tensor | None, cfg: PassSettings,
+                      rank_ratio: Mapping[str, float] | None = None) -> None:
         """A whole-model pre-pass on the dense model that needs the final rank plan (Dobi-SVD's stage 2: the
-        activations truncated at every projection's rank); called after the plan, before compression. No-op by
-        default."""
+        activations truncated at every projection's rank ``k / rank_ratio``, the plan's weight rank per activation
+        rank, 1 where absent); called after the plan, before compression. No-op by default."""
 
     @abstractmethod
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:

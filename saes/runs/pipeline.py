@@ -378,7 +378,8 @@ def compress_in_place(cfg: DictConfig, model: nn.Module, layout: BlockLayout, me
         ranks = plan_ranks(model, layout, ratio) if plan is None else plan.ranks
         check_plan(model, layout, ranks)
         if ratio != 0.0:
-            method.prepare_ranks(model, layout, ranks, calib_ids, engine_cfg)
+            method.prepare_ranks(model, layout, ranks, calib_ids, engine_cfg,
+                                 None if plan is None else plan.rank_ratio)
     report = compress_model(model, method, ranks, calib_ids, engine_cfg)
     if plan is not None:
         for name, diag in plan.diagnostics.items():

@@ -25,6 +25,9 @@ class Plan:
     ranks: dict[str, int | None]
     diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)  # the whole plan's numbers (the record's params.allocation)
+    # Weight rank per activation rank (Dobi-SVD's RR, ``method.dobi.rr=true``): a window of L tokens spans at most L
+    # output directions, so a plan learned on such windows holds activation ranks k / RR; absent: 1.
+    rank_ratio: dict[str, float] = field(default_factory=dict)
 
 
 class Allocator(ABC):

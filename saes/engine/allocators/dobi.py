@@ -113,7 +113,7 @@ class Dobi(Allocator):
                  summary["target_kept"])
         return Plan({p: ranks[p] for p in names},
                     {p: {"dobi_gamma": learned["gamma"][p], "dobi_rank": k[p], "uniform_rank": uniform[p]}
-                     for p in names}, summary)
+                     for p in names}, summary, {p: self.rank_ratio(*shapes[p]) for p in names})
 
     def windows_for(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Training and selection windows: one seeded draw of ``windows + select_windows`` distinct windows."""
@@ -131,6 +131,13 @@ class Dobi(Allocator):
         key = {"model": cfg.model_identity, "train": token_digest(train_ids), "select": token_digest(select_ids),
                "budget": budget, "shapes": [[p, *shapes[p]] for p in names],
                "settings": {**self.training.__dict__, "rr": self.rr, "dtype": str(self.dtype)}}
+        # The model's precision and device change the forward the positions are learned through. Both entered the
+        # key after float32 CPU trainings were cached, so those hash as before (records' ABSENT_IF convention).
+        model_dtype = next(model.parameters()).dtype
+        if model_dtype != torch.float32:
+            key["model_dtype"] = str(model_dtype)
+        if cfg.device.type != "cpu":
+            key["device"] = cfg.device.type
         key = read_back(key)
         path = None if cfg.cache_dir is None else Path(cfg.cache_dir) / "dobi" / f"{digest(key, 16)}.json"
         if path is not None and path.is_file():
