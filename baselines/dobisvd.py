@@ -107,7 +107,7 @@ class DobiSVD(Method):
         if calib_ids is None:
             raise ValueError("dobisvd needs calibration tokens for its truncated-activation stream")
         self.bases = truncated_stream_subspaces(model, layout, ranks, calib_ids, cfg, self.beta, self.niter,
-                                                self.centre, self.stream_dtype, self.seed, rank_ratio or {})
+                                                self.centre, self.stream_dtype, self.seed, rank_ratio)
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = "") -> Factors:
         if layer not in self.bases:
@@ -131,7 +131,8 @@ def truncated_stream_subspaces(model: nn.Module, layout: BlockLayout, ranks: dic
     (1 where absent), block by block; a block's accumulators are reduced to ``V`` and freed once its batches went
     through."""
     rr = rank_ratio or {}
-    modules = {p: _Collecting(model.get_submodule(p), k, k / rr.get(p, 1.0), beta, niter, dtype, seed * 1_000_003 + i)
+    modules = {p: _Collecting(model.get_submodule(p), k, k / rr.get(p, 1.0), beta, niter, dtype,
+                              seed * 1_000_003 + i)
                for i, (p, k) in enumerate(ranks.items()) if k is not None}
     bases: dict[str, torch.Tensor] = {}
     prefix = layout.layers + "."

@@ -15,8 +15,8 @@ annotates its override with the engine's own types.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
