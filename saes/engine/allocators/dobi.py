@@ -99,8 +99,9 @@ class Dobi(Allocator):
         names = list(uniform)
         shapes = {p: tuple(model.get_submodule(p).weight.shape) for p in names}
         self.check_shapes(shapes, ratio)
-        learned = self.positions(model, names, shapes, uniform, budget, cfg)
-        k = {p: self.rank_ratio(*shapes[p]) * g for p, g in learned["gamma"].items()}
+        rr = {p: self.rank_ratio(*shapes[p]) for p in names}
+        learned = self.positions(model, names, shapes, rr, uniform, budget, cfg)
+        k = {p: rr[p] * g for p, g in learned["gamma"].items()}
         ranks = fit_ranks(k, shapes, budget)
         total = sum(m * n for m, n in shapes.values())
         summary = {"target_kept": budget / total, "kept_before_projection": learned["kept"],
@@ -113,7 +114,7 @@ class Dobi(Allocator):
                  summary["target_kept"])
         return Plan({p: ranks[p] for p in names},
                     {p: {"dobi_gamma": learned["gamma"][p], "dobi_rank": k[p], "uniform_rank": uniform[p]}
-                     for p in names}, summary, {p: self.rank_ratio(*shapes[p]) for p in names})
+                     for p in names}, summary, rr)
 
     def windows_for(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Training and selection windows: one seeded draw of ``windows + select_windows`` distinct windows."""
@@ -124,8 +125,9 @@ class Dobi(Allocator):
         return ids[: self.windows], ids[self.windows:]
 
     def positions(self, model: nn.Module, names: list[str], shapes: dict[str, tuple[int, int]],
-                  uniform: dict[str, int], budget: int, cfg: EngineConfig) -> dict[str, Any]:
-        """The selected snapshot's ``gamma`` per projection and its kept fraction (cached; resumable)."""
+                  rr: dict[str, float], uniform: dict[str, int], budget: int, cfg: EngineConfig) -> dict[str, Any]:
+        """The selected snapshot's ``gamma`` per projection (activation ranks: weight rank / ``rr``) and its kept
+        fraction (cached; resumable)."""
         train_ids, select_ids = self.windows_for()
         total = sum(m * n for m, n in shapes.values())
         key = {"model": cfg.model_identity, "train": token_digest(train_ids), "select": token_digest(select_ids),
@@ -144,7 +146,6 @@ class Dobi(Allocator):
             log.info("Dobi-SVD: learned positions from %s", path)
             return {**read_json(path)["result"], "path": str(path)}
         partial = None if path is None else path.with_name(path.stem + ".partial.json")
-        rr = {p: self.rank_ratio(*shapes[p]) for p in names}
         rho0 = torch.tensor([uniform[p] / min(shapes[p]) for p in names], dtype=torch.float64)
         try:
             out = train_positions(model, names, shapes, rr, rho0, budget / total, train_ids, select_ids,
