@@ -61,7 +61,8 @@ def build(ctx: Context) -> Document:
                                    fpct(rel_drop(mean_acc(j.record, tasks, "dense"), avg))])
         notes = ["Avg: mean accuracy (lm-eval's `acc`, or the metric the runs averaged) over the tasks every run "
                  "scored, ± its standard error (lm-eval's per-task errors, sqrt(sum se²) / tasks); two averages "
-                 "differ beyond sampling noise only by more than about twice the larger error; Drop: its relative "
+                 "differ beyond sampling noise when their difference exceeds 2 sqrt(se_a² + se_b²) (conservative: "
+                 "both runs answer the same questions); Drop: its relative "
                  "drop from the dense model's. * mixed ranks, † LoRA fine-tuning after "
                  "compression."]
         notes += strs_notes([j for j in js if j.row == "asvd_strs"])

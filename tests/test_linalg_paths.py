@@ -78,3 +78,30 @@ def test_an_eigensolver_failure_falls_back_to_the_full_svd(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", fail)
     got = truncated_svd(G, 12)
     assert torch.equal(got.S, reference.S) and torch.equal(got.Vh, reference.Vh)
+
+
+@pytest.mark.parametrize("condition", [1e1, 1e4])
+def test_in_float32_the_gram_path_keeps_float32_accuracy_or_falls_back_to_the_svd(condition):
+    """The floor scales with the dtype: above it (condition 1e1: sigma_r / sigma_1 = 0.32) the float32 Gram product
+    is about as close to the float64 truth as the float32 SVD's; below it (1e4: 0.011 < 0.023) the float32 SVD
+    itself is taken."""
+    from saes.core.linalg import gram_floor
+
+    G64 = spectrum_matrix(96, 160, condition, seed=2)
+    G = G64.float()
+    rank = 48
+    truth = truncated_svd(G64, rank, gram=False)
+    A, B = truth.factors()
+    best = A @ B
+    svd32, gram32 = truncated_svd(G, rank, gram=False), truncated_svd(G, rank)
+
+    def err(t) -> float:  # distance of the rank-r product from the float64 truth, relative to ||G||
+        A_, B_ = t.factors()
+        return float((A_.double() @ B_.double() - best).norm() / G64.norm())
+
+    floor = gram_floor(torch.float32)
+    assert floor == pytest.approx(GRAM_FLOOR * torch.finfo(torch.float32).eps / torch.finfo(torch.float64).eps)
+    if float(truth.S[-1] / truth.S[0]) ** 2 <= floor:
+        assert torch.equal(gram32.S, svd32.S) and torch.equal(gram32.U, svd32.U)
+    else:
+        assert err(gram32) <= max(10 * err(svd32), 50 * torch.finfo(torch.float32).eps)

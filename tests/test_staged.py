@@ -113,3 +113,52 @@ def test_every_layout_with_the_four_llama_groups_has_stages():
         assert layout.stages is not None, model_type
         assert [g[0] for g in layout.groups] == ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj",
                                                  "mlp.down_proj"]
+
+
+def test_over_the_buffer_budget_the_engine_takes_the_reference_path_with_the_same_result():
+    """calib.max_buffer_gb: a budget below the staged path's buffers (SAES-SVD on the tiny model: 6 x 24 tokens x
+    (3 x 64 + 160 + 64 + 160) floats) selects the re-run path, whose factors equal the staged ones; a budget above
+    them keeps the staged path. The report names the path and the buffers it would have held."""
+    from saes.engine.loop import staged_buffer_bytes
+
+    model = tiny("llama")
+    need = staged_buffer_bytes(model.model.layers[0], layout_for(model), "compressed", True, 6 * 24, 4)
+    assert need == 6 * 24 * (3 * 64 + 160 + 64 + 160) * 4
+    assert staged_buffer_bytes(model.model.layers[0], layout_for(model), "fp", False, 6 * 24, 4) == 0
+    over, _, over_report = run("llama", SAES(), rerun=False, max_buffer_bytes=need - 1)
+    under, _, under_report = run("llama", SAES(), rerun=False, max_buffer_bytes=need)
+    assert (over_report.path, under_report.path) == ("rerun", "staged")
+    assert over_report.staged_buffer_gb == under_report.staged_buffer_gb == round(need / 1e9, 3)
+    for (name, p), (_, q) in zip(over.state_dict().items(), under.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    _, _, auto = run("llama", SAES(), rerun=False, max_buffer_bytes="auto")  # kilobytes: staged
+    assert auto.path == "staged"
+
+
+def test_a_bad_buffer_budget_is_refused_before_anything_loads():
+    from saes.runs.job import buffer_budget
+
+    assert buffer_budget("auto") == "auto" and buffer_budget(None) is None and buffer_budget(2.5) == 2_500_000_000
+    for bad in (0, -1, "lots", True):
+        with pytest.raises(ValueError, match="calib.max_buffer_gb"):
+            buffer_budget(bad)
+
+
+def test_propagating_a_stream_hands_it_over_batch_by_batch_with_the_same_outputs():
+    """The engine's stream propagation releases each input batch as its output is made (a stream and its next never
+    both live whole: the reference path's peak is the two streams), with outputs equal to :func:`through`'s."""
+    from saes.engine.loop import _Run
+    from saes.engine.propagate import capture_block_inputs, through
+
+    model = tiny("llama")
+    layout = layout_for(model)
+    blocks = model.model.layers
+    with torch.no_grad():
+        xs, kws = capture_block_inputs(model, blocks, calib_batch(n=6, seqlen=24), 2, CPU, CPU)
+        want = through(blocks[0], xs, kws[0], CPU, CPU)
+        run = _Run(layout, SAES(), {}, "compressed", EngineConfig(device=CPU), True, True, True, None, None, {})
+        handed = list(xs)
+        got = run.propagate(blocks[0], handed, kws[0], True)
+    assert handed == [] and len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

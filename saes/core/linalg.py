@@ -99,7 +99,13 @@ class TruncatedSVD:
         return self.U * root, root[:, None] * self.Vh
 
 
-GRAM_FLOOR = 1e-12  # smallest kept sigma_r^2 / sigma_1^2 the Gram path trusts (sigma_r / sigma_1 >= 1e-6)
+GRAM_FLOOR = 1e-12  # smallest kept sigma_r^2 / sigma_1^2 the Gram path trusts in float64 (sigma_r / sigma_1 >= 1e-6)
+
+
+def gram_floor(dtype: torch.dtype) -> float:
+    """:data:`GRAM_FLOOR` scaled to ``dtype``'s precision: the same margin above rounding (about 4500 units of
+    ``eps * sigma_1^2``), so float32 trusts ``sigma_r / sigma_1 >= 0.023`` and takes the full SVD below."""
+    return GRAM_FLOOR * torch.finfo(dtype).eps / torch.finfo(torch.float64).eps
 _FULL_SVD: ContextVar[bool] = ContextVar("full_svd", default=False)
 
 
@@ -121,8 +127,8 @@ def truncated_svd(G: torch.Tensor, rank: int, gram: bool = True) -> TruncatedSVD
     U_r U_r^T G`` is the same projection the SVD gives. In float64 this is 2-5x faster than
     ``torch.linalg.svd`` on the projections' shapes and agrees with it to rounding while the kept spectrum
     stands clear of it: squaring the singular values costs ``sigma_r / sigma_1`` its digits below about
-    ``1e-8``, so when ``sigma_r^2 < GRAM_FLOOR * sigma_1^2`` (or the eigensolver fails) the full SVD is used
-    instead. ``gram=False`` (or :func:`full_svd`) always takes the full SVD (the reference)."""
+    ``1e-8`` (in float32, below about ``3e-4``), so when ``sigma_r^2 < gram_floor(dtype) * sigma_1^2`` (or the
+    eigensolver fails) the full SVD is used instead. ``gram=False`` (or :func:`full_svd`) always takes the full SVD (the reference)."""
     if not torch.isfinite(G).all():
         raise FactorizationError("matrix to decompose contains non-finite values")
     if rank > min(G.shape):
@@ -150,7 +156,7 @@ def _gram_svd(G: torch.Tensor, rank: int) -> TruncatedSVD | None:
         return None
     nxt = float(lam[-rank - 1].clamp(min=0).sqrt()) if rank < lam.numel() else 0.0  # sigma_{r+1}
     lam, Q = lam.flip(0)[:rank], Q.flip(1)[:, :rank]  # descending
-    if not lam[-1] > GRAM_FLOOR * lam[0]:
+    if not lam[-1] > gram_floor(M.dtype) * lam[0]:
         return None
     S = lam.sqrt()
     other = (Q.mT @ M) / S[:, None]  # [r, l]: the other side's singular vectors, as rows

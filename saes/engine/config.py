@@ -27,6 +27,10 @@ class EngineConfig:
     resume_dir: Path | None = None  # per-block checkpoints: a rerun restarts after the last finished block
     resume_key: str = ""  # the run's config key: checkpoints of another key are refused
     rerun: bool = False  # the reference path: re-run the block per group (layouts without stages always do)
+    # The most the staged path's own buffers may hold on the stream device (bytes; "auto": 80% of the memory free
+    # there when compression starts; None: no bound). Above it the engine takes the reference path (the same
+    # result; it keeps only the two streams): :func:`saes.engine.loop.staged_buffer_bytes`.
+    max_buffer_bytes: int | str | None = None
     on_block: Callable[[BlockReport], None] | None = None  # called after each block (live logging); no effect on results
 
 
@@ -50,4 +54,6 @@ class CompressionReport:
     blocks: list[dict[str, Any]]  # per block: cosine similarity of the two streams' outputs (if both kept)
     timings: dict[str, float]  # calibration (forwards + statistics), factorisation
     resumed_from: int = 0  # blocks restored from per-block checkpoints
+    path: str = "staged"  # staged, or rerun (the reference path: asked for, no stages, or the buffers over budget)
+    staged_buffer_gb: float = 0.0  # what the staged path's own buffers would hold at their peak (GB)
     cached_stats_blocks: int = 0  # blocks whose FP-stream statistics came from the cache

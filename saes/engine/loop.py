@@ -34,7 +34,7 @@ from saes.core.pruning import Pruner
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, layout_for
-from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
+from saes.engine.propagate import StopForward, capture_block_inputs, first_output, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
 from saes.engine.stats_cache import CACHED, FREE, FPStatsCache
 from saes.engine.structure import prune_group
@@ -132,7 +132,17 @@ class _Run:
         return FREE if self.cache is not None else frozenset()
 
     def propagate(self, block: nn.Module, xs: list[torch.Tensor], kws: list[dict], keep: bool) -> list[torch.Tensor]:
-        return through(block, xs, kws, self.cfg.device, self.stream_device) if keep else []
+        """The stream ``xs`` through ``block`` (:func:`through`), taking it over: each input batch is released as
+        its output is made, so a stream and its next never both live whole (``xs`` is left empty)."""
+        if not keep:
+            return []
+        out = []
+        for x, kw in zip(xs, kws):
+            out.append(first_output(block(x.to(self.cfg.device), **kw)).to(self.stream_device))
+            del x
+            xs[len(out) - 1] = None  # type: ignore[call-overload]  # the batch's input, no longer needed
+        xs.clear()
+        return out
 
 
 def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, stream: Stream,
@@ -375,6 +385,48 @@ def _cosine(X: list[torch.Tensor], Xf: list[torch.Tensor]) -> float:
     return float(torch.stack(cos).mean())
 
 
+def staged_buffer_bytes(block: nn.Module, layout: BlockLayout, stream: Stream, with_delta: bool, tokens: int,
+                        act_bytes: int) -> int:
+    """The staged path's own buffers at their peak in one block, beyond the two streams both paths keep: on the
+    compressed stream the FP inputs of every site, kept from the dense forward to pair with the compressed ones
+    for ``Delta`` (``3h + i`` values a token for LLaMA), and the compressed intermediates (the residual and the
+    MLP's input, ``h + i``); on the FP stream nothing (statistics accumulate in hooks)."""
+    if stream == "fp":
+        return 0
+    widths = [block.get_submodule(group[0]).in_features for group in layout.groups]
+    per_token = (sum(widths) if with_delta else 0) + widths[0] + widths[-1]
+    return tokens * per_token * act_bytes
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` now: CUDA's free memory, else the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, stream: Stream, method: Method,
+                 calib_ids: torch.Tensor | None, stream_device: torch.device) -> tuple[bool, int]:
+    """(staged?, the staged buffers' bytes): staged unless asked not to, without stages, or over the budget."""
+    staged = layout.stages is not None and not cfg.rerun
+    if not staged or calib_ids is None:
+        return staged, 0
+    act_bytes = next(block.parameters()).element_size()
+    need = staged_buffer_bytes(block, layout, stream, "Delta" in method.needs and stream == "compressed",
+                               int(calib_ids.numel()), act_bytes)
+    budget = cfg.max_buffer_bytes
+    if budget == "auto":
+        budget = int(0.8 * available_bytes(stream_device))
+    if budget is not None and need > int(budget):
+        log.warning("the staged path would hold %.1f GB of buffers on %s, over the %.1f GB budget "
+                    "(calib.max_buffer_gb): re-running each block per group instead (the same result; about 2-3x "
+                    "the statistics time)", need / 1e9, stream_device, int(budget) / 1e9)
+        return False, need
+    return True, need
+
+
 @torch.no_grad()
 def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], calib_ids: torch.Tensor | None,
                    cfg: EngineConfig) -> CompressionReport:
@@ -408,8 +460,9 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         need_streams = not data_free and (cfg.track_fidelity or "fresh" in kinds)
         keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
         keep_fp = need_streams and (stream == "fp" or needs_delta or cfg.track_fidelity)
-        run = _Run(layout, method, ranks, stream, cfg, keep_comp, keep_fp,
-                   staged=layout.stages is not None and not cfg.rerun, ckpt=ckpt, cache=cache,
+        staged, buffers = _choose_path(cfg, layout, blocks[0], stream, method, calib_ids if need_streams else None,
+                                       cfg.stream_device or cfg.device)
+        run = _Run(layout, method, ranks, stream, cfg, keep_comp, keep_fp, staged=staged, ckpt=ckpt, cache=cache,
                    timings={"calibration": 0.0, "factorisation": 0.0})
         timings = run.timings
 
@@ -453,4 +506,5 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
                                          info.get("cosine_fp"), block_layers))
         return CompressionReport(stream=stream if not data_free else "none",
                                  tokens=0 if data_free else int(calib_ids.numel()), layers=layers, blocks=block_diag,
-                                 timings=timings, resumed_from=start, cached_stats_blocks=kinds.count("cached"))
+                                 timings=timings, resumed_from=start, cached_stats_blocks=kinds.count("cached"),
+                                 path="staged" if staged else "rerun", staged_buffer_gb=round(buffers / 1e9, 3))

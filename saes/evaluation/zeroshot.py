@@ -231,8 +231,9 @@ def average(tasks: dict[str, dict[str, Any]], metric: str) -> dict[str, Any]:
 
 def stderr_of_mean(stderrs: Sequence[float | None]) -> float | None:
     """Standard error of a mean of ``T`` independent task accuracies, ``sqrt(sum_t se_t^2) / T``, from lm-eval's
-    per-task standard errors (None if a task has none). Two averages over the same examples are correlated, so
-    twice the larger of their errors is a conservative yardstick for their difference, not a test."""
+    per-task standard errors (None if a task has none). Two averages over the same examples are positively
+    correlated, so ``2 sqrt(se_a^2 + se_b^2)``, their difference's error as if independent, is a conservative bar
+    (the tables' rule: ``experiments.paradigms.versus``); a paired test needs per-example answers."""
     if not stderrs or any(e is None or (isinstance(e, float) and math.isnan(e)) for e in stderrs):
         return None
     return math.sqrt(sum(float(e) ** 2 for e in stderrs)) / len(stderrs)  # type: ignore[arg-type]

@@ -56,8 +56,18 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"calib.stats_dtype must be one of {sorted(PRECISIONS)}; got {cfg.calib.stats_dtype!r}")
     if cfg.calib.nsamples < 1 or cfg.calib.seqlen < 2 or cfg.calib.batch_size < 1:
         raise ValueError("calib.nsamples and calib.batch_size must be >= 1 and calib.seqlen >= 2")
+    buffer_budget(cfg.calib.get("max_buffer_gb", "auto"))
     data_mod.check_source("calib", cfg.calib.source, cfg.calib.get("path"), cfg.calib.get("split"))
     validate_eval(cfg)
+
+
+def buffer_budget(gb: Any) -> int | str | None:
+    """``calib.max_buffer_gb`` for the engine: ``auto``, null (no bound) or a positive number of GB, in bytes."""
+    if gb is None or gb == "auto":
+        return gb
+    if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb <= 0:
+        raise ValueError(f"calib.max_buffer_gb must be auto, null or a positive number of GB; got {gb!r}")
+    return int(gb * 1e9)
 
 
 def check_quant(cfg: DictConfig) -> QuantSettings:

@@ -46,7 +46,7 @@ from saes.io import read_json, token_digest, write_json_atomic
 from saes.runs import tracking
 from saes.runs.checkpoint import MANIFEST, load_compressed, save_compressed
 from saes.runs.finetune import lora_finetune
-from saes.runs.job import Job, check_ranks_before_loading, manifest_shapes, model_spec, prepare
+from saes.runs.job import Job, buffer_budget, check_ranks_before_loading, manifest_shapes, model_spec, prepare
 from saes.runs.planner import plan_run
 from saes.runs.quantize import memory, quantize_model
 from saes.runs.records import SCHEMA_VERSION, environment, run_stem
@@ -215,6 +215,7 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
         "seed": cfg.calib.seed, "split": data_mod.split_mode(cfg.calib.source, cfg.calib.get("split")),
         "stream": report.stream, "tokens": report.tokens,
         "stats_cached_blocks": report.cached_stats_blocks, "resumed_from_block": report.resumed_from,
+        "engine_path": report.path, "staged_buffer_gb": report.staged_buffer_gb,
         "tokens_sha256": token_digest(calib_ids) if calib_ids is not None else None,
     }
     return Obtained(model, tok, loaded.identity, eval_ids, skipped, dense_ppl, dense_zs, calibration,
@@ -346,6 +347,7 @@ def engine_config(cfg: DictConfig, device: torch.device, identity: str, key: str
                         stats_device=torch.device(calib.stats_device) if calib.get("stats_device") else None,
                         reuse_stats=bool(calib.get("reuse_stats", False)),
                         resume_dir=resume_dir(cfg, key) if cfg.get("resume") else None, resume_key=key,
+                        max_buffer_bytes=buffer_budget(calib.get("max_buffer_gb", "auto")),
                         on_block=tracking.active().on_block)
 
 

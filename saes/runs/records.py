@@ -20,7 +20,7 @@ from saes.io import digest
 
 
 NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload", "display",
-                "calib.reuse_stats", "plan")  # how a run is carried out, not what it computes (dotted: nested keys)
+                "calib.reuse_stats", "calib.max_buffer_gb", "plan")  # how a run is carried out, not what it computes (dotted: nested keys)
 # Keys added after records existed hash as if absent while they hold the value the older records imply:
 # null for optional settings; for AdaSVD, the values of its first reading (before its variants had keys);
 # for SAES-SVD, ACES's own selector (before the exact one existed).
