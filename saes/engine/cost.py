@@ -77,14 +77,18 @@ def peak_gb(s: Shape, tokens: int, method: str, act_bytes: int = 2, weight_bytes
             staged: bool = True) -> float:
     """The engine's peak on the compute device with everything there (calib.stream_device unset): the
     block in the model's dtype, the two streams' inputs and next inputs, SAES-SVD's stored FP site inputs (for
-    Delta; ``staged`` only: the reference path recomputes them per group) and the compressed intermediates,
+    Delta) and the compressed intermediates (``staged`` only: the reference path recomputes what it needs per
+    group and batch),
     float32 statistics of the largest site, float64 factorisation workspace. The rest of the model stays in host
     memory."""
     h, i = s.hidden, s.intermediate
     block = s.block_params * weight_bytes
     stream = tokens * h * act_bytes
-    if method == "saes":
-        fp_sites = tokens * (3 * h + i) * act_bytes if staged else 0  # kept after the FP pass, freed site by site
+    if method == "saes" and not staged:
+        acts = 2 * stream + block  # X and X^f (each next stream replaces its input batch by batch); the FP block copy
+        stats = 2 * i * i * 4
+    elif method == "saes":
+        fp_sites = tokens * (3 * h + i) * act_bytes  # kept after the FP pass, freed site by site
         acts = 4 * stream + fp_sites  # X, X^f, next X^f, (z | h, u): at most about two hidden-size lists
         stats = 2 * i * i * 4  # H and Delta of the down_proj site
     else:
