@@ -106,6 +106,8 @@ def gram_floor(dtype: torch.dtype) -> float:
     """:data:`GRAM_FLOOR` scaled to ``dtype``'s precision: the same margin above rounding (about 4500 units of
     ``eps * sigma_1^2``), so float32 trusts ``sigma_r / sigma_1 >= 0.023`` and takes the full SVD below."""
     return GRAM_FLOOR * torch.finfo(dtype).eps / torch.finfo(torch.float64).eps
+
+
 _FULL_SVD: ContextVar[bool] = ContextVar("full_svd", default=False)
 
 
@@ -128,7 +130,8 @@ def truncated_svd(G: torch.Tensor, rank: int, gram: bool = True) -> TruncatedSVD
     ``torch.linalg.svd`` on the projections' shapes and agrees with it to rounding while the kept spectrum
     stands clear of it: squaring the singular values costs ``sigma_r / sigma_1`` its digits below about
     ``1e-8`` (in float32, below about ``3e-4``), so when ``sigma_r^2 < gram_floor(dtype) * sigma_1^2`` (or the
-    eigensolver fails) the full SVD is used instead. ``gram=False`` (or :func:`full_svd`) always takes the full SVD (the reference)."""
+    eigensolver fails) the full SVD is used instead. ``gram=False`` (or :func:`full_svd`) always takes the full
+    SVD (the reference)."""
     if not torch.isfinite(G).all():
         raise FactorizationError("matrix to decompose contains non-finite values")
     if rank > min(G.shape):

@@ -137,10 +137,9 @@ class _Run:
         if not keep:
             return []
         out = []
-        for x, kw in zip(xs, kws):
-            out.append(first_output(block(x.to(self.cfg.device), **kw)).to(self.stream_device))
-            del x
-            xs[len(out) - 1] = None  # type: ignore[call-overload]  # the batch's input, no longer needed
+        for b, kw in enumerate(kws[:len(xs)]):
+            out.append(first_output(block(xs[b].to(self.cfg.device), **kw)).to(self.stream_device))
+            xs[b] = None  # type: ignore[call-overload]  # the batch's input, no longer needed
         xs.clear()
         return out
 
