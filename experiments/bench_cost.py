@@ -46,6 +46,25 @@ def config(overrides: list[str]) -> Any:
         return compose(config_name="config", overrides=["logger=none", *overrides])
 
 
+def write_bench(stem: Path, result: dict[str, Any], table: str) -> None:
+    """``<stem>.json`` (the figures) and ``<stem>.md`` (their table)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(table + "\n")
+    print(f"written: {stem}.json, {stem}.md")
+
+
+def load_calibrated(overrides: list[str]) -> tuple[Any, torch.device, Any, torch.Tensor]:
+    """The composed config, its device, the loaded model and the calibration ids, as a run has them."""
+    cfg = config(overrides)
+    device = resolve_device(cfg.device)
+    loaded = load_model(model_spec(cfg.model))
+    calib = cfg.calib
+    ids = data_mod.calibration_ids(loaded.tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed,
+                                   calib.get("path"), calib.get("split"))
+    return cfg, device, loaded, ids
+
+
 @torch.no_grad()
 def dense_forward(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
     """Seconds for one forward of the whole model over the calibration set (what every phase is measured in)."""
@@ -142,13 +161,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = config(args.overrides)
-    device = resolve_device(cfg.device)
-    loaded = load_model(model_spec(cfg.model))
+    cfg, device, loaded, ids = load_calibrated(args.overrides)
     base, tok = loaded.model, loaded.tokenizer
     calib = cfg.calib
-    ids = data_mod.calibration_ids(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed, calib.get("path"),
-                                   calib.get("split"))
     eval_ids = data_mod.tokenize(tok, data_mod.load_text(cfg.eval.ppl.sources[0], "eval", cfg.eval.ppl.get("path"),
                                                          cfg.eval.ppl.get("split"), "eval.ppl"))
     dense_forward(base, ids[: calib.batch_size], calib.batch_size, device)  # warm-up
@@ -179,12 +194,7 @@ def main() -> None:
               "dense_forward_s": dense, "rows": rows, "env": environment()}
     table = render(result, args.ppl_batch)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cost-{cfg.model.name}-{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(table + "\n")
-    print(f"written: {stem}.json, {stem}.md")
+    write_bench(Path(args.out) / f"cost-{cfg.model.name}-{device.type}", result, table)
 
 
 def render(result: dict[str, Any], batch_sizes: list[int]) -> str:

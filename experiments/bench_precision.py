@@ -43,13 +43,11 @@ from saes.core.stats import SiteStats
 from saes.engine.config import EngineConfig
 from saes.engine.layout import check_plan, layout_for, plan_ranks
 from saes.engine.loop import compress_model
-from saes.inputs import data as data_mod
-from saes.inputs.models import load_model, resolve_device
-from saes.runs.job import build_method, model_spec
+from saes.runs.job import build_method
 from saes.runs.records import environment
 from saes.saes import whitened_targets
 
-from .bench_cost import config
+from .bench_cost import config, load_calibrated, write_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = (("float64", "svd"), ("float32", "gram"), ("float32", "svd"))
@@ -145,12 +143,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = config(args.overrides)
-    device = resolve_device(cfg.device)
-    loaded = load_model(model_spec(cfg.model))
+    cfg, device, loaded, ids = load_calibrated(args.overrides)
     calib = cfg.calib
-    ids = data_mod.calibration_ids(loaded.tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed,
-                                   calib.get("path"), calib.get("split"))
     result: dict[str, Any] = {"model": cfg.model.name, "device": device.type, "threads": args.threads,
                               "ratio": args.ratio, "calibration": {"nsamples": calib.nsamples,
                                                                    "seqlen": calib.seqlen},
@@ -171,12 +165,7 @@ def main() -> None:
     result["env"] = environment()
     table = render(result)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"precision-{cfg.model.name}-{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(table + "\n")
-    print(f"written: {stem}.json, {stem}.md")
+    write_bench(Path(args.out) / f"precision-{cfg.model.name}-{device.type}", result, table)
 
 
 if __name__ == "__main__":
