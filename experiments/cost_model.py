@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--gpu-fp32", type=float, default=17.0, help="effective TFLOP/s of fp32 H/Delta products")
     ap.add_argument("--gpu-fp64", type=float, default=9.0, help="effective TFLOP/s of float64 products")
     ap.add_argument("--measure-fp64", action="store_true",
-                    help=f"measure this CPU's float64 rate (default: the committed {BENCH_CPU_FP64_TFLOPS * 1e3:g} GFLOP/s)")
+                    help=f"measure this CPU's float64 rate (default: the committed "
+                         f"{BENCH_CPU_FP64_TFLOPS * 1e3:g} GFLOP/s)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "cost-model.md"))
     args = ap.parse_args()
     bench = json.loads(Path(args.bench).read_text())

@@ -252,7 +252,8 @@ def environment(site: Path) -> dict[str, str]:
 def check(bundle: Path, site: Path, copy_to: Path | None, rest: list[str]) -> int:
     install(bundle, site)
     print(f"installed under {site}; running experiments.gpu_check", flush=True)
-    rc = subprocess.run([sys.executable, "-m", "experiments.gpu_check", *rest], cwd=ROOT, env=environment(site)).returncode
+    rc = subprocess.run([sys.executable, "-m", "experiments.gpu_check", *rest], cwd=ROOT,
+                        env=environment(site)).returncode
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
         bench = ROOT / "results" / "bench"
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
     b.add_argument("--transfer-mb", type=float, default=64.0, help="the most one transfer carries, the tree included")
     for name in ("install", "check"):
-        s = sub.add_parser(name, help="there: install under --site" + (", then run gpu_check" if name == "check" else ""))
+        then = ", then run gpu_check" if name == "check" else ""
+        s = sub.add_parser(name, help=f"there: install under --site{then}")
         s.add_argument("--bundle", type=Path, default=ROOT / ".gpu")
         s.add_argument("--site", type=Path, default=Path(tempfile.gettempdir()) / "saes-gpu-site")
         if name == "check":

@@ -19,8 +19,9 @@ from typing import Any
 from saes.io import digest
 
 
+# How a run is carried out, not what it computes (dotted: nested keys).
 NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload", "display",
-                "calib.reuse_stats", "calib.max_buffer_gb", "plan")  # how a run is carried out, not what it computes (dotted: nested keys)
+                "calib.reuse_stats", "calib.max_buffer_gb", "plan")
 # Keys added after records existed hash as if absent while they hold the value the older records imply:
 # null for optional settings; for AdaSVD, the values of its first reading (before its variants had keys);
 # for SAES-SVD, ACES's own selector (before the exact one existed).
