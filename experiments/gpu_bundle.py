@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "check":
             s.add_argument("--copy-to", type=Path, default=None, help="where the check's JSON and logs are copied")
     args, rest = ap.parse_known_args(argv)
+    if rest and args.cmd != "check":  # only check forwards arguments (to experiments.gpu_check)
+        ap.error(f"unrecognized arguments for {args.cmd}: {' '.join(rest)}")
     try:
         if args.cmd == "build":
             m = build(args.out.resolve(), args.python, args.transfer_mb)

@@ -85,3 +85,11 @@ def test_a_transfer_too_small_for_the_tree_is_refused_before_anything_is_written
     with pytest.raises(gb.BundleError, match="--transfer-mb"):
         gb.build(tmp_path / "gpu", "3.12", transfer_mb=64.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_check_forwards_unknown_arguments(tmp_path):
+    """A typo in build's or install's flags is an error, not a silently ignored option (check forwards its extra
+    arguments to experiments.gpu_check)."""
+    with pytest.raises(SystemExit):
+        gb.main(["build", "--transfer_mb", "32", "--out", str(tmp_path / "gpu")])
+    assert not (tmp_path / "gpu").exists()

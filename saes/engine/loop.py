@@ -407,8 +407,11 @@ def available_bytes(device: torch.device) -> int:
 
 
 def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, stream: Stream, method: Method,
-                 calib_ids: torch.Tensor | None, stream_device: torch.device) -> tuple[bool, int]:
-    """(staged?, the staged buffers' bytes): staged unless asked not to, without stages, or over the budget."""
+                 calib_ids: torch.Tensor | None, stream_device: torch.device, streams: int) -> tuple[bool, int]:
+    """(staged?, the staged buffers' bytes): staged unless asked not to, without stages, or over the budget.
+
+    ``auto`` leaves room for what is not there yet when it measures the free memory: the ``streams`` kept (captured
+    after this check) and, on the staged path, each next stream built beside its input."""
     staged = layout.stages is not None and not cfg.rerun
     if not staged or calib_ids is None:
         return staged, 0
@@ -417,7 +420,8 @@ def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, strea
                                int(calib_ids.numel()), act_bytes)
     budget = cfg.max_buffer_bytes
     if budget == "auto":
-        budget = int(0.8 * available_bytes(stream_device))
+        one = int(calib_ids.numel()) * block.get_submodule(layout.groups[0][0]).in_features * act_bytes
+        budget = int(0.8 * available_bytes(stream_device)) - 2 * streams * one
     if budget is not None and need > int(budget):
         log.warning("the staged path would hold %.1f GB of buffers on %s, over the %.1f GB budget "
                     "(calib.max_buffer_gb): re-running each block per group instead (the same result; about 2-3x "
@@ -460,7 +464,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         keep_comp = need_streams and (stream == "compressed" or cfg.track_fidelity)
         keep_fp = need_streams and (stream == "fp" or needs_delta or cfg.track_fidelity)
         staged, buffers = _choose_path(cfg, layout, blocks[0], stream, method, calib_ids if need_streams else None,
-                                       cfg.stream_device or cfg.device)
+                                       cfg.stream_device or cfg.device, int(keep_comp) + int(keep_fp))
         run = _Run(layout, method, ranks, stream, cfg, keep_comp, keep_fp, staged=staged, ckpt=ckpt, cache=cache,
                    timings={"calibration": 0.0, "factorisation": 0.0})
         timings = run.timings
