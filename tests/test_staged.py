@@ -145,23 +145,25 @@ def test_a_bad_buffer_budget_is_refused_before_anything_loads():
 
 
 def test_propagating_a_stream_hands_it_over_batch_by_batch_with_the_same_outputs():
-    """The engine's stream propagation releases each input batch as its output is made (a stream and its next never
-    both live whole: the reference path's peak is the two streams), with outputs equal to :func:`through`'s."""
+    """Stream propagation (:func:`through`, the engine's ``propagate``) releases each input batch as its output is
+    made (a stream and its next never both live whole: the reference path's peak is the two streams), with outputs
+    equal to the block's forward batch by batch."""
     from saes.engine.loop import _Run
-    from saes.engine.propagate import capture_block_inputs, through
+    from saes.engine.propagate import capture_block_inputs, first_output, through
 
     model = tiny("llama")
     layout = layout_for(model)
     blocks = model.model.layers
     with torch.no_grad():
         xs, kws = capture_block_inputs(model, blocks, calib_batch(n=6, seqlen=24), 2, CPU, CPU)
-        want = through(blocks[0], xs, kws[0], CPU, CPU)
+        want = [first_output(blocks[0](x, **kw)) for x, kw in zip(xs, kws[0])]
         run = _Run(layout, SAES(), {}, "compressed", EngineConfig(device=CPU), True, True, True, None, None, {})
-        handed = list(xs)
+        handed, given = list(xs), list(xs)
         got = run.propagate(blocks[0], handed, kws[0], True)
-    assert handed == [] and len(got) == len(want) == 3
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+        direct = through(blocks[0], given, kws[0], CPU, CPU)
+    assert handed == [] and given == [] and len(got) == len(direct) == len(want) == 3
+    for a, b, c in zip(got, direct, want):
+        assert torch.equal(a, c) and torch.equal(b, c)
 
 
 def test_auto_budget_leaves_room_for_the_streams_and_their_next_copies(monkeypatch):

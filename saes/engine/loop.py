@@ -34,7 +34,7 @@ from saes.core.pruning import Pruner
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
 from saes.engine.layout import BlockLayout, layout_for
-from saes.engine.propagate import StopForward, capture_block_inputs, first_output, forward_capturing, through
+from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
 from saes.engine.stats_cache import CACHED, FREE, FPStatsCache
 from saes.engine.structure import prune_group
@@ -132,16 +132,7 @@ class _Run:
         return FREE if self.cache is not None else frozenset()
 
     def propagate(self, block: nn.Module, xs: list[torch.Tensor], kws: list[dict], keep: bool) -> list[torch.Tensor]:
-        """The stream ``xs`` through ``block`` (:func:`through`), taking it over: each input batch is released as
-        its output is made, so a stream and its next never both live whole (``xs`` is left empty)."""
-        if not keep:
-            return []
-        out = []
-        for b, kw in enumerate(kws[:len(xs)]):
-            out.append(first_output(block(xs[b].to(self.cfg.device), **kw)).to(self.stream_device))
-            xs[b] = None  # type: ignore[call-overload]  # the batch's input, no longer needed
-        xs.clear()
-        return out
+        return through(block, xs, kws, self.cfg.device, self.stream_device) if keep else []
 
 
 def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, stream: Stream,

@@ -120,8 +120,15 @@ def forward_capturing(block: nn.Module, x: torch.Tensor, kw: dict, sites: Iterab
 
 def through(block: nn.Module, xs: list[torch.Tensor], kws: list[dict], device: torch.device,
             stream_device: torch.device) -> list[torch.Tensor]:
-    """Every batch of a stream through ``block``: the inputs of the next block."""
-    return [first_output(block(x.to(device), **kw)).to(stream_device) for x, kw in zip(xs, kws)]
+    """Every batch of a stream through ``block``: the inputs of the next block. Takes the stream over: each input
+    batch is released as its output is made, so a stream and its next never both live whole (``xs`` is left
+    empty; every caller replaces its stream by the result)."""
+    out = []
+    for b, kw in enumerate(kws[:len(xs)]):
+        out.append(first_output(block(xs[b].to(device), **kw)).to(stream_device))
+        xs[b] = None  # type: ignore[call-overload]  # the batch's input, no longer needed
+    xs.clear()
+    return out
 
 
 @dataclass(frozen=True)
