@@ -249,6 +249,13 @@ def environment(site: Path) -> dict[str, str]:
     return env
 
 
+def forwarded_out(rest: list[str]) -> Path:
+    """Where gpu_check writes its JSON: its ``--out`` among the forwarded arguments, else its default."""
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    return out.parse_known_args(rest)[0].out
+
+
 def check(bundle: Path, site: Path, copy_to: Path | None, rest: list[str]) -> int:
     install(bundle, site)
     print(f"installed under {site}; running experiments.gpu_check", flush=True)
@@ -256,7 +263,7 @@ def check(bundle: Path, site: Path, copy_to: Path | None, rest: list[str]) -> in
                         env=environment(site)).returncode
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
-        bench = ROOT / "results" / "bench"
+        bench = forwarded_out(rest)
         for f in sorted(bench.glob("*-cuda.json")):
             shutil.copy2(f, copy_to / f.name)
         summary = bench / "gpu-check-cuda.json"

@@ -93,3 +93,10 @@ def test_only_check_forwards_unknown_arguments(tmp_path):
     with pytest.raises(SystemExit):
         gb.main(["build", "--transfer_mb", "32", "--out", str(tmp_path / "gpu")])
     assert not (tmp_path / "gpu").exists()
+
+
+def test_check_copies_from_the_out_it_forwards_to_gpu_check(tmp_path):
+    """``check --copy-to D --out O`` copies gpu_check's JSON from ``O``, where gpu_check wrote it."""
+    assert gb.forwarded_out(["--budget", "540", "--out", str(tmp_path / "o")]) == tmp_path / "o"
+    assert gb.forwarded_out(["--out=x", "--budget", "5"]) == Path("x")
+    assert gb.forwarded_out(["--budget", "540"]) == gb.ROOT / "results" / "bench"
