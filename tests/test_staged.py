@@ -178,3 +178,44 @@ def test_auto_budget_leaves_room_for_the_streams_and_their_next_copies(monkeypat
     assert run("llama", SAES(), rerun=False, max_buffer_bytes="auto")[2].path == "staged"
     monkeypatch.setattr(loop, "available_bytes", lambda device: int(need / 0.8) + 8)
     assert run("llama", SAES(), rerun=False, max_buffer_bytes="auto")[2].path == "rerun"
+
+
+def test_a_data_free_method_tracking_fidelity_counts_no_staged_buffers():
+    """Plain SVD with track_fidelity streams both inputs but stages nothing (no statistics): the budget is not
+    consulted, even at one byte, and the report says so (0 GB, staged)."""
+    _, _, report = run("llama", SVD("svd"), rerun=False, max_buffer_bytes=1, track_fidelity=True, stream="compressed")
+    assert (report.path, report.staged_buffer_gb) == ("staged", 0.0)
+
+
+class Peeker(Method):
+    """Wraps a method; at each factorisation counts the float32 ``n x n`` tensors alive that are not parameters
+    (statistics sums or their uncast copies)."""
+
+    def __init__(self, inner: Method) -> None:
+        super().__init__(inner.name, "float64")
+        self.inner, self.needs, self.stream, self.live = inner, inner.needs, inner.stream, {}
+
+    def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = ""):
+        import gc
+
+        n = W.shape[1]
+        self.live[layer] = sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.dtype == torch.float32
+                               and o.shape == (n, n))
+        return self.inner.factorize(W, stats, rank, layer)
+
+
+@pytest.mark.parametrize("make,rerun", [(SAES, False), (SAES, True), (lambda: SVDLLM("svdllm"), False),
+                                        (lambda: SVDLLM("svdllm"), True)])
+def test_no_float32_statistics_are_held_while_a_group_is_factorised(make, rerun):
+    """Without a statistics cache a site's float32 sums and statistics are released once cast to the method's
+    float64 (at 70B widths each ``n x n`` copy is 3 GB; the peak is the down_proj's factorisation, docs/cost-model.md).
+    On the FP stream the hidden-width sites' sums are filled together, so while ``q`` is factorised those of ``o``
+    and ``gate`` (the same width) still wait; the down_proj's width is the model's alone."""
+    model = tiny("llama")
+    peek = Peeker(make())
+    compress_model(model, peek, plan_ranks(model, layout_for(model), 0.4), calib_batch(n=6, seqlen=24),
+                   EngineConfig(device=CPU, batch_size=4, rerun=rerun))
+    assert len(peek.live) == 21, peek.live
+    assert all(n == 0 for layer, n in peek.live.items() if layer.endswith("down_proj")), peek.live
+    if make is SAES:  # the compressed stream fills one site at a time
+        assert max(peek.live.values()) == 0, peek.live

@@ -201,9 +201,10 @@ def _compress_block_rerun(run: _Run, block: nn.Module, ref: nn.Module | None, pr
             if site in cached:
                 stats = cached[site]
             else:
-                stats = fresh[site] = _group_stats(block, ref, site, streams.X, streams.Xf, streams.kws, stream, needs,
-                                                   cfg.stats_dtype, cfg.device, cfg.stats_device or cfg.device,
-                                                   f"{prefix}.{site}")
+                stats = _group_stats(block, ref, site, streams.X, streams.Xf, streams.kws, stream, needs,
+                                     cfg.stats_dtype, cfg.device, cfg.stats_device or cfg.device, f"{prefix}.{site}")
+                if run.cache is not None:  # else not held beside their cast while the group is factorised
+                    fresh[site] = stats
             stats = _only(stats, method.needs).to(method.compute_dtype, cfg.device)
         timings["calibration"] += time.perf_counter() - t0
         _factorize_group(block, group, prefix, method, ranks, stats, timings, layers)
@@ -264,12 +265,15 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
             stats = cached[site]
         else:
             assert acc is not None
-            stats = fresh[site] = acc.finalize(f"{prefix}.{site}")
+            stats = acc.finalize(f"{prefix}.{site}")
+            if run.cache is not None:
+                fresh[site] = stats
         return _only(stats, method.needs).to(method.compute_dtype, dev)
 
     if stream == "fp" or not method.needs:
-        for site, group in zip(sites, layout.groups):
-            _factorize_group(block, group, prefix, method, ranks, statistics(site, fp_acc.get(site)), timings, layers)
+        for site, group in zip(sites, layout.groups):  # each accumulator is dropped once its statistics are cast
+            _factorize_group(block, group, prefix, method, ranks, statistics(site, fp_acc.pop(site, None)), timings,
+                             layers)
         t0 = time.perf_counter()
         X_next = through(block, streams.X, streams.kws, dev, stream_dev) if keep_comp else []
         timings["calibration"] += time.perf_counter() - t0
@@ -284,6 +288,7 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
             acc.update(x, fp_in[sites[gi]][b].to(dev) if with_delta else None)
         fp_in.pop(sites[gi], None)
         stats = statistics(sites[gi], acc)
+        del acc  # the float32 sums: not held while the group is factorised
         timings["calibration"] += time.perf_counter() - t0
         return _factorize_group(block, layout.groups[gi], prefix, method, ranks, stats, timings, layers)
 
@@ -404,19 +409,21 @@ def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, strea
     ``auto`` leaves room for what is not there yet when it measures the free memory: the ``streams`` kept (captured
     after this check) and, on the staged path, each next stream built beside its input."""
     staged = layout.stages is not None and not cfg.rerun
-    if not staged or calib_ids is None:
+    if not staged or calib_ids is None or not method.needs:  # data-free (fidelity only): both paths stage nothing
         return staged, 0
     act_bytes = next(block.parameters()).element_size()
     need = staged_buffer_bytes(block, layout, stream, "Delta" in method.needs and stream == "compressed",
                                int(calib_ids.numel()), act_bytes)
-    budget = cfg.max_buffer_bytes
+    budget, why = cfg.max_buffer_bytes, ""
     if budget == "auto":
         one = int(calib_ids.numel()) * block.get_submodule(layout.groups[0][0]).in_features * act_bytes
-        budget = int(0.8 * available_bytes(stream_device)) - 2 * streams * one
+        free = available_bytes(stream_device)
+        budget = int(0.8 * free) - 2 * streams * one
+        why = f"=auto: 80% of {free / 1e9:.1f} GB free, less {2 * streams * one / 1e9:.1f} GB for the streams"
     if budget is not None and need > int(budget):
         log.warning("the staged path would hold %.1f GB of buffers on %s, over the %.1f GB budget "
-                    "(calib.max_buffer_gb): re-running each block per group instead (the same result; about 2-3x "
-                    "the statistics time)", need / 1e9, stream_device, int(budget) / 1e9)
+                    "(calib.max_buffer_gb%s): re-running each block per group instead (the same result; about 2-3x "
+                    "the statistics time)", need / 1e9, stream_device, int(budget) / 1e9, why)
         return False, need
     return True, need
 

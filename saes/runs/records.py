@@ -19,7 +19,9 @@ from typing import Any
 from saes.io import digest
 
 
-# How a run is carried out, not what it computes (dotted: nested keys).
+# How a run is carried out, not what it computes (dotted: nested keys). calib.max_buffer_gb picks the engine's
+# path (staged or reference); the two agree to float rounding (tests/test_staged.py), like thread counts, and the
+# record names the path taken (calibration.engine_path).
 NON_SEMANTIC = ("force", "save", "logger", "results_dir", "hydra", "experiment_name", "resume", "offload", "display",
                 "calib.reuse_stats", "calib.max_buffer_gb", "plan")
 # Keys added after records existed hash as if absent while they hold the value the older records imply:
