@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-svd", action="store_true", help="skip the (slow on a CPU) float64/float32 full SVDs")
+    ap.add_argument("--only-factorisation", action="store_true",
+                    help="section 3 alone (times and peak memory per shape), to factorisation-<h>x<i>-<device>.json")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,6 +121,11 @@ def main() -> None:
                               "tokens": nsamples * seqlen, "nsamples": nsamples, "seqlen": seqlen,
                               "batch": args.batch, "dtype": args.dtype, "device": device.type,
                               "threads": args.threads, "env": environment()}
+
+    if args.only_factorisation:
+        result["factorisation"] = factorisation(args, device)
+        write(result, Path(args.out) / f"factorisation-{args.hidden}x{args.intermediate}-{device.type}.json")
+        return
 
     # 1. the block's forward over the calibration tokens
     model = one_block_model(args.hidden, args.intermediate, args.heads, dtype)
@@ -150,7 +157,14 @@ def main() -> None:
             del fresh
     result["statistics"] = passes
 
-    # 3. factorisation paths per projection shape, in float64 unless stated
+    result["factorisation"] = factorisation(args, device)
+    write(result, Path(args.out) / f"block-{args.hidden}-{device.type}.json")
+
+
+def factorisation(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """3. Each factorisation path per projection shape, in float64 unless stated; for SAES-SVD and SVD-LLM also
+    the peak memory of one factorize call above its inputs, in float64 ``n x n`` matrices (``*_peak_nn``: the
+    cost model's ``FACTOR_WORKSPACE``)."""
     h, i = args.hidden, args.intermediate
     shapes = {"q/k/v/o": (h, h), "gate/up": (i, h), "down": (h, i)}
     g = torch.Generator().manual_seed(1)
@@ -167,15 +181,17 @@ def main() -> None:
         if not args.skip_svd:
             row["svd_f64_s"] = timed(lambda: torch.linalg.svd(W, full_matrices=False), device)
             row["svd_f32_s"] = timed(lambda: torch.linalg.svd(W.float(), full_matrices=False), device)
-        row["saes_factorize_s"] = timed(lambda: SAES().factorize(W, stats, rank), device)
-        row["svdllm_factorize_s"] = timed(lambda: SVDLLM("svdllm").factorize(W, stats, rank), device)
+        for label, method in (("saes", SAES()), ("svdllm", SVDLLM("svdllm"))):
+            base = reset_peak(device)
+            row[f"{label}_factorize_s"] = timed(lambda: method.factorize(W, stats, rank), device)
+            row[f"{label}_factorize_peak_nn"] = (peak_mb(device) - base) * 2**20 / (n * n * 8)
         fact[name] = row
         print(name, row, flush=True)
-    result["factorisation"] = fact
+    return fact
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"block-{args.hidden}-{device.type}.json"
+
+def write(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"written: {path}")
 

@@ -73,29 +73,38 @@ def factorisation_seconds(bench: dict[str, Any], s: Shape, method: str, cpu_fp64
     return cpu * cpu_fp64 / fp64
 
 
+# The widest site's factorisation (down_proj: n = intermediate), in float64 n x n matrices: the method's
+# statistics cast to float64 (SAES-SVD: H and Delta; SVD-LLM: H) and its own temporaries beside them (Cholesky
+# factor, whitened matrices, Gram, eigenvectors, ACES/CEALC's corrections), measured as the peak above the inputs of
+# one factorize call at LLaMA-7B's down_proj aspect, 2048 x 5504: SAES-SVD 5.3, SVD-LLM 4.4
+# (results/bench/factorisation-2048x5504-cpu.json: make bench-block ARGS="--only-factorisation --hidden 2048
+# --intermediate 5504 --skip-svd").
+FACTOR_STATS = {"saes": 2.0, "svdllm": 1.0}
+FACTOR_WORKSPACE = {"saes": 5.3, "svdllm": 4.4}
+
+
 def peak_gb(s: Shape, tokens: int, method: str, act_bytes: int = 2, weight_bytes: int = 2,
             staged: bool = True) -> float:
-    """The engine's peak on the compute device with everything there (calib.stream_device unset): the block in
-    the model's dtype, the two streams' inputs and next inputs, SAES-SVD's stored FP site inputs (for Delta) and
-    the compressed intermediates (``staged``; the reference path instead recomputes what it needs per group and
-    batch, keeps a copy of the dense block, and each next stream replaces its input), float32 statistics of the
-    largest site, float64 factorisation workspace. The rest of the model stays in host memory. Measured against
-    it (docs/cost-model.md): RSS 11-18% above on the staged path, 40% on the reference path."""
+    """The engine's peak (GiB) on the compute device with everything there (calib.stream_device unset), as the sum
+    of each phase's largest term (an upper bound: the staged buffers and the factorisation never peak together):
+    the block in the model's dtype; the two streams' inputs and next inputs; for SAES-SVD, staged, the FP site
+    inputs stored for Delta and the compressed intermediates (the reference path instead recomputes what it needs
+    per group and batch, keeps a copy of the dense block, and each next stream replaces its input); the widest
+    site's factorisation (:data:`FACTOR_STATS`, :data:`FACTOR_WORKSPACE`; the float32 sums are released before
+    it). The rest of the model stays in host memory. Measured against it: docs/cost-model.md."""
     h, i = s.hidden, s.intermediate
     block = s.block_params * weight_bytes
     stream = tokens * h * act_bytes
     if method == "saes" and not staged:
         acts = 2 * stream + block  # X and X^f (each next stream replaces its input batch by batch); the FP block copy
-        stats = 2 * i * i * 4
     elif method == "saes":
         fp_sites = tokens * (3 * h + i) * act_bytes  # kept after the FP pass, freed site by site
         acts = 4 * stream + fp_sites  # X, X^f, next X^f, (z | h, u): at most about two hidden-size lists
-        stats = 2 * i * i * 4  # H and Delta of the down_proj site
     else:
         acts = 2 * stream  # X^f and the next X^f; statistics accumulate in the hooks
-        stats = i * i * 4
-    workspace = 4 * i * i * 8  # Cholesky factor, whitened target, Gram matrix, eigenvectors (float64)
-    return (block + acts + stats + workspace) / 2**30
+    family = "saes" if method == "saes" else "svdllm"
+    factorisation = (FACTOR_STATS[family] + FACTOR_WORKSPACE[family]) * i * i * 8
+    return (block + acts + factorisation) / 2**30
 
 
 def cpu_rates(bench: dict[str, Any]) -> Rates:

@@ -33,6 +33,7 @@ from saes.core.method import Method, Stream
 from saes.core.pruning import Pruner
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
+from saes.engine.cost import FACTOR_STATS, FACTOR_WORKSPACE
 from saes.engine.layout import BlockLayout, layout_for
 from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
@@ -407,7 +408,8 @@ def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, strea
     """(staged?, the staged buffers' bytes): staged unless asked not to, without stages, or over the budget.
 
     ``auto`` leaves room for what is not there yet when it measures the free memory: the ``streams`` kept (captured
-    after this check) and, on the staged path, each next stream built beside its input."""
+    after this check), on the staged path each next stream built beside its input, and the widest site's
+    factorisation (its float64 statistics and workspace, :data:`saes.engine.cost.FACTOR_WORKSPACE`)."""
     staged = layout.stages is not None and not cfg.rerun
     if not staged or calib_ids is None or not method.needs:  # data-free (fidelity only): both paths stage nothing
         return staged, 0
@@ -417,9 +419,13 @@ def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, strea
     budget, why = cfg.max_buffer_bytes, ""
     if budget == "auto":
         one = int(calib_ids.numel()) * block.get_submodule(layout.groups[0][0]).in_features * act_bytes
+        family = "saes" if "Delta" in method.needs else "svdllm"
+        n = max(block.get_submodule(group[0]).in_features for group in layout.groups)
+        factor = int((FACTOR_STATS[family] + FACTOR_WORKSPACE[family]) * n * n * 8)
         free = available_bytes(stream_device)
-        budget = int(0.8 * free) - 2 * streams * one
-        why = f"=auto: 80% of {free / 1e9:.1f} GB free, less {2 * streams * one / 1e9:.1f} GB for the streams"
+        budget = int(0.8 * free) - 2 * streams * one - factor
+        why = (f"=auto: 80% of {free / 1e9:.1f} GB free, less {2 * streams * one / 1e9:.1f} GB for the streams and "
+               f"{factor / 1e9:.1f} GB for the factorisation")
     if budget is not None and need > int(budget):
         log.warning("the staged path would hold %.1f GB of buffers on %s, over the %.1f GB budget "
                     "(calib.max_buffer_gb%s): re-running each block per group instead (the same result; about 2-3x "
