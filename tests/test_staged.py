@@ -192,13 +192,13 @@ def test_a_data_free_method_tracking_fidelity_counts_no_staged_buffers():
     assert (report.path, report.staged_buffer_gb) == ("staged", 0.0)
 
 
-class Peeker(Method):
-    """Wraps a method; at each factorisation counts the float32 ``n x n`` tensors alive that are not parameters
-    (statistics sums or their uncast copies)."""
+class Peeker(Recorder):
+    """A :class:`Recorder` that, at each factorisation, counts the float32 ``n x n`` tensors alive that are not
+    parameters (statistics sums or their uncast copies), by layer."""
 
     def __init__(self, inner: Method) -> None:
-        super().__init__(inner.name, "float64")
-        self.inner, self.needs, self.stream, self.live = inner, inner.needs, inner.stream, {}
+        super().__init__(inner)
+        self.live: dict[str, int] = {}
 
     def factorize(self, W: torch.Tensor, stats: SiteStats, rank: int, layer: str = ""):
         import gc
@@ -206,14 +206,15 @@ class Peeker(Method):
         n = W.shape[1]
         self.live[layer] = sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.dtype == torch.float32
                                and o.shape == (n, n))
-        return self.inner.factorize(W, stats, rank, layer)
+        return super().factorize(W, stats, rank, layer)
 
 
 @pytest.mark.parametrize("make,rerun", [(SAES, False), (SAES, True), (lambda: SVDLLM("svdllm"), False),
                                         (lambda: SVDLLM("svdllm"), True)])
 def test_no_float32_statistics_are_held_while_a_group_is_factorised(make, rerun):
     """Without a statistics cache a site's float32 sums and statistics are released once cast to the method's
-    float64 (at 70B widths each ``n x n`` copy is 3 GB; the peak is the down_proj's factorisation, docs/cost-model.md).
+    float64 (at 70B widths each ``n x n`` copy is 3 GB; the peak is the down_proj's factorisation,
+    docs/cost-model.md).
     On the FP stream the hidden-width sites' sums are filled together, so while ``q`` is factorised those of ``o``
     and ``gate`` (the same width) still wait; the down_proj's width is the model's alone."""
     model = tiny("llama")

@@ -83,6 +83,13 @@ FACTOR_STATS = {"saes": 2.0, "svdllm": 1.0}
 FACTOR_WORKSPACE = {"saes": 5.3, "svdllm": 4.4}
 
 
+def factorisation_bytes(n: int, delta: bool) -> float:
+    """The widest site's factorisation (input width ``n``): SAES-SVD's figures where the method needs ``Delta``,
+    else SVD-LLM's."""
+    family = "saes" if delta else "svdllm"
+    return (FACTOR_STATS[family] + FACTOR_WORKSPACE[family]) * n * n * 8
+
+
 def peak_gb(s: Shape, tokens: int, method: str, act_bytes: int = 2, weight_bytes: int = 2,
             staged: bool = True) -> float:
     """The engine's peak (GiB) on the compute device with everything there (calib.stream_device unset), as the sum
@@ -102,9 +109,7 @@ def peak_gb(s: Shape, tokens: int, method: str, act_bytes: int = 2, weight_bytes
         acts = 4 * stream + fp_sites  # X, X^f, next X^f, (z | h, u): at most about two hidden-size lists
     else:
         acts = 2 * stream  # X^f and the next X^f; statistics accumulate in the hooks
-    family = "saes" if method == "saes" else "svdllm"
-    factorisation = (FACTOR_STATS[family] + FACTOR_WORKSPACE[family]) * i * i * 8
-    return (block + acts + factorisation) / 2**30
+    return (block + acts + factorisation_bytes(i, delta=method == "saes")) / 2**30
 
 
 def cpu_rates(bench: dict[str, Any]) -> Rates:

@@ -33,7 +33,7 @@ from saes.core.method import Method, Stream
 from saes.core.pruning import Pruner
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
-from saes.engine.cost import FACTOR_STATS, FACTOR_WORKSPACE
+from saes.engine.cost import factorisation_bytes
 from saes.engine.layout import BlockLayout, layout_for
 from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
@@ -409,7 +409,7 @@ def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, strea
 
     ``auto`` leaves room for what is not there yet when it measures the free memory: the ``streams`` kept (captured
     after this check), on the staged path each next stream built beside its input, and the widest site's
-    factorisation (its float64 statistics and workspace, :data:`saes.engine.cost.FACTOR_WORKSPACE`)."""
+    factorisation (its float64 statistics and workspace, :func:`saes.engine.cost.factorisation_bytes`)."""
     staged = layout.stages is not None and not cfg.rerun
     if not staged or calib_ids is None or not method.needs:  # data-free (fidelity only): both paths stage nothing
         return staged, 0
@@ -419,9 +419,8 @@ def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, strea
     budget, why = cfg.max_buffer_bytes, ""
     if budget == "auto":
         one = int(calib_ids.numel()) * block.get_submodule(layout.groups[0][0]).in_features * act_bytes
-        family = "saes" if "Delta" in method.needs else "svdllm"
         n = max(block.get_submodule(group[0]).in_features for group in layout.groups)
-        factor = int((FACTOR_STATS[family] + FACTOR_WORKSPACE[family]) * n * n * 8)
+        factor = int(factorisation_bytes(n, delta="Delta" in method.needs))
         free = available_bytes(stream_device)
         budget = int(0.8 * free) - 2 * streams * one - factor
         why = (f"=auto: 80% of {free / 1e9:.1f} GB free, less {2 * streams * one / 1e9:.1f} GB for the streams and "
