@@ -28,8 +28,9 @@ class EngineConfig:
     resume_key: str = ""  # the run's config key: checkpoints of another key are refused
     rerun: bool = False  # the reference path: re-run the block per group (layouts without stages always do)
     # The most the staged path's own buffers may hold on the stream device (bytes; "auto": 80% of the memory free
-    # there when compression starts, less the room of the streams and their next copies; None: no bound). Above it the engine takes the reference path (the same
-    # result; it keeps only the two streams): :func:`saes.engine.loop.staged_buffer_bytes`.
+    # there when compression starts, less the room of the streams and their next copies and of the widest site's
+    # factorisation; None: no bound). Above it the engine takes the reference path (the same result; it keeps only
+    # the two streams): :func:`saes.engine.loop.staged_buffer_bytes`, :func:`saes.engine.loop._choose_path`.
     max_buffer_bytes: int | str | None = None
     on_block: Callable[[BlockReport], None] | None = None  # called after each block (live logging); no effect on results
 
