@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saes import aces_select_beta, cealc_factors
-from saes.core.linalg import FactorizationError, damped_cholesky, truncated_svd
+from saes.core.linalg import FactorizationError, all_finite, damped_cholesky, truncated_svd
 from saes.saes import aces_coefficients, select_beta, whitened_targets
 
 F64 = torch.float64
@@ -97,6 +97,35 @@ def test_singular_covariance_escalates_damping_instead_of_failing():
         damped_cholesky(torch.diag(torch.tensor([10.0, -5.0], dtype=F64)), 0.0, max_damp=1e-2)  # needs damp > 2
     with pytest.raises(FactorizationError, match="non-finite"):
         damped_cholesky(torch.full((3, 3), float("nan"), dtype=F64))
+
+
+def _reference_cholesky(H: torch.Tensor, damp: float, max_damp: float = 1.0) -> tuple[torch.Tensor, float, int]:
+    """The textbook form the in-place damped_cholesky must equal bit for bit: Cholesky of 0.5 (H + H^T) + lam I."""
+    Hs = 0.5 * (H + H.mT)
+    scale, eye = Hs.diagonal().mean(), torch.eye(H.shape[0], dtype=H.dtype)
+    d, k = damp, 0
+    while d <= max_damp:
+        C, info = torch.linalg.cholesky_ex(Hs + (d * scale) * eye if d > 0 else Hs)
+        if int(info) == 0:
+            return C, d, k
+        d, k = max(d * 10.0, 1e-8), k + 1
+    raise AssertionError("reference never factorised")
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_in_place_damped_cholesky_equals_the_textbook_form_bit_for_bit(damp, indefinite):
+    _, X, _ = layer(n=64, N=40 if indefinite else 400)  # 40 tokens for 64 inputs: singular
+    H = (X @ X.mT).float().double()  # a float32 Gram: not exactly symmetric after rounding in general
+    H = H + 1e-9 * torch.randn(H.shape, generator=torch.Generator().manual_seed(3), dtype=F64)  # and asymmetric
+    if indefinite:
+        H[0, 0] -= 1e-3 * H.diagonal().mean()
+    before = H.clone()
+    wh = damped_cholesky(H, damp)
+    C, d, k = _reference_cholesky(H, damp)
+    assert torch.equal(wh.C, C) and wh.damp == d and wh.escalations == k
+    assert torch.equal(H, before)  # the caller's statistics are not touched
+    assert k > 0 if indefinite and damp == 0 else k == 0
 
 
 def test_beta_out_of_range_is_rejected():
@@ -194,3 +223,18 @@ def test_select_beta_scores_every_candidate_after_the_guardrails():
     assert score == pytest.approx(coef.surrogate(0.15, "ratio"), rel=1e-12)
     assert score < coef.surrogate(0.0, "ratio")
     assert score > 10 * coef.surrogate(aces_select_beta(W, H, Delta, 2), "ratio")  # not the unguarded minimum's
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_agrees_with_isfinite_all(dtype):
+    """The copy-free check every factorisation and statistic goes through: NaN and either infinity anywhere, in
+    row- or column-major matrices (Cholesky factors are column-major), and the empty tensor."""
+    base = torch.randn(37, 23, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cases = [base, base.mT, base[:, ::2], torch.empty(0, 5, dtype=dtype)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i, j in ((0, 0), (36, 22), (17, 5)):
+            t = base.clone()
+            t[i, j] = bad
+            cases += [t, t.mT, t.mT.contiguous().mT]
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all())

@@ -168,15 +168,16 @@ def test_propagating_a_stream_hands_it_over_batch_by_batch_with_the_same_outputs
 
 def test_auto_budget_leaves_room_for_the_streams_and_their_next_copies(monkeypatch):
     """``auto`` measures free memory before the streams are captured: it subtracts the two kept streams and the
-    staged path's next copies (4 x tokens x hidden here) and the widest site's factorisation (SAES-SVD: 2 + 5.3
-    float64 160 x 160 matrices), so memory that fits the buffers alone, or without the factorisation, is not
-    enough."""
+    staged path's next copies (4 x tokens x hidden here) and the widest site's factorisation (SAES-SVD's float64
+    160 x 160 matrices, ``cost.factorisation_bytes``), so memory that fits the buffers alone, or without the
+    factorisation, is not enough."""
     from saes.engine import loop
+    from saes.engine.cost import factorisation_bytes
 
     model = tiny("llama")
     need = loop.staged_buffer_bytes(model.model.layers[0], layout_for(model), "compressed", True, 6 * 24, 4)
     one = 6 * 24 * 64 * 4  # one stream: tokens x hidden x float32
-    factor = int((2 + 5.3) * 160 * 160 * 8)
+    factor = int(factorisation_bytes(160, delta=True))
     monkeypatch.setattr(loop, "available_bytes", lambda device: int((need + 4 * one + factor) / 0.8) + 8)
     assert run("llama", SAES(), rerun=False, max_buffer_bytes="auto")[2].path == "staged"
     monkeypatch.setattr(loop, "available_bytes", lambda device: int((need + 4 * one) / 0.8) + 8)

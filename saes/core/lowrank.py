@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from saes.core.linalg import FactorizationError
+from saes.core.linalg import FactorizationError, all_finite
 
 
 class FactorOverflow(FactorizationError):
@@ -29,9 +29,9 @@ def cast_factors(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, layer: st
     and a float64 factor that is finite can become inf there. Non-finite values are never installed."""
     cast = A.to(dtype), B.to(dtype)
     for name, src, out in (("A", A, cast[0]), ("B", B, cast[1])):
-        if torch.isfinite(out).all():
+        if all_finite(out):
             continue
-        if not torch.isfinite(src).all():
+        if not all_finite(src):
             raise FactorizationError(f"{layer}: {name} has non-finite entries in {src.dtype}, before the cast")
         big = src.abs().max().item()
         raise FactorOverflow(
@@ -45,7 +45,7 @@ def check_installed(model: nn.Module, dtype: torch.dtype) -> None:
     for name, mod in model.named_modules():
         if isinstance(mod, LowRankLinear):
             for factor in ("A", "B"):
-                if not torch.isfinite(getattr(mod, factor).weight).all():
+                if not all_finite(getattr(mod, factor).weight):
                     raise FactorOverflow(f"{name}: {factor} has non-finite entries in {dtype} after loading: "
                                          f"set {WIDER.get(dtype, 'a wider model.dtype')}")
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from saes.core.linalg import all_finite
+
 
 class StatisticsError(RuntimeError):
     """Statistics are missing, empty or non-finite."""
@@ -109,7 +111,7 @@ class StreamingStats:
                for name, t in (("H", H), ("Delta", self._D), ("absmean", self._abs), ("var", self._m2))}
         out["mean"] = None if self._mean is None else self._mean.clone()
         for name, t in out.items():
-            if t is not None and not torch.isfinite(t).all():
+            if t is not None and not all_finite(t):
                 raise StatisticsError(
                     f"{name} at {where} has non-finite entries (activations overflowed); "
                     "use calib.stats_dtype=float64 or a higher model.dtype"
