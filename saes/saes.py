@@ -111,10 +111,8 @@ def aces_coefficients(S: torch.Tensor, D: torch.Tensor, rank: int) -> AcesCoeffi
     svd = truncated_svd(S, rank)  # the one extra SVD of ACES
 
     def perp(X: torch.Tensor) -> torch.Tensor:  # P_L X P_R without forming the m x m / n x n projectors
-        T = svd.U @ (svd.U.mT @ X)
-        X = torch.sub(X, T, out=T)  # X - U U^T X, written over the product (one m x n temporary fewer)
-        T = (X @ svd.Vh.mT) @ svd.Vh
-        return torch.sub(X, T, out=T)
+        X = X - svd.U @ (svd.U.mT @ X)
+        return X - (X @ svd.Vh.mT) @ svd.Vh
 
     Sp, Dp = perp(S), perp(D)
     dot = lambda X, Y: float((X * Y).sum())  # noqa: E731
