@@ -73,3 +73,18 @@ def test_plan_refuses_bad_input_naming_the_key(tmp_path, nothing_loads):
         run(make_cfg("model=llama7b_shape", "ratio=1.5", "plan=true", results_dir=tmp_path))
     with pytest.raises(ModelUnavailable, match="model.blocks must be an integer >= 1"):
         run(make_cfg("model=llama7b_shape", "model.blocks=0", "plan=true", results_dir=tmp_path))
+
+
+def test_the_memory_models_factorisation_workspace_covers_the_committed_measurement():
+    """``FACTOR_WORKSPACE`` is what ``bench-block --only-factorisation`` measured at the down_proj's aspect (the
+    widest site, the peak): never below it (the planner would promise memory that is not there), and within 0.2
+    of a matrix above it (a stale constant after the engine got leaner)."""
+    import json
+
+    from saes.engine.cost import FACTOR_WORKSPACE
+
+    bench = Path(__file__).resolve().parents[1] / "results" / "bench" / "factorisation-2048x5504-cpu.json"
+    down = json.loads(bench.read_text())["factorisation"]["down"]
+    for family in ("saes", "svdllm"):
+        measured = down[f"{family}_factorize_peak_nn"]
+        assert measured <= FACTOR_WORKSPACE[family] <= measured + 0.2, (family, measured)
