@@ -112,12 +112,14 @@ def _reference_cholesky(H: torch.Tensor, damp: float, max_damp: float = 1.0) -> 
     raise AssertionError("reference never factorised")
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize("damp", [0.0, 0.01])
 @pytest.mark.parametrize("indefinite", [False, True])
-def test_in_place_damped_cholesky_equals_the_textbook_form_bit_for_bit(damp, indefinite):
+def test_in_place_damped_cholesky_equals_the_textbook_form_bit_for_bit(damp, indefinite, dtype):
     _, X, _ = layer(n=64, N=40 if indefinite else 400)  # 40 tokens for 64 inputs: singular
     H = (X @ X.mT).float().double()  # a float32 Gram: not exactly symmetric after rounding in general
     H = H + 1e-9 * torch.randn(H.shape, generator=torch.Generator().manual_seed(3), dtype=F64)  # and asymmetric
+    H = H.to(dtype)  # float32: method.compute_dtype=float32, where lam = d * scale rounds in float32
     if indefinite:
         H[0, 0] -= 1e-3 * H.diagonal().mean()
     before = H.clone()
@@ -225,16 +227,17 @@ def test_select_beta_scores_every_candidate_after_the_guardrails():
     assert score > 10 * coef.surrogate(aces_select_beta(W, H, Delta, 2), "ratio")  # not the unguarded minimum's
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_all_finite_agrees_with_isfinite_all(dtype):
+def test_all_finite_agrees_with_isfinite_all(dtype, device):
     """The copy-free check every factorisation and statistic goes through: NaN and either infinity anywhere, in
-    row- or column-major matrices (Cholesky factors are column-major), and the empty tensor."""
-    base = torch.randn(37, 23, generator=torch.Generator().manual_seed(0)).to(dtype)
-    cases = [base, base.mT, base[:, ::2], torch.empty(0, 5, dtype=dtype)]
+    row- or column-major matrices (Cholesky factors are column-major), strided views, and the empty tensor."""
+    base = torch.randn(37, 23, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    cases = [base, base.mT, base[:, ::2], torch.empty(0, 5, dtype=dtype, device=device)]
     for bad in (float("nan"), float("inf"), -float("inf")):
-        for i, j in ((0, 0), (36, 22), (17, 5)):
+        for i, j in ((0, 0), (36, 22), (17, 5), (4, 6)):
             t = base.clone()
             t[i, j] = bad
-            cases += [t, t.mT, t.mT.contiguous().mT]
+            cases += [t, t.mT, t.mT.contiguous().mT, t[:, ::2]]
     for t in cases:
         assert all_finite(t) == bool(torch.isfinite(t).all())
