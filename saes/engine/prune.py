@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saes.core.linalg import all_finite
 from saes.core.pruning import Kind, Pruner, StructurePlan, svd_removal, taylor_scores
 from saes.core.stats import StreamingStats
 from saes.engine.config import CompressionReport, EngineConfig
@@ -95,7 +96,7 @@ def gradient_scores(model: nn.Module, layout: BlockLayout, method: Pruner, calib
                 W = model.get_submodule(name).weight.detach().to(acc_device, dtype)
                 products[site.split(".")[-1].split("_")[0]] = (W * sums.pop(name).to(dtype) / len(calib_ids)).abs()
             per[kind] = taylor_scores(kind, products, groups).cpu()  # type: ignore[arg-type]
-            if not torch.isfinite(per[kind]).all():
+            if not all_finite(per[kind]):
                 raise FloatingPointError(f"{method.name}: block {i}'s {kind} scores are not finite in "
                                          f"{next(model.parameters()).dtype}; run the model in a wider dtype "
                                          "(model.dtype=bfloat16 or float32)")

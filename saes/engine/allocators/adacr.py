@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saes.core.linalg import all_finite
 from saes.core.lowrank import check_ratio
 from saes.engine.allocation import ranks_for_layer_ratios
 from saes.engine.allocators.base import Allocator, Plan, block_shapes, uniform_budget
@@ -73,7 +74,7 @@ def adacr_keep(importance: Sequence[float], ratio: float, min_keep: float = 0.5,
                          f"got {min_keep}, {max_keep} at ratio {ratio}")
     imp = torch.as_tensor(importance, dtype=torch.float64)
     w = torch.ones_like(imp) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    if imp.ndim != 1 or imp.numel() == 0 or w.shape != imp.shape or not torch.isfinite(imp).all() or (imp < 0).any():
+    if imp.ndim != 1 or imp.numel() == 0 or w.shape != imp.shape or not all_finite(imp) or (imp < 0).any():
         raise ValueError(f"importance must be a non-empty list of finite values >= 0 (one per layer); got {importance}")
     if not (w > 0).all():
         raise ValueError("layer weights must be positive")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from saes.core.linalg import all_finite
 from saes.core.lowrank import check_ratio
 from saes.engine.allocation import ranks_for_layer_ratios
 from saes.engine.allocators.base import Allocator, Plan, block_of, block_shapes, uniform_budget
@@ -130,10 +131,10 @@ def dip_spread(grad_sensitivity: Sequence[float], eff_rank: Sequence[float], rat
     e = torch.as_tensor(eff_rank, dtype=torch.float64)
     if g.ndim != 1 or g.numel() == 0 or e.shape != g.shape:
         raise ValueError("dip_keep: one gradient sensitivity and one effective rank per block")
-    if not (torch.isfinite(g).all() and (g > 0).all()):
+    if not (all_finite(g) and (g > 0).all()):
         raise ValueError(f"dip_keep: gradient sensitivities must be finite and > 0 (a block with no gradient?); got "
                          f"{grad_sensitivity}")
-    if not torch.isfinite(e).all():
+    if not all_finite(e):
         raise ValueError(f"dip_keep: effective ranks must be finite; got {eff_rank}")
     n = g.numel()
     quarters = torch.tensor_split(g, [n // 4, n // 2, 3 * n // 4])  # its code's boundaries (numpy.split)
@@ -154,7 +155,7 @@ def dip_keep(grad_sensitivity: Sequence[float], eff_rank: Sequence[float], ratio
     trr = 1.0 - check_ratio(ratio)
     keep = torch.tensor(dip_spread(grad_sensitivity, eff_rank, ratio, beta, spread), dtype=torch.float64)
     w = torch.ones_like(keep) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    if w.shape != keep.shape or not (torch.isfinite(w).all() and (w > 0).all()):
+    if w.shape != keep.shape or not (all_finite(w) and (w > 0).all()):
         raise ValueError(f"dip_keep: one positive weight per block; got {weights}")
     if not min_keep < trr < max_keep:  # its clipped rescaling drives every block to the bound, then to trr
         return [trr] * keep.numel()
