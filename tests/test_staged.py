@@ -128,17 +128,39 @@ def test_over_the_buffer_budget_the_engine_takes_the_reference_path_with_the_sam
     over, _, over_report = run("llama", SAES(), rerun=False, max_buffer_bytes=need - 1)
     under, _, under_report = run("llama", SAES(), rerun=False, max_buffer_bytes=need)
     assert (over_report.path, under_report.path) == ("rerun", "staged")
-    assert over_report.staged_buffer_gb == under_report.staged_buffer_gb == round(need / 1e9, 3)
+    assert over_report.staged_buffer_gb == under_report.staged_buffer_gb == round(need / 2**30, 3)
     for (name, p), (_, q) in zip(over.state_dict().items(), under.state_dict().items()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     _, _, auto = run("llama", SAES(), rerun=False, max_buffer_bytes="auto")  # kilobytes: staged
     assert auto.path == "staged"
 
 
+def test_the_buffer_budget_and_the_records_buffers_share_the_planners_unit():
+    """One GB (2^30 bytes) in calib.max_buffer_gb, the record's staged_buffer_gb and the planner: at LLaMA-7B's widths
+    (a block on the meta device) and the paper's 128 x 2048 float32 tokens the staged SAES-SVD buffers are
+    128 x 2048 x (4h + 2i) x 4 bytes = 37.5 GB exactly; the committed run reports that figure, and a budget of
+    it keeps the staged path (the engine's test is ``need > budget``)."""
+    import json
+    from pathlib import Path
+
+    from saes.engine.loop import staged_buffer_bytes
+    from saes.inputs.models import tiny_config
+    from saes.runs.job import buffer_budget
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(tiny_config(hidden_size=4096, intermediate_size=11008,
+                                                          num_hidden_layers=1, num_attention_heads=32,
+                                                          num_key_value_heads=32, vocab_size=32000))
+    need = staged_buffer_bytes(model.model.layers[0], layout_for(model), "compressed", True, 128 * 2048, 4)
+    assert need == 128 * 2048 * (4 * 4096 + 2 * 11008) * 4 == buffer_budget(37.5)
+    record = Path(__file__).resolve().parents[1] / "results/runs/llama7b_shape/saes/ratio0.4/seed0-e03531b62f4a.json"
+    assert json.loads(record.read_text())["calibration"]["staged_buffer_gb"] == 37.5
+
+
 def test_a_bad_buffer_budget_is_refused_before_anything_loads():
     from saes.runs.job import buffer_budget
 
-    assert buffer_budget("auto") == "auto" and buffer_budget(None) is None and buffer_budget(2.5) == 2_500_000_000
+    assert buffer_budget("auto") == "auto" and buffer_budget(None) is None and buffer_budget(2.5) == 2.5 * 2**30
     for bad in (0, -1, "lots", True):
         with pytest.raises(ValueError, match="calib.max_buffer_gb"):
             buffer_budget(bad)

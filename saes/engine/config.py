@@ -56,5 +56,5 @@ class CompressionReport:
     timings: dict[str, float]  # calibration (forwards + statistics), factorisation
     resumed_from: int = 0  # blocks restored from per-block checkpoints
     path: str = "staged"  # staged, or rerun (the reference path: asked for, no stages, or the buffers over budget)
-    staged_buffer_gb: float = 0.0  # what the staged path's own buffers would hold at their peak (GB)
+    staged_buffer_gb: float = 0.0  # what the staged path's own buffers would hold at their peak (GB = 2^30 bytes)
     cached_stats_blocks: int = 0  # blocks whose FP-stream statistics came from the cache

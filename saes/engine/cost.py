@@ -12,6 +12,11 @@ from typing import Any
 
 from saes.core.stats import block_rows
 
+# The project's memory unit: every "GB" it reads or writes (calib.max_buffer_gb, the records' staged_buffer_gb, the
+# planner, this model, docs/cost-model.md) is 2^30 bytes, like its "MB" (peak_rss_mb) is 2^20; GPUs' "80 GB" are
+# this unit too (an H100 80GB reports 79.6 of them).
+GB = 2**30
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -92,9 +97,9 @@ def factorisation_bytes(n: int, delta: bool) -> float:
 
 def peak_gb(s: Shape, tokens: int, method: str, act_bytes: int = 2, weight_bytes: int = 2,
             staged: bool = True) -> float:
-    """The engine's peak (GiB) on the compute device with everything there (calib.stream_device unset), as the sum
-    of each phase's largest term (an upper bound: the staged buffers and the factorisation never peak together):
-    the block in the model's dtype; the two streams' inputs and next inputs; for SAES-SVD, staged, the FP site
+    """The engine's peak (in :data:`GB`) on the compute device with everything there (calib.stream_device unset), as
+    the sum of each phase's largest term (an upper bound: the staged buffers and the factorisation never peak
+    together): the block in the model's dtype; the two streams' inputs and next inputs; for SAES-SVD, staged, the FP site
     inputs stored for Delta and the compressed intermediates (the reference path instead recomputes what it needs
     per group and batch, keeps a copy of the dense block, and each next stream replaces its input); the widest
     site's factorisation (:data:`FACTOR_STATS`, :data:`FACTOR_WORKSPACE`; the float32 sums are released before
@@ -109,7 +114,7 @@ def peak_gb(s: Shape, tokens: int, method: str, act_bytes: int = 2, weight_bytes
         acts = 4 * stream + fp_sites  # X, X^f, next X^f, (z | h, u): at most about two hidden-size lists
     else:
         acts = 2 * stream  # X^f and the next X^f; statistics accumulate in the hooks
-    return (block + acts + factorisation_bytes(i, delta=method == "saes")) / 2**30
+    return (block + acts + factorisation_bytes(i, delta=method == "saes")) / GB
 
 
 def cpu_rates(bench: dict[str, Any]) -> Rates:

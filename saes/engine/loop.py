@@ -33,7 +33,7 @@ from saes.core.method import Method, Stream
 from saes.core.pruning import Pruner
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
-from saes.engine.cost import factorisation_bytes
+from saes.engine.cost import GB, factorisation_bytes
 from saes.engine.layout import BlockLayout, layout_for
 from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
@@ -423,12 +423,12 @@ def _choose_path(cfg: EngineConfig, layout: BlockLayout, block: nn.Module, strea
         factor = int(factorisation_bytes(n, delta="Delta" in method.needs))
         free = available_bytes(stream_device)
         budget = int(0.8 * free) - 2 * streams * one - factor
-        why = (f"=auto: 80% of {free / 1e9:.1f} GB free, less {2 * streams * one / 1e9:.1f} GB for the streams and "
-               f"{factor / 1e9:.1f} GB for the factorisation")
+        why = (f"=auto: 80% of {free / GB:.1f} GB free, less {2 * streams * one / GB:.1f} GB for the streams and "
+               f"{factor / GB:.1f} GB for the factorisation")
     if budget is not None and need > int(budget):
         log.warning("the staged path would hold %.1f GB of buffers on %s, over the %.1f GB budget "
                     "(calib.max_buffer_gb%s): re-running each block per group instead (the same result; about 2-3x "
-                    "the statistics time)", need / 1e9, stream_device, int(budget) / 1e9, why)
+                    "the statistics time)", need / GB, stream_device, int(budget) / GB, why)
         return False, need
     return True, need
 
@@ -513,4 +513,4 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
         return CompressionReport(stream=stream if not data_free else "none",
                                  tokens=0 if data_free else int(calib_ids.numel()), layers=layers, blocks=block_diag,
                                  timings=timings, resumed_from=start, cached_stats_blocks=kinds.count("cached"),
-                                 path="staged" if staged else "rerun", staged_buffer_gb=round(buffers / 1e9, 3))
+                                 path="staged" if staged else "rerun", staged_buffer_gb=round(buffers / GB, 3))

@@ -23,6 +23,7 @@ from saes.core.method import DTYPES as PRECISIONS, Method
 from saes.core.pruning import Pruner, svd_removal
 from saes.core.slicegpt import Slicer
 from saes.engine.allocators import RANK_ALLOCS, STRS, AdaCR, Allocator, DipGlobal, Dobi
+from saes.engine.cost import GB
 from saes.engine.layout import layout_for, plan_ranks, projections
 from saes.engine.prune import budget
 from saes.engine.structure import block_shape
@@ -62,12 +63,13 @@ def validate(cfg: DictConfig) -> None:
 
 
 def buffer_budget(gb: Any) -> int | str | None:
-    """``calib.max_buffer_gb`` for the engine: ``auto``, null (no bound) or a positive number of GB, in bytes."""
+    """``calib.max_buffer_gb`` for the engine: ``auto``, null (no bound) or a positive number of GB (2^30 bytes,
+    :data:`saes.engine.cost.GB`, the planner's unit), in bytes."""
     if gb is None or gb == "auto":
         return gb
     if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb <= 0:
         raise ValueError(f"calib.max_buffer_gb must be auto, null or a positive number of GB; got {gb!r}")
-    return int(gb * 1e9)
+    return int(gb * GB)
 
 
 def check_quant(cfg: DictConfig) -> QuantSettings:
