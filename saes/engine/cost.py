@@ -99,11 +99,11 @@ def peak_gb(s: Shape, tokens: int, method: str, act_bytes: int = 2, weight_bytes
             staged: bool = True) -> float:
     """The engine's peak (in :data:`GB`) on the compute device with everything there (calib.stream_device unset), as
     the sum of each phase's largest term (an upper bound: the staged buffers and the factorisation never peak
-    together): the block in the model's dtype; the two streams' inputs and next inputs; for SAES-SVD, staged, the FP site
-    inputs stored for Delta and the compressed intermediates (the reference path instead recomputes what it needs
-    per group and batch, keeps a copy of the dense block, and each next stream replaces its input); the widest
-    site's factorisation (:data:`FACTOR_STATS`, :data:`FACTOR_WORKSPACE`; the float32 sums are released before
-    it). The rest of the model stays in host memory. Measured against it: docs/cost-model.md."""
+    together): the block in the model's dtype; the two streams' inputs and next inputs; for SAES-SVD, staged, the FP
+    site inputs stored for Delta and the compressed intermediates (the reference path instead recomputes what it
+    needs per group and batch, keeps a copy of the dense block, and each next stream replaces its input); the widest
+    site's factorisation (:data:`FACTOR_STATS`, :data:`FACTOR_WORKSPACE`; the float32 sums are released before it).
+    The rest of the model stays in host memory. Measured against it: docs/cost-model.md."""
     h, i = s.hidden, s.intermediate
     block = s.block_params * weight_bytes
     stream = tokens * h * act_bytes
