@@ -49,6 +49,7 @@ from saes.core.stats import SiteStats
 from saes.engine.allocation import check_partial_layers, partial_layer_plan
 from saes.engine.config import EngineConfig
 from saes.engine.layout import BlockLayout
+from saes.evaluation.offload import placed
 from saes.evaluation.perplexity import perplexity
 from saes.io import cached_json, digest, token_digest
 
@@ -137,8 +138,9 @@ class ERCSVD(Method):
             for k in ks:
                 trial = copy.deepcopy(model)
                 compress_model(trial, self, partial_layer_plan(trial, layout, ratio, k), calib_ids, sub)
-                ppl[str(k)] = perplexity(trial, calib_ids.flatten(), calib_ids.shape[1], None, cfg.batch_size,
-                                         cfg.device, desc=f"plc k={k}").ppl
+                with placed(trial, cfg.device):  # the engine leaves the model on cfg.offload_device
+                    ppl[str(k)] = perplexity(trial, calib_ids.flatten(), calib_ids.shape[1], None, cfg.batch_size,
+                                             cfg.device, desc=f"plc k={k}").ppl
                 del trial
                 log.info("ERC-SVD PLC: k=%d, calibration perplexity %.4f", k, ppl[str(k)])
             return {"key": key, "ppl": ppl}

@@ -30,9 +30,14 @@ def test_offloaded_evaluation_gives_the_same_perplexity_and_leaves_the_model_as_
 
 
 def test_a_run_with_offload_and_statistics_on_the_cpu_records_what_a_plain_run_records(tmp_path):
-    plain = run(make_cfg("method=saes", results_dir=tmp_path / "plain"))
-    low = run(make_cfg("method=saes", "offload=true", "calib.stats_device=cpu", "calib.stream_device=cpu",
+    """Perplexity and zero-shot (dense and compressed, lm-eval on the offloaded model) included."""
+    zs = ("eval=zeroshot", "eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=4", "eval.zeroshot.offline=true")
+    plain = run(make_cfg("method=saes", *zs, results_dir=tmp_path / "plain"))
+    low = run(make_cfg("method=saes", *zs, "offload=true", "calib.stats_device=cpu", "calib.stream_device=cpu",
                        results_dir=tmp_path / "low"))
+    assert low["metrics"]["zeroshot"]["tasks"]["piqa"]["compressed"]["acc"] is not None
+    for r in (low, plain):
+        del r["metrics"]["zeroshot"]["seconds"]
     strip = lambda r: {k: {d: v for d, v in x.items() if d != "seconds"} for k, x in r["layers"].items()}  # noqa: E731
     assert low["metrics"] == plain["metrics"] and strip(low) == strip(plain)
 

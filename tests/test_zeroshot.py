@@ -127,9 +127,9 @@ def test_a_run_records_per_task_accuracy_average_drop_and_the_missing_task(tmp_p
     calls: list[list[str]] = []
     real = zeroshot.accuracy
 
-    def counting(model, tok, plan, names=None, on_result=None):
+    def counting(model, tok, plan, names=None, on_result=None, device=None):
         calls.append(list(names))
-        return real(model, tok, plan, names, on_result)
+        return real(model, tok, plan, names, on_result, device)
 
     monkeypatch.setattr(zeroshot, "accuracy", counting)
     over = ["method=svd", "eval=zeroshot", "eval.zeroshot.tasks=[arc_easy,mathqa,piqa]", "eval.zeroshot.limit=4",
@@ -234,3 +234,18 @@ def test_the_stderr_of_a_mean_combines_independent_task_errors_and_needs_every_o
     assert zeroshot.stderr_of_mean([0.03, 0.04]) == pytest.approx(0.05 / 2)
     assert zeroshot.stderr_of_mean([0.03, None]) is None and zeroshot.stderr_of_mean([]) is None
     assert zeroshot.stderr_of_mean([float("nan")]) is None
+
+
+def test_zero_shot_of_an_offloaded_model_equals_the_in_memory_one(tokenizer, no_network):
+    """offload=true: lm-eval takes its device from the model, which accelerate's cpu_offload leaves on ``meta``;
+    the scores must be the in-memory model's (the inputs go to the execution device)."""
+    import torch
+
+    from saes.evaluation.offload import placed
+
+    plan = zeroshot.Plan(tasks=("piqa", "winogrande"), offline=True, limit=4, batch_size=8)
+    model = tiny_llama().eval()
+    plain, _ = zeroshot.accuracy(model, tokenizer, plan)
+    with placed(model, torch.device("cpu"), offload=True):
+        offloaded, _ = zeroshot.accuracy(model, tokenizer, plan, device=torch.device("cpu"))
+    assert offloaded == plain

@@ -111,7 +111,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = 1
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky factor of H^{-1}
 
     Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=dtype)
+    loss = torch.zeros((), dtype=dtype, device=W.device)  # accumulated in place: on W's device
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()

@@ -395,9 +395,12 @@ def staged_buffer_bytes(block: nn.Module, layout: BlockLayout, stream: Stream, w
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory free on ``device`` now: CUDA's free memory, else the host's available memory."""
+    """Memory free on ``device`` now: CUDA's free memory plus what torch's allocator holds cached but unused there
+    (``mem_get_info`` counts that as taken; the dense evaluation before compression leaves a model's worth), else
+    the host's available memory."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     import psutil
 
     return int(psutil.virtual_memory().available)

@@ -86,7 +86,11 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
 
     The kwargs (masks, rotary embeddings) are per block: a model may give its blocks different ones (Gemma 3's
     sliding-window and full-attention layers). The blocks are replaced by recorders for the model's forward, so
-    none of them runs; where blocks share a mask the kwargs share its tensor (no copy on ``device``)."""
+    none of them runs; where blocks share a mask the kwargs share its tensor (no copy on ``device``). The rest of
+    the model (embeddings, final norm, head, rotary buffers) runs on ``device`` for the capture and goes back to
+    where the input embeddings were afterwards: callers move one block at a time, and a model left half on the GPU
+    would make the next whole-model forward (a perplexity, a search's trial) mix devices."""
+    home = model.get_input_embeddings().weight.device
     _to_device_except(model, blocks, device)
     calls: list[list[tuple[torch.Tensor, dict]]] = [[] for _ in blocks]
     originals = list(blocks)
@@ -101,6 +105,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
+        _to_device_except(model, blocks, home)
     hidden = [hs.detach().to(stream_device) for hs, _ in calls[0]]
     return hidden, [[_move(kw, device) for _, kw in block_calls] for block_calls in calls]
 

@@ -70,7 +70,8 @@ def cached_perplexity(dense: DenseModel, ppl: PplSettings, eval_ids: dict[str, t
     return out
 
 
-def dense_zeroshot(model: nn.Module, tokenizer: Any, dense: DenseModel, plan: zeroshot.Plan) -> zeroshot.DenseScores:
+def dense_zeroshot(model: nn.Module, tokenizer: Any, dense: DenseModel, plan: zeroshot.Plan,
+                   offload: bool = False) -> zeroshot.DenseScores:
     """Dense accuracies per task, cached as ``zeroshot-<task>-<key>.json``, keyed by the model identity, dtype,
     device type, task, data (hub, or the local copy's hash), limit and lm-eval version."""
     t0 = time.perf_counter()
@@ -87,8 +88,8 @@ def dense_zeroshot(model: nn.Module, tokenizer: Any, dense: DenseModel, plan: ze
     fresh: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     if todo:
-        model.to(dense.device)
-        fresh, failed = zeroshot.accuracy(model, tokenizer, plan, todo)
+        with placed(model, dense.device, offload):
+            fresh, failed = zeroshot.accuracy(model, tokenizer, plan, todo, device=dense.device)
         model.to("cpu")
         for name, score in fresh.items():
             write_json_atomic(caches[name], score)

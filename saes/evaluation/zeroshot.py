@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import torch
+
 from saes.evaluation.tasks import TASKS, local_data, task_folders
 from saes.inputs.data import hub_offline
 from saes.io import sha256_file
@@ -120,13 +122,15 @@ def lm_eval_version() -> str:
 
 
 def accuracy(model: Any, tokenizer: Any, p: Plan, names: Iterable[str] | None = None,
-             on_result: Callable[[dict[str, Any]], None] | None = None
-             ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+             on_result: Callable[[dict[str, Any]], None] | None = None,
+             device: torch.device | str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """lm-eval's scores of ``model`` on ``names`` (default: the plan's tasks), zero-shot.
 
     Returns ``{task: {"metrics": {acc, acc_norm, ...}, "n", "n_total", "split", "data"}}`` and
     the tasks that could not be loaded (hub only; a local copy that fails to load is a bug and raises).
     ``on_result`` receives ``simple_evaluate``'s own result, unchanged (the run's W&B mirror logs it as lm-eval does).
+    ``device``: where the inputs go when that is not the model's own device: under ``offload=true`` accelerate's
+    ``cpu_offload`` leaves the parameters on ``meta``, and lm-eval takes its device from the model.
     """
     check_causal_lm(model)
     names = list(p.tasks if names is None else names)
@@ -154,6 +158,8 @@ def accuracy(model: Any, tokenizer: Any, p: Plan, names: Iterable[str] | None = 
         if shots:  # none of the registered tasks asks for shots; a future one must not slip in few-shot numbers
             raise ValueError(f"zero-shot evaluation, but lm-eval's definitions ask for shots: {shots}")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=p.batch_size, backend="causal")
+        if device is not None:
+            lm._device = torch.device(device)  # HFLM has no setting for it with a model object (lm-eval 0.4)
         # No global seeding: lm-eval would reseed random/numpy/torch, and whether the dense scores come from
         # the cache must not change what follows. Zero-shot log-likelihood tasks draw no random numbers.
         out = simple_evaluate(model=lm, tasks=list(loaded.values()), limit=p.limit,
@@ -182,13 +188,14 @@ class DenseScores:
 
 
 def evaluate(model: Any, tokenizer: Any, p: Plan, dense: DenseScores | None,
-             on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             on_result: Callable[[dict[str, Any]], None] | None = None,
+             device: torch.device | str | None = None) -> dict[str, Any]:
     """The record's ``metrics.zeroshot``: accuracies of the (compressed) model, with the average and the
-    relative drop against ``dense`` (None for a loaded model: no dense numbers); ``on_result``: see :func:`accuracy`."""
+    relative drop against ``dense`` (None for a loaded model: no dense numbers); ``on_result``, ``device``: see :func:`accuracy`."""
     t0 = time.perf_counter()
     missing = {**p.missing, **(dense.missing if dense is not None else {})}
     names = [n for n in p.tasks if n not in missing]
-    scores, failed = accuracy(model, tokenizer, p, names, on_result)
+    scores, failed = accuracy(model, tokenizer, p, names, on_result, device)
     missing.update(failed)
     for name, why in missing.items():
         log.warning("zero-shot %s missing: %s", name, why)

@@ -160,7 +160,8 @@ def compress(cfg: DictConfig, job: Job, timings: Timings) -> Obtained:
     dense = dense_model(cfg, loaded.identity, device)
     with timings.phase("eval_dense"):
         dense_ppl = dense_perplexity(model, dense, job.ppl, eval_ids, bool(cfg.get("offload")))
-        dense_zs = dense_zeroshot(model, tok, dense, job.zeroshot) if job.zeroshot is not None else None
+        dense_zs = (dense_zeroshot(model, tok, dense, job.zeroshot, bool(cfg.get("offload")))
+                    if job.zeroshot is not None else None)
     dense_params = count_parameters(model)
     pruned, allocation = None, None
     if isinstance(job.method, Pruner):  # structures removed instead of factors (saes.engine.prune)
@@ -395,6 +396,9 @@ def evaluate(got: Obtained, job: Job, device: torch.device, offload: bool) -> di
     """Every evaluation of the compressed (or loaded) model: the record's ``metrics``."""
     with placed(got.model, device, offload):
         measured = perplexities(got.model, got.eval_ids, job.ppl, device, job.label)
+        zs = (zeroshot.evaluate(got.model, got.tokenizer, job.zeroshot, got.dense_zeroshot,
+                                on_result=tracking.active().on_result, device=device)
+              if job.zeroshot is not None else None)
     ppl: dict[str, dict[str, Any]] = {}
     for src, p in measured.items():
         if not math.isfinite(p.ppl):
@@ -402,9 +406,8 @@ def evaluate(got: Obtained, job: Job, device: torch.device, offload: bool) -> di
         ppl[src] = {**got.dense_ppl.get(src, {}), "compressed": p.ppl, "compressed_nll": p.nll, "tokens": p.tokens,
                     "windows": p.windows}
     metrics: dict[str, Any] = {"ppl": ppl, "ppl_skipped": got.ppl_skipped}
-    if job.zeroshot is not None:  # accuracies, average, drop vs dense
-        metrics["zeroshot"] = zeroshot.evaluate(got.model, got.tokenizer, job.zeroshot, got.dense_zeroshot,
-                                                 on_result=tracking.active().on_result)
+    if zs is not None:  # accuracies, average, drop vs dense
+        metrics["zeroshot"] = zs
     return metrics
 
 

@@ -160,7 +160,7 @@ def strs_sensitivity(model: nn.Module, layout: BlockLayout, calib_ids: torch.Ten
             continue
         lin: nn.Linear = model.get_submodule(name)
         W = lin.weight
-        s = activation_scale(absmean[name], alpha, floor).to(dtype)
+        s = activation_scale(absmean[name], alpha, floor).to(device=W.device, dtype=dtype)  # absmean: on the CPU
         full = truncated_svd(W.to(dtype) * s, min(W.shape))
         m, n = W.shape
         row = []
