@@ -191,7 +191,8 @@ def evaluate(model: Any, tokenizer: Any, p: Plan, dense: DenseScores | None,
              on_result: Callable[[dict[str, Any]], None] | None = None,
              device: torch.device | str | None = None) -> dict[str, Any]:
     """The record's ``metrics.zeroshot``: accuracies of the (compressed) model, with the average and the
-    relative drop against ``dense`` (None for a loaded model: no dense numbers); ``on_result``, ``device``: see :func:`accuracy`."""
+    relative drop against ``dense`` (None for a loaded model: no dense numbers); ``on_result``, ``device``: see
+    :func:`accuracy`."""
     t0 = time.perf_counter()
     missing = {**p.missing, **(dense.missing if dense is not None else {})}
     names = [n for n in p.tasks if n not in missing]
