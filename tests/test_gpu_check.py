@@ -1,6 +1,7 @@
 """``make gpu-check`` refuses at once, with a clear message and a non-zero exit, where torch sees no CUDA device."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -18,3 +19,73 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
     assert done.returncode == 2
     assert "needs a CUDA device" in done.stderr and "Nothing was run" in done.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_cuda_step_collects_every_file_that_holds_a_cuda_test():
+    """gpu_check collects only CUDA_TESTS (all of tests/ would import what only the CPU suite needs): a new CUDA
+    test in another file must be added there, or it never runs on a GPU."""
+    from experiments import gpu_check
+
+    mark = re.compile(r"(@|marks=)pytest\.mark\.cuda\b")
+    marked = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if mark.search(p.read_text())}
+    assert marked == set(gpu_check.CUDA_TESTS)
+
+
+def test_the_preflight_names_what_is_missing_before_any_step(monkeypatch):
+    from experiments import gpu_check
+
+    env, problems = gpu_check.preflight()
+    assert problems == [] and env["the offline text wiki_books (documents)"] > 1000
+    assert env["transformers"] == __import__("transformers").__version__
+    monkeypatch.setattr(gpu_check, "NEEDED", (*gpu_check.NEEDED, "no_such_module_here"))
+    _, problems = gpu_check.preflight()
+    assert len(problems) == 1 and "import no_such_module_here: ModuleNotFoundError" in problems[0]
+
+
+def test_the_comparison_checks_the_tokens_first_and_each_record_is_read_on_its_own(tmp_path):
+    """The committed record against itself passes; the same perplexities on other tokens (another tokenizer)
+    are reported as such; a missing float32 record does not hide the bfloat16 one."""
+    import json
+
+    from experiments import gpu_check
+
+    ref = json.loads(gpu_check.REFERENCE.read_text())
+    same = gpu_check.compare(ref, ref)
+    assert same["same_tokens"] == {"eval": True, "calibration": True}
+    assert same["dense"]["ok"] and same["compressed"]["ok"]
+    other = json.loads(gpu_check.REFERENCE.read_text())
+    other["metrics"]["ppl"]["wiki_books"]["tokens_sha256"] = "0" * 64
+    assert gpu_check.compare(other, ref)["same_tokens"]["eval"] is False
+
+    bf16 = tmp_path / "scratch" / "bf16" / "runs" / "smollm2_135m" / "saes" / "ratio0.2"
+    bf16.mkdir(parents=True)
+    (bf16 / "seed0-x.json").write_text(json.dumps(ref))
+    found, failed = gpu_check.findings(tmp_path / "scratch", tmp_path / "block", tmp_path / "out")
+    assert found["main_job_bfloat16"]["compressed"] == ref["metrics"]["ppl"]["wiki_books"]["compressed"]
+    assert found["main_job_vs_cpu_record"].startswith("missing") and found["llama7b_shape_block"].startswith("missing")
+    assert failed == []  # missing records fail through their steps' statuses
+
+
+def test_the_steps_share_the_budget_in_order_and_the_summary_is_rewritten_after_each(tmp_path, monkeypatch):
+    """Without running anything: the steps come most valuable first, their timeouts are their shares of --budget,
+    and before each step the summary already holds every step before it (a kill loses only the running one)."""
+    import json
+
+    from experiments import gpu_check
+
+    calls: list[tuple[str, float, int]] = []
+
+    def fake_step(name, argv, timeout, log):
+        summary = tmp_path / "gpu-check-cuda.json"
+        calls.append((name, timeout, len(json.loads(summary.read_text())["steps"]) if summary.exists() else 0))
+        return {"step": name, "status": "ok" if name != "cuda tests" else "exit 1", "seconds": 0.0}
+
+    monkeypatch.setattr(gpu_check, "refusal", lambda: None)
+    monkeypatch.setattr(gpu_check, "preflight", lambda: ({"device": "stand-in"}, []))
+    monkeypatch.setattr(gpu_check, "step", fake_step)
+    assert gpu_check.main(["--budget", "60", "--out", str(tmp_path), "--log", str(tmp_path / "g.log")]) == 1
+    assert [c[0] for c in calls] == [name for name, _ in gpu_check.PLAN]
+    assert [c[2] for c in calls] == [0, 1, 2, 3, 4]
+    assert sum(c[1] for c in calls) == pytest.approx(60)
+    summary = json.loads((tmp_path / "gpu-check-cuda.json").read_text())
+    assert summary["failed"] == ["cuda tests"] and summary["environment"] == {"device": "stand-in"}
