@@ -151,8 +151,9 @@ def findings(scratch: Path, block: Path, out: Path) -> tuple[dict[str, Any], lis
     found: dict[str, Any] = {}
     failed: list[str] = []
     try:
-        found["main_job_vs_cpu_record"] = cmp = compare(record_in(scratch / "fp32", "smollm2_135m", "saes"),
-                                                        json.loads(REFERENCE.read_text()))
+        fp32 = record_in(scratch / "fp32", "smollm2_135m", "saes")
+        found["main_job_vs_cpu_record"] = cmp = compare(fp32, json.loads(REFERENCE.read_text()))
+        found["main_job_cost"] = {"timings": fp32.get("timings"), "memory": fp32.get("memory")}
         failed += [f"main job {k} tokens differ from the CPU record's" for k, v in cmp["same_tokens"].items() if not v]
         failed += [f"main job {k} PPL" for k in ("dense", "compressed") if not cmp[k]["ok"]]
     except (FileNotFoundError, KeyError) as exc:
