@@ -69,7 +69,7 @@ class _Collecting(nn.Module):
             U, S, V = top_svd(A, q, self.niter, self.generator)
             T = tanh_mask(torch.tensor(float(self.gamma), dtype=S.dtype), q, self.beta).to(S.device)
             outs.append((U * (S * T)[None, :]) @ V.T)
-            Vd = V.detach().to("cpu", torch.float64)
+            Vd = V.detach().to(torch.float64)  # the moment on the projection's device (one block's at a time)
             if self.moment is None:
                 self.moment, self.total = Vd @ Vd.T, Vd.sum(1)
             else:
@@ -144,7 +144,7 @@ def truncated_stream_subspaces(model: nn.Module, layout: BlockLayout, ranks: dic
             if p.startswith(f"{prefix}{step.index}.") and p not in bases:
                 assert mod.moment is not None, f"{p} saw no calibration token"
                 bases[p] = principal_subspace(mod.moment, mod.k, mod.total if centre else None, mod.count
-                                              ).to(torch.float32)
+                                              ).to("cpu", torch.float32)  # kept for factorize: off the device
                 mod.moment = mod.total = None
 
     with Installed(model, modules), bar:

@@ -161,6 +161,20 @@ def main() -> None:
     write(result, Path(args.out) / f"block-{args.hidden}-{device.type}.json")
 
 
+def warm_up(device: torch.device) -> None:
+    """One small call of each kernel family the timings use, untimed: the first call in a process pays for the
+    library's set-up (on CUDA, cuBLAS and cuSOLVER handles and lazily loaded kernels), not the shape timed."""
+    small = torch.randn(96, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    for x in (small, small.float()):
+        H = x.mT @ x
+        torch.linalg.cholesky(H)
+        torch.linalg.eigh(H)
+        torch.linalg.svd(x, full_matrices=False)
+        torch.linalg.solve_triangular(torch.linalg.cholesky(H), x.mT, upper=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def factorisation(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """3. Each factorisation path per projection shape, in float64 unless stated; for SAES-SVD and SVD-LLM also
     the peak memory of one factorize call above its inputs, in float64 ``n x n`` matrices (``*_peak_nn``: the
@@ -169,6 +183,7 @@ def factorisation(args: argparse.Namespace, device: torch.device) -> dict[str, A
     shapes = {"q/k/v/o": (h, h), "gate/up": (i, h), "down": (h, i)}
     g = torch.Generator().manual_seed(1)
     fact: dict[str, Any] = {}
+    warm_up(device)
     for name, (m, n) in shapes.items():
         W = (torch.randn(m, n, generator=g, dtype=torch.float64) * 0.02).to(device)
         X = torch.randn(n + 64, n, generator=g, dtype=torch.float64).to(device)  # full-rank activations

@@ -88,3 +88,18 @@ def test_the_memory_models_factorisation_workspace_covers_the_committed_measurem
     for family in ("saes", "svdllm"):
         measured = down[f"{family}_factorize_peak_nn"]
         assert measured <= FACTOR_WORKSPACE[family] <= measured + 0.2, (family, measured)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (("method=fwsvd",), "FWSVD's Fisher gradients"),
+    (("method=dobisvd",), "Dobi-SVD's stage-1 training"),
+    (("method=saes", "method.rank_alloc=dip"), "Dip-SVD's gradient sensitivities"),
+    (("method=svdllm", "finetune=lora"), "LoRA fine-tuning"),
+])
+def test_the_plan_says_which_passes_put_the_whole_model_on_the_device(tmp_path, nothing_loads, overrides, named):
+    """The one-block peak is not the run's where a pass needs the whole model there (offload does not apply)."""
+    plan = run(make_cfg("model=llama7b_shape", "model.dtype=float16", *overrides, "ratio=0.4", "device=cuda",
+                        "plan=true", results_dir=tmp_path))
+    assert f"the whole model goes on cuda for {named} (its weights, 12.6 GB" in plan["plan_note"]
+    assert "whole model" not in (run(make_cfg("model=llama7b_shape", "method=saes", "ratio=0.4", "device=cuda",
+                                              "plan=true", results_dir=tmp_path))["plan_note"] or "")

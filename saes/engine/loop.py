@@ -152,6 +152,14 @@ def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, strea
         "stats_device": (cfg.stats_device or cfg.device).type, "layers": layout.layers, "groups": layout.groups})
 
 
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device``'s queued work is done: CUDA runs kernels asynchronously, so a phase
+    read without it would count its launches, and its kernels would land in the next phase."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: Method, ranks: dict[str, int],
                      stats: SiteStats, timings: dict[str, float],
                      layers: dict[str, dict[str, Any]]) -> torch.Tensor | None:
@@ -207,7 +215,7 @@ def _compress_block_rerun(run: _Run, block: nn.Module, ref: nn.Module | None, pr
                 if run.cache is not None:  # else not held beside their cast while the group is factorised
                     fresh[site] = stats
             stats = _only(stats, method.needs).to(method.compute_dtype, cfg.device)
-        timings["calibration"] += time.perf_counter() - t0
+        timings["calibration"] += clock(cfg.device) - t0
         _factorize_group(block, group, prefix, method, ranks, stats, timings, layers)
     return layers, fresh
 
@@ -257,7 +265,7 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
             y = forward_capturing(block, xf.to(dev), kw, list(fp_acc or fp_in), seen_fp)
             if keep_fp:
                 Xf_next.append(y.to(stream_dev))
-    timings["calibration"] += time.perf_counter() - t0
+    timings["calibration"] += clock(dev) - t0
 
     def statistics(site: str, acc: StreamingStats | None) -> SiteStats:
         if not method.needs:
@@ -273,11 +281,14 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
 
     if stream == "fp" or not method.needs:
         for site, group in zip(sites, layout.groups):  # each accumulator is dropped once its statistics are cast
-            _factorize_group(block, group, prefix, method, ranks, statistics(site, fp_acc.pop(site, None)), timings,
-                             layers)
+            t0 = time.perf_counter()
+            stats = statistics(site, fp_acc.pop(site, None))
+            timings["calibration"] += clock(dev) - t0
+            _factorize_group(block, group, prefix, method, ranks, stats, timings, layers)
+            del stats
         t0 = time.perf_counter()
         X_next = through(block, streams.X, streams.kws, dev, stream_dev) if keep_comp else []
-        timings["calibration"] += time.perf_counter() - t0
+        timings["calibration"] += clock(dev) - t0
         return layers, fresh, X_next, Xf_next
 
     def group_step(gi: int, inputs: Any) -> torch.Tensor | None:
@@ -290,7 +301,7 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
         fp_in.pop(sites[gi], None)
         stats = statistics(sites[gi], acc)
         del acc  # the float32 sums: not held while the group is factorised
-        timings["calibration"] += time.perf_counter() - t0
+        timings["calibration"] += clock(dev) - t0
         return _factorize_group(block, layout.groups[gi], prefix, method, ranks, stats, timings, layers)
 
     def narrowed(xs: list[torch.Tensor], kept: torch.Tensor | None) -> list[torch.Tensor]:
@@ -311,7 +322,7 @@ def _compress_block_staged(run: _Run, block: nn.Module, prefix: str, streams: _S
     d = narrowed(d, group_step(3, (db.to(dev) for db in d)))
     t0 = time.perf_counter()
     X_next = [stages.output(block, hb.to(dev), db.to(dev)).to(stream_dev) for hb, db in zip(h, d)]
-    timings["calibration"] += time.perf_counter() - t0
+    timings["calibration"] += clock(dev) - t0
     return layers, fresh, X_next, Xf_next
 
 
@@ -334,7 +345,7 @@ def _dense_block(run: _Run, i: int, block: nn.Module,
     t0 = time.perf_counter()
     X = run.propagate(block, streams.X, streams.kws, run.keep_comp)
     Xf = run.propagate(block, streams.Xf, streams.kws, run.keep_fp)
-    run.timings["calibration"] += time.perf_counter() - t0
+    run.timings["calibration"] += clock(run.cfg.device) - t0
     prefix = f"{run.layout.layers}.{i}"
     layers = {f"{prefix}.{name}": {"m": block.get_submodule(name).out_features,
                                    "n": block.get_submodule(name).in_features, "rank": None}
@@ -350,7 +361,7 @@ def _restore_block(run: _Run, i: int, block: nn.Module,
     Xf = run.propagate(block, streams.Xf, streams.kws, run.keep_fp)
     layers = run.ckpt.restore(i, block, f"{run.layout.layers}.{i}", run.layout.projections, run.ranks)
     X = run.propagate(block, streams.X, streams.kws, run.keep_comp)
-    run.timings["calibration"] += time.perf_counter() - t0
+    run.timings["calibration"] += clock(run.cfg.device) - t0
     return layers, X, Xf
 
 
@@ -368,7 +379,7 @@ def _compress_block(run: _Run, i: int, kind: Kind, block: nn.Module,
         t0 = time.perf_counter()
         X = run.propagate(block, streams.X, streams.kws, run.keep_comp)
         Xf = run.propagate(ref, streams.Xf, streams.kws, run.keep_fp)
-        run.timings["calibration"] += time.perf_counter() - t0
+        run.timings["calibration"] += clock(cfg.device) - t0
         del ref
     if run.cache is not None and fresh:
         run.cache.save(i, fresh)
@@ -482,7 +493,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
                                                     run.stream_device)
             Xf = [x.clone() for x in first] if (keep_fp and keep_comp) else (first if keep_fp else [])
             streams = _Streams(first if keep_comp else [], Xf, [])
-            timings["calibration"] += time.perf_counter() - t0
+            timings["calibration"] += clock(cfg.device) - t0
 
         layers: dict[str, dict[str, Any]] = {}
         block_diag: list[dict[str, Any]] = []
@@ -505,7 +516,7 @@ def compress_model(model: nn.Module, method: Method, ranks: dict[str, int], cali
                 bar.set_postfix(cos=f"{info['cosine_fp']:.4f}")
             block_diag.append(info)
             blocks[i] = block.to(cfg.offload_device)
-            timings["calibration"] += time.perf_counter() - t0
+            timings["calibration"] += clock(cfg.device) - t0
             if ckpt is not None and kind != "restored":
                 t0 = time.perf_counter()
                 ckpt.save(i, blocks[i], block_layers)

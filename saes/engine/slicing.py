@@ -203,7 +203,7 @@ def slice_model(model: nn.Module, width: int, calib_ids: torch.Tensor, cfg: Engi
     embed = model.get_input_embeddings()
     embed.weight = nn.Parameter(rotate_input(embed.weight.data, Q_in.to(embed.weight.device)))
     embed.embedding_dim = width
-    xs = [rotate_input(x, Q_in.to(x.device)) for x in xs]
+    xs = [rotate_input(x.to(cfg.device), Q_in.to(cfg.device)).to(x.device) for x in xs]  # on the compute device
     energy_in = kept_variance(vals, width)
     block_energy: list[dict[str, Any]] = []
     t_rot += time.perf_counter() - t0
@@ -261,7 +261,7 @@ def slice_model(model: nn.Module, width: int, calib_ids: torch.Tensor, cfg: Engi
         Q_out = Q[:, :d if last else width]  # the last block's output and the head keep the full width
         _set_shortcut(block, "mlp_shortcut", shortcut(Q_mid, Q_out))
         _set_output(block, "mlp.down_proj", Q_out)
-        xs = [rotate_input(y, Q_out.to(y.device)) for y in ys]
+        xs = [rotate_input(y.to(cfg.device), Q_out.to(cfg.device)).to(y.device) for y in ys]
         block_energy.append({"kept_variance_attn_in": energy_in,
                              "kept_variance_mlp_in": kept_variance(vals_mid, width)})
         energy_in = kept_variance(vals_out, Q_out.shape[1])

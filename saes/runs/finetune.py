@@ -97,6 +97,10 @@ def _train_phases(model: nn.Module, ids: torch.Tensor, ft: LoraSettings, phases:
                                                       target_modules=targets, bias="none"))
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=ft.lr, weight_decay=0.0)
+        # A float16 base on CUDA: its activation gradients underflow without loss scaling (the adapters are float32
+        # either way); disabled, the scaler passes everything through unchanged.
+        half = next(p.dtype for p in model.parameters() if p.is_floating_point()) == torch.float16
+        scaler = torch.amp.GradScaler(device.type, enabled=half and device.type == "cuda")
         g = torch.Generator().manual_seed(int(ft.seed))
         losses: list[float] = []
         peft_model.train()
@@ -110,8 +114,9 @@ def _train_phases(model: nn.Module, ids: torch.Tensor, ft: LoraSettings, phases:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"LoRA fine-tuning diverged (loss {float(loss)})")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 losses.append(float(loss.detach()))
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

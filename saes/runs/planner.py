@@ -114,6 +114,11 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
                      "weights in fp16), above the peak below")
     elif method.plans_ranks or cfg.method.get("rank_alloc", "uniform") != "uniform":
         note = "the method's allocator moves ranks within this budget (decided on calibration data)"
+    whole = whole_model_passes(cfg)
+    if whole:
+        note = ((note + "; ") if note else "") + (
+            f"the whole model goes on {device} for {', '.join(whole)} (its weights, {dense * nbytes / 2**30:.1f} GB, "
+            "and their activations), beyond the one-block peak below")
     plan = {
         "model": str(cfg.model.name), "method": method.name, "ratio": ratio, "device": device,
         "dtype": str(cfg.model.dtype), "blocks": shape.blocks, "calibration_tokens": tokens if calibrated else 0,
@@ -128,6 +133,20 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
     }
     print(render(plan))
     return plan
+
+
+def whole_model_passes(cfg: DictConfig) -> list[str]:
+    """The passes that run the whole model on the device (not one block at a time): gradients of the model's loss,
+    tail forwards, a trial model's perplexity, LoRA training; ``offload=true`` does not apply to them."""
+    name, alloc = str(cfg.method.name), cfg.method.get("rank_alloc", "uniform")
+    out = ["FWSVD's Fisher gradients"] if name == "fwsvd" else []  # LLM-Pruner's gradients: its own note above
+    out += [{"dobi": "Dobi-SVD's stage-1 training", "dip": "Dip-SVD's gradient sensitivities",
+             "strs": "STRS's tail forwards"}[alloc]] if alloc in ("dobi", "dip", "strs") else []
+    if name == "ercsvd" and cfg.method.get("plc", {}).get("k") == "search":
+        out.append("ERC-SVD's k search (a compressed trial model per candidate)")
+    if cfg.get("finetune") is not None:
+        out.append("LoRA fine-tuning")
+    return out
 
 
 def render(plan: dict[str, Any]) -> str:

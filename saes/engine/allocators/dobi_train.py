@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saes.core.dobi import SVDGuard, cosine_lr, kept_fraction, range_penalty, truncate_activation
+from saes.core.linalg import all_finite
 from saes.core.lowrank import set_submodule
 from saes.io import read_json, write_json_atomic
 
@@ -175,6 +176,10 @@ def train_positions(model: nn.Module, names: Sequence[str], shapes: dict[str, tu
                 extra = budget_terms(state["lam"])
                 extra.backward()
                 loss_sum += float(extra.detach())
+                if not all_finite(rho.grad):  # before the step: a NaN in rho would be checkpointed, and resumed
+                    raise FloatingPointError(
+                        f"Dobi-SVD stage 1: the gradient at step {step} is not finite (in float16 the SVD's "
+                        "backward can overflow: model.dtype=bfloat16 or float32)")
                 clip_in_gamma_units(rho, scale, settings.clip)
                 opt.step()
                 with torch.no_grad():
