@@ -51,7 +51,7 @@ bench-cost: $(STAMP)  ## a run's cost by phase, in dense forwards over the calib
 bench-block: $(STAMP)  ## one LLaMA-7B-shaped block: statistics passes, factorisation paths, memory (ARGS=--device cuda ...)
 	$(BIN)/python -m experiments.bench_block $(ARGS)
 
-gpu-check: $(STAMP)  ## on CUDA: preflight, main job vs its CPU record, a 7B block, CUDA tests, bf16, bench-block (540 s)
+gpu-check: $(STAMP)  ## on CUDA: preflight, main job vs CPU record, a 7B block, CUDA tests, bf16, bench-block (540 s)
 	$(BIN)/python -m experiments.gpu_check $(ARGS)
 
 gpu-bundle: $(STAMP)  ## for a GPU machine without network: wheels + embedded data in parts under .gpu/ (ARGS: --python 3.12 ...)

@@ -267,6 +267,7 @@ def check(bundle: Path, site: Path, copy_to: Path | None, rest: list[str]) -> in
     install(bundle, site)
     print(f"installed under {site}; running experiments.gpu_check", flush=True)
     if copy_to is not None:
+        copy_to = copy_to.resolve()  # gpu_check runs in the project root
         copy_to.mkdir(parents=True, exist_ok=True)
         given = {a.split("=", 1)[0] for a in rest}
         rest = [*rest, *([] if "--out" in given else ["--out", str(copy_to)]),

@@ -16,7 +16,8 @@ first (a budget cut short loses the last), each in its own process with a timeou
 2. One LLaMA-7B-shaped block (random weights, float16) at ``scale=paper`` (128 x 2048 calibration tokens) on CUDA,
    with the offline text: ``llama7b_shape-block-paper-cuda.json`` (phase times, peak memory).
 3. ``pytest -m cuda`` on the files that hold CUDA tests: the offload test, the half-precision runs of every
-   method family (bf16 and fp16) and the bf16 save/load/portable/GPTQ round trip, on ``device=cuda``.
+   method family (bf16 and fp16), the passes beyond the engine in fp16 (Dobi-SVD, STRS, FWSVD, SliceGPT,
+   LLM-Pruner, LoRA, AWQ) and the bf16 save/load/portable/GPTQ round trip, on ``device=cuda``.
 4. The main job in ``model.dtype=bfloat16`` (finite perplexity, reported beside the float32 one).
 5. ``python -m experiments.bench_block --device cuda --skip-svd`` (the cost model's inputs; the full SVDs are
    skipped, cuSOLVER's default driver is slow at these sizes): ``block-4096-cuda.json``.
@@ -45,14 +46,16 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "results/runs/smollm2_135m/saes/ratio0.2/seed0-09c12ef4f69b.json"
 DENSE_RTOL, COMPRESSED_RTOL = 1e-4, 1e-2
 NO_CUDA, NOT_READY = 2, 3  # exit statuses of the refusal and of a failed preflight
-# What the steps import beyond torch (module names); the preflight imports each.
-NEEDED = ("transformers", "hydra", "omegaconf", "datasets", "pyarrow", "gguf", "accelerate", "safetensors", "pandas",
-          "matplotlib", "tabulate", "psutil", "tqdm", "pytest")
+# What the steps import beyond torch, lazily included (module names; the preflight imports each, then the modules
+# the steps run): the data (datasets over pyarrow), the GGUF, load= (accelerate), LoRA (peft), the tests.
+NEEDED = ("transformers", "hydra", "omegaconf", "datasets", "pyarrow", "gguf", "accelerate", "peft", "safetensors",
+          "psutil", "tqdm", "pytest")
 # The files holding the CUDA-marked tests: collecting all of tests/ would import what only the CPU suite needs.
 CUDA_TESTS = ("tests/test_half_precision.py", "tests/test_offload.py", "tests/test_saes_math.py")
+STEP_MODULES = ("saes.runs.pipeline", "experiments.bench_block", *(f"tests.{Path(t).stem}" for t in CUDA_TESTS))
 # (step, nominal seconds), most valuable first: the timeouts are these shares of --budget.
-PLAN = (("main job, float32", 150), ("llama7b_shape block, scale=paper", 110), ("cuda tests", 120),
-        ("main job, bfloat16", 110), ("bench-block", 110))
+PLAN = (("main job, float32", 150), ("llama7b_shape block, scale=paper", 110), ("cuda tests", 160),
+        ("main job, bfloat16", 90), ("bench-block", 90))
 
 
 def refusal() -> str | None:
@@ -88,7 +91,8 @@ def preflight() -> tuple[dict[str, Any], list[str]]:
         return env, problems
 
     def run_imports() -> None:
-        importlib.import_module("saes.runs.pipeline")
+        for module in STEP_MODULES:
+            importlib.import_module(module)
 
     def gguf() -> str:
         from saes.inputs.packages import packaged_file
@@ -100,7 +104,7 @@ def preflight() -> tuple[dict[str, Any], list[str]]:
 
         return len(wiki_books_documents())
 
-    for what, check in (("the run's imports", run_imports), ("the embedded SmolLM2 GGUF", gguf),
+    for what, check in (("the steps' imports", run_imports), ("the embedded SmolLM2 GGUF", gguf),
                         ("the offline text wiki_books (documents)", text)):
         try:
             env[what] = check()
@@ -137,8 +141,8 @@ def compare(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]
     """The run's perplexities against the reference record's, with the tolerances above; first whether both saw
     the same evaluation and calibration tokens (``same_tokens``: else the perplexities are not comparable)."""
     got, want = record["metrics"]["ppl"]["wiki_books"], reference["metrics"]["ppl"]["wiki_books"]
-    same = {"eval": got.get("tokens_sha256") == want.get("tokens_sha256"),
-            "calibration": record["calibration"].get("tokens_sha256") == reference["calibration"].get("tokens_sha256")}
+    same = {"eval": got["tokens_sha256"] == want["tokens_sha256"],
+            "calibration": record["calibration"]["tokens_sha256"] == reference["calibration"]["tokens_sha256"]}
     out: dict[str, Any] = {"same_tokens": same}
     for key, rtol in (("dense", DENSE_RTOL), ("compressed", COMPRESSED_RTOL)):
         rel = abs(got[key] - want[key]) / abs(want[key])

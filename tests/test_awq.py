@@ -287,3 +287,15 @@ def test_the_equal_memory_sweep_pairs_awq_with_the_recorded_gptq_runs():
         pruned = j.config["method"]["name"] in ("flap", "wanda_sp")
         if (j.config["quant"]["method"] == "gptq" and not pruned) or "+experiment/quant=awq4_dense" in j.overrides:
             assert j.record is not None and j.record["key"] == config_key(j.config), j.overrides
+
+
+def test_awq_of_a_float16_model_runs_where_its_clip_search_starts_at_inf():
+    """AutoAWQ starts the clip search's best error at 1e9 by a product, which is inf in float16; a fill with 1e9
+    raised there (the first float16 run of quant=awq failed before this)."""
+    from saes.core.awq import search_clip
+
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(8, 64, generator=g), torch.randn(40, 64, generator=g)
+    clip16 = search_clip(W.half(), x.half(), 4, 32)
+    assert clip16.dtype == torch.float16 and bool(torch.isfinite(clip16).all())
+    torch.testing.assert_close(clip16.float(), search_clip(W, x, 4, 32), rtol=0.1, atol=0.05)

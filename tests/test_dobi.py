@@ -230,6 +230,40 @@ def test_training_resumes_to_the_uninterrupted_result(tmp_path):
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 
+def test_a_non_finite_gradient_stops_training_before_the_step_and_the_checkpoint_stays_finite(tmp_path):
+    """A gradient that overflows (here: an infinite one injected behind a finite loss from step 2 on) is refused
+    before Adam's step, so the per-step checkpoint, which a rerun resumes, keeps step 1's finite state."""
+    model = tiny_llama(num_key_value_heads=2).eval()
+    layout = layout_for(model)
+    uniform = plan_ranks(model, layout, 0.4)
+    names = list(uniform)
+    shapes = {p: tuple(model.get_submodule(p).weight.shape) for p in names}
+    rho0 = torch.tensor([uniform[p] / min(shapes[p]) for p in names], dtype=torch.float64)
+    ids = calib_batch(n=6, seqlen=64)
+    armed = {"on": False}
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf") if armed["on"] else g
+
+    hook = model.model.norm.register_forward_hook(lambda _m, _a, out: InfGrad.apply(out))
+    path = tmp_path / "stage1.json"
+    try:
+        with pytest.raises(FloatingPointError, match=r"gradient at step 1 is not finite$"):
+            train_positions(model, names, shapes, {p: 1.0 for p in names}, rho0, 0.6, ids[:4], ids[4:],
+                            DobiTraining(epochs=2, accum=2, select_every=2), torch.device("cpu"), torch.float32,
+                            path, {"k": 1}, lambda step: armed.update(on=True))
+    finally:
+        hook.remove()
+    saved = json.loads(path.read_text())
+    assert saved["step"] == 1 and all(math.isfinite(r) for r in saved["rho"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ("dobisvd", "svd", "fwsvd", "asvd", "svdllm", "svdllm_update", "adasvd", "saes",
                                     "dipsvd", "ercsvd"))

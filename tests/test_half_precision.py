@@ -69,6 +69,30 @@ def test_every_method_family_compresses_and_evaluates_in_half_precision(tmp_path
     assert rec["params"]["model_compressed"] < rec["params"]["model_dense"]
 
 
+# The passes outside the block-by-block engine, each of which moves the whole model or its own state across devices
+# (where the reviews of the never-run CUDA paths found device mixes): float16 on CUDA, at tiny settings.
+BEYOND_ENGINE = {
+    "dobisvd": ("method=dobisvd", "method.dobi.windows=4", "method.dobi.seqlen=64", "method.dobi.select_windows=2",
+                "method.dobi.epochs=2", "method.dobi.accum=2", "method.dobi.select_every=2"),
+    "asvd_strs": ("method=asvd_strs", "method.strs.nsamples=2", "method.strs.seqlen=32"),
+    "fwsvd": ("method=fwsvd",),
+    "slicegpt": ("method=slicegpt", "ratio=0.2"),
+    "llm_pruner": ("method=llm_pruner", "method.first=0", "method.last=0"),
+    "lora": ("method=svdllm", "finetune=lora", "finetune.nsamples=8", "finetune.seqlen=64", "finetune.epochs=1",
+             "finetune.batch_size=8"),
+    "awq": ("method=saes", "quant=awq", "quant.group_size=32"),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", list(BEYOND_ENGINE))
+def test_the_passes_beyond_the_engine_run_on_cuda_in_float16(tmp_path, case):
+    rec = run(half_cfg("float16", *BEYOND_ENGINE[case], results_dir=tmp_path, device="cuda"))
+    ppl = rec["metrics"]["ppl"]["wiki_books"]
+    assert math.isfinite(ppl["dense"]) and math.isfinite(ppl["compressed"]) and ppl["compressed"] > 1
+    assert rec["params"]["model_compressed"] < rec["params"]["model_dense"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_save_load_portable_round_trip(tmp_path, device):
     """bf16 factors saved, loaded by ``load=`` (same perplexity), by transformers alone on the CPU (same logits,

@@ -121,7 +121,9 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | N
         w, xg = W[:, cols], x[:, cols]
         top = w.abs().amax(dim=1, keepdim=True)  # [m, 1]
         reference = w @ xg.T  # [m, T]
-        best, least = top.clone(), torch.full_like(top, 1e9)
+        # AutoAWQ's start, 1e9 by a product: float32 and bfloat16 hold it, float16 overflows to inf (a fill with
+        # 1e9 would raise there)
+        best, least = top.clone(), torch.ones_like(top) * 1e9
         for i in range(int(max_shrink * n_grid)):
             max_val = top * (1 - i / n_grid)
             q = fake_quantize(torch.clamp(w, -max_val, max_val), bits, None)

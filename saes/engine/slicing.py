@@ -201,7 +201,8 @@ def slice_model(model: nn.Module, width: int, calib_ids: torch.Tensor, cfg: Engi
     vals, Q = principal_directions(_gram(xs, cfg.device))
     Q_in = Q[:, :width]
     embed = model.get_input_embeddings()
-    embed.weight = nn.Parameter(rotate_input(embed.weight.data, Q_in.to(embed.weight.device)))
+    home = embed.weight.device  # the product on the compute device (vocab x d x width flops), the weight back home
+    embed.weight = nn.Parameter(rotate_input(embed.weight.data.to(cfg.device), Q_in.to(cfg.device)).to(home))
     embed.embedding_dim = width
     xs = [rotate_input(x.to(cfg.device), Q_in.to(cfg.device)).to(x.device) for x in xs]  # on the compute device
     energy_in = kept_variance(vals, width)
@@ -270,7 +271,8 @@ def slice_model(model: nn.Module, width: int, calib_ids: torch.Tensor, cfg: Engi
         t_rot += time.perf_counter() - t0
 
     head = model.get_output_embeddings()
-    head.weight = nn.Parameter(rotate_input(head.weight.data, Q_in.to(head.weight.device)))
+    home = head.weight.device
+    head.weight = nn.Parameter(rotate_input(head.weight.data.to(cfg.device), Q_in.to(cfg.device)).to(home))
     model.config.tie_word_embeddings = False
 
     layers = {}

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from saes.core.lowrank import check_ratio, count_parameters
 from saes.core.pruning import Pruner
 from saes.core.slicegpt import Slicer
-from saes.engine.cost import BENCH_CPU_FP64_TFLOPS, RATES, Rates, Shape, cpu_rates, factorisation_seconds, \
+from saes.engine.cost import BENCH_CPU_FP64_TFLOPS, GB, RATES, Rates, Shape, cpu_rates, factorisation_seconds, \
     forward_flops, peak_gb, stats_flops
 from saes.engine.layout import layout_for, plan_ranks
 from saes.engine.loop import needs_calibration
@@ -117,7 +117,7 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
     whole = whole_model_passes(cfg)
     if whole:
         note = ((note + "; ") if note else "") + (
-            f"the whole model goes on {device} for {', '.join(whole)} (its weights, {dense * nbytes / 2**30:.1f} GB, "
+            f"the whole model goes on {device} for {', '.join(whole)} (its weights, {dense * nbytes / GB:.1f} GB, "
             "and their activations), beyond the one-block peak below")
     plan = {
         "model": str(cfg.model.name), "method": method.name, "ratio": ratio, "device": device,
@@ -129,7 +129,7 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
         "peak_device_gb": peak_gb(shape, tokens, family, act_bytes=nbytes, weight_bytes=nbytes) if calibrated else None,
         "peak_device_gb_rerun": (peak_gb(shape, tokens, family, act_bytes=nbytes, weight_bytes=nbytes, staged=False)
                                  if calibrated else None),
-        "host_weights_gb": dense * nbytes / 2**30,
+        "host_weights_gb": dense * nbytes / GB,
     }
     print(render(plan))
     return plan

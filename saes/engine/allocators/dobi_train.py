@@ -177,9 +177,9 @@ def train_positions(model: nn.Module, names: Sequence[str], shapes: dict[str, tu
                 extra.backward()
                 loss_sum += float(extra.detach())
                 if not all_finite(rho.grad):  # before the step: a NaN in rho would be checkpointed, and resumed
-                    raise FloatingPointError(
-                        f"Dobi-SVD stage 1: the gradient at step {step} is not finite (in float16 the SVD's "
-                        "backward can overflow: model.dtype=bfloat16 or float32)")
+                    hint = ("; in float16 the SVD's backward can overflow: model.dtype=bfloat16 or float32"
+                            if next(model.parameters()).dtype == torch.float16 else "")
+                    raise FloatingPointError(f"Dobi-SVD stage 1: the gradient at step {step} is not finite{hint}")
                 clip_in_gamma_units(rho, scale, settings.clip)
                 opt.step()
                 with torch.no_grad():

@@ -151,27 +151,30 @@ def strs_sensitivity(model: nn.Module, layout: BlockLayout, calib_ids: torch.Ten
     resumed table) are taken as they are; ``on_row(table)`` is called after each new row."""
     absmean, inputs = _absmean_and_block_inputs(model, layout, calib_ids, sens_ids, cfg)
     model.to(cfg.device)  # the tail forwards run the model's own code from block i on
-    table: dict[str, list[float]] = {}
-    names = [(i, name) for i in range(len(inputs)) for name in layout.projections]
-    for i, proj in tqdm(names, desc="strs sensitivity", unit="layer"):
-        name = f"{layout.layers}.{i}.{proj}"
-        if done is not None and name in done:
-            table[name] = list(done[name])
-            continue
-        lin: nn.Linear = model.get_submodule(name)
-        W = lin.weight
-        s = activation_scale(absmean[name], alpha, floor).to(device=W.device, dtype=dtype)  # absmean: on the CPU
-        full = truncated_svd(W.to(dtype) * s, min(W.shape))
-        m, n = W.shape
-        row = []
-        for kept in candidates:
-            r = rank_for_ratio(m, n, 1.0 - kept)
-            approx = ((full.U[:, :r] * full.S[:r]) @ full.Vh[:r]) / s
-            with replaced(model, name, _fixed_linear(approx.to(W.dtype).to(W.device), lin.bias)):
-                row.append(math.exp(_tail_nll(model, layout, i, inputs[i], sens_ids, cfg)))
-        table[name] = row
-        if on_row is not None:
-            on_row(table)
+    try:
+        table: dict[str, list[float]] = {}
+        names = [(i, name) for i in range(len(inputs)) for name in layout.projections]
+        for i, proj in tqdm(names, desc="strs sensitivity", unit="layer"):
+            name = f"{layout.layers}.{i}.{proj}"
+            if done is not None and name in done:
+                table[name] = list(done[name])
+                continue
+            lin: nn.Linear = model.get_submodule(name)
+            W = lin.weight
+            s = activation_scale(absmean[name], alpha, floor).to(device=W.device, dtype=dtype)  # absmean: CPU
+            full = truncated_svd(W.to(dtype) * s, min(W.shape))
+            m, n = W.shape
+            row = []
+            for kept in candidates:
+                r = rank_for_ratio(m, n, 1.0 - kept)
+                approx = ((full.U[:, :r] * full.S[:r]) @ full.Vh[:r]) / s
+                with replaced(model, name, _fixed_linear(approx.to(W.dtype).to(W.device), lin.bias)):
+                    row.append(math.exp(_tail_nll(model, layout, i, inputs[i], sens_ids, cfg)))
+            table[name] = row
+            if on_row is not None:
+                on_row(table)
+    finally:  # the engine moves one block at a time from where the model is kept
+        model.to(cfg.offload_device)
     return table
 
 
