@@ -33,7 +33,6 @@ import importlib
 import importlib.metadata as md
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from saes.io import write_json_atomic  # whole or not at all: a reader after a kill sees the last summary
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "results/runs/smollm2_135m/saes/ratio0.2/seed0-09c12ef4f69b.json"
@@ -170,19 +171,12 @@ def findings(scratch: Path, block: Path, out: Path) -> tuple[dict[str, Any], lis
         found["main_job_bfloat16"] = f"missing: {exc}"
     try:
         rec = record_in(block, "llama7b_shape", "saes")
-        write_json(out / "llama7b_shape-block-paper-cuda.json",
+        write_json_atomic(out / "llama7b_shape-block-paper-cuda.json",
                    {k: rec.get(k) for k in ("config", "timings", "memory", "params", "calibration", "env")})
         found["llama7b_shape_block"] = {"timings": rec.get("timings"), "memory": rec.get("memory")}
     except (FileNotFoundError, KeyError) as exc:
         found["llama7b_shape_block"] = f"missing: {exc}"
     return found, failed
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Whole or not at all (a reader after a kill sees the last complete summary)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["environment"], problems = preflight()
     if problems:
         summary["preflight"] = problems
-        write_json(out / "gpu-check-cuda.json", summary)
+        write_json_atomic(out / "gpu-check-cuda.json", summary)
         print("gpu-check preflight failed; nothing was run:\n  " + "\n  ".join(problems), file=sys.stderr)
         return NOT_READY
     py, start = sys.executable, time.perf_counter()
@@ -230,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             steps.append(step(name, commands[name], min(args.budget * seconds / nominal, left), log))
         found, failed = findings(scratch, block, out)
         failed = [s["step"] for s in steps if s["status"] != "ok"] + failed
-        write_json(out / "gpu-check-cuda.json", {**summary, "steps": steps, **found, "failed": failed})
+        write_json_atomic(out / "gpu-check-cuda.json", {**summary, "steps": steps, **found, "failed": failed})
     print(json.dumps({**summary, "steps": steps, **found, "failed": failed}, indent=1))
     return 1 if failed else 0
 
