@@ -179,6 +179,20 @@ def findings(scratch: Path, block: Path, out: Path) -> tuple[dict[str, Any], lis
     return found, failed
 
 
+def commands(py: str, scratch: Path, block: Path, out: Path) -> dict[str, list[str]]:
+    """Each step's command line (the ``run.py`` ones write their records under ``scratch`` and ``block``)."""
+    run_py = [py, "run.py", "device=cuda", "logger=none", "resume=false", "force=true"]
+    return {
+        "main job, float32": [*run_py, f"results_dir={scratch / 'fp32'}"],
+        "llama7b_shape block, scale=paper": [*run_py, "model=llama7b_shape", "model.blocks=1", "model.dtype=float16",
+                                             "scale=paper", "calib.source=wiki_books", "eval.ppl.sources=[wiki_books]",
+                                             "method=saes", "ratio=0.4", f"results_dir={block}"],
+        "cuda tests": [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
+        "main job, bfloat16": [*run_py, "model.dtype=bfloat16", f"results_dir={scratch / 'bf16'}"],
+        "bench-block": [py, "-m", "experiments.bench_block", "--device", "cuda", "--skip-svd", "--out", str(out)],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together")
@@ -202,17 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check preflight failed; nothing was run:\n  " + "\n  ".join(problems), file=sys.stderr)
         return NOT_READY
     py, start = sys.executable, time.perf_counter()
-    run_py = [py, "run.py", "device=cuda", "logger=none", "resume=false", "force=true"]
     block = scratch / "llama7b_shape"
-    commands = {
-        "main job, float32": [*run_py, f"results_dir={scratch / 'fp32'}"],
-        "llama7b_shape block, scale=paper": [*run_py, "model=llama7b_shape", "model.blocks=1", "model.dtype=float16",
-                                             "scale=paper", "calib.source=wiki_books", "eval.ppl.sources=[wiki_books]",
-                                             "method=saes", "ratio=0.4", f"results_dir={block}"],
-        "cuda tests": [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
-        "main job, bfloat16": [*run_py, "model.dtype=bfloat16", f"results_dir={scratch / 'bf16'}"],
-        "bench-block": [py, "-m", "experiments.bench_block", "--device", "cuda", "--skip-svd", "--out", str(out)],
-    }
+    argvs = commands(py, scratch, block, out)
     nominal = sum(seconds for _, seconds in PLAN)
     steps: list[dict[str, Any]] = []
     failed: list[str] = []
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if left < 10:
             steps.append({"step": name, "status": "not run (budget spent)"})
         else:
-            steps.append(step(name, commands[name], min(args.budget * seconds / nominal, left), log))
+            steps.append(step(name, argvs[name], min(args.budget * seconds / nominal, left), log))
         found, failed = findings(scratch, block, out)
         failed = [s["step"] for s in steps if s["status"] != "ok"] + failed
         write_json_atomic(out / "gpu-check-cuda.json", {**summary, "steps": steps, **found, "failed": failed})

@@ -89,3 +89,47 @@ def test_the_steps_share_the_budget_in_order_and_the_summary_is_rewritten_after_
     assert sum(c[1] for c in calls) == pytest.approx(60)
     summary = json.loads((tmp_path / "gpu-check-cuda.json").read_text())
     assert summary["failed"] == ["cuda tests"] and summary["environment"] == {"device": "stand-in"}
+
+
+@pytest.mark.slow
+def test_every_steps_command_is_accepted_before_any_gpu_time(tmp_path):
+    """What a CPU can check of the steps' command lines, so that the one GPU try fails on no typo: each ``run.py``
+    step composes and plans (``plan=true``: every override parsed and validated, no weights loaded, nothing
+    written), the CUDA tests are collected from their files, and bench-block's whole flow runs on the CPU at a
+    tiny width (``--device cpu`` and the widths the only changes)."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from experiments import gpu_check
+    from saes.runs.pipeline import run
+
+    scratch, block, out = tmp_path / "scratch", tmp_path / "block", tmp_path / "out"
+    argvs = gpu_check.commands(sys.executable, scratch, block, out)
+    assert list(argvs) == [name for name, _ in gpu_check.PLAN]
+    planned = {}
+    for name, argv in argvs.items():
+        if argv[1] != "run.py":
+            continue
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[*argv[2:], "plan=true"])
+        planned[name] = run(cfg)
+        assert planned[name]["device"] == "cuda"
+    assert len(planned) == 3 and not scratch.exists() and not block.exists()
+    paper = planned["llama7b_shape block, scale=paper"]
+    assert paper["calibration_tokens"] == 128 * 2048 and paper["projections"]["down_proj"]["count"] == 1
+
+    tests = subprocess.run([*argvs["cuda tests"], "--collect-only"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert tests.returncode == 0, tests.stdout[-2000:] + tests.stderr[-2000:]
+    collected = re.search(r"(\d+)/\d+ tests collected", tests.stdout)
+    assert collected and int(collected.group(1)) >= 20, tests.stdout[-500:]
+
+    bench = argvs["bench-block"]
+    i = bench.index("--device")
+    bench = [*bench[:i + 1], "cpu", *bench[i + 2:], "--hidden", "64", "--intermediate", "160", "--heads", "4",
+             "--tokens", "2", "32"]
+    done = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = json.loads((out / "block-64-cpu.json").read_text())
+    assert written["device"] == "cpu" and written["tokens"] == 64

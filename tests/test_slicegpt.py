@@ -169,6 +169,38 @@ def test_a_sliced_model_saves_and_reloads_to_the_same_logits(tmp_path, tokenizer
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
+
+def test_device_map_auto_keeps_each_sliced_block_of_a_portable_folder_on_one_device(tmp_path, tokenizer):
+    """accelerate splits a model by module class name (``_no_split_modules``); a sliced block's class is
+    ``Sliced<Base>``, and split across devices its shortcut would add tensors on two of them."""
+    from accelerate import infer_auto_device_map
+    from transformers import AutoModelForCausalLM
+
+    model = tied_model()
+    layout = layout_for(model)
+    base = {p: (*model.get_submodule(p).weight.shape, False) for p in projections(model, layout)}
+    width, plan = plan_width(model, SliceGPT(), 0.2)
+    result = slice_model(model, width, calib_batch(4, 32), CPU)
+    folder = save_compressed(model, tokenizer, tmp_path / "m", {
+        "method": "slicegpt", "pruned_layers": pruned_layers(model, base),
+        "structure": block_table(model, layout.layers), "slicing": {**result.spec, **plan}})
+    portable = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    names = {type(b).__name__ for b in portable.model.layers}
+    assert names == {"SlicedLlamaDecoderLayer"} and names <= set(portable._no_split_modules)
+    block = sum(p.numel() * p.element_size() for p in portable.model.layers[0].parameters())
+    # the CPU holds the embeddings and one and a half blocks (accelerate keeps room for the largest unsplittable
+    # module), the rest goes to disk: unless its class is listed, block 0 straddles the two
+    embed = portable.model.embed_tokens.weight
+    device_map = infer_auto_device_map(
+        portable, max_memory={"cpu": embed.numel() * embed.element_size() + 3 * block // 2},
+        no_split_module_classes=sorted(portable._no_split_modules))
+    assert device_map["model.embed_tokens"] == "cpu"
+    for i in range(len(portable.model.layers)):
+        name = f"model.layers.{i}"
+        placed = {d for k, d in device_map.items() if k in ("", name) or name.startswith(k + ".") or
+                  k.startswith(name + ".")}
+        assert len(placed) == 1, (prefix, device_map)
+
 def test_run_saves_and_a_load_run_reproduces_it(tmp_path):
     rec = run(make_cfg("method=slicegpt", "ratio=0.2", "save=true", results_dir=tmp_path))
     p, s = rec["params"], rec["params"]["structure"]

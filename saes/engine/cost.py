@@ -7,8 +7,11 @@ block on the development CPU); assumed device throughputs are :data:`RATES`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from saes.core.stats import block_rows
 
@@ -16,6 +19,14 @@ from saes.core.stats import block_rows
 # planner, this model, docs/cost-model.md) is 2^30 bytes, like its "MB" (peak_rss_mb) is 2^20; GPUs' "80 GB" are
 # this unit too (an H100 80GB reports 79.6 of them).
 GB = 2**30
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device``'s queued work is done: CUDA runs kernels asynchronously, so a phase
+    read without it would count its launches, and its kernels would land in the next phase."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from saes.core.method import Method, Stream
 from saes.core.pruning import Pruner
 from saes.core.stats import SiteStats, StreamingStats
 from saes.engine.config import BlockReport, CompressionReport, EngineConfig
-from saes.engine.cost import GB, factorisation_bytes
+from saes.engine.cost import GB, clock, factorisation_bytes
 from saes.engine.layout import BlockLayout, layout_for
 from saes.engine.propagate import StopForward, capture_block_inputs, forward_capturing, through
 from saes.engine.resume import BlockCheckpoints, owned
@@ -152,14 +152,6 @@ def _fp_stats_cache(model: nn.Module, layout: BlockLayout, method: Method, strea
         "stats_device": (cfg.stats_device or cfg.device).type, "layers": layout.layers, "groups": layout.groups})
 
 
-def clock(device: torch.device) -> float:
-    """``time.perf_counter()`` once ``device``'s queued work is done: CUDA runs kernels asynchronously, so a phase
-    read without it would count its launches, and its kernels would land in the next phase."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: Method, ranks: dict[str, int],
                      stats: SiteStats, timings: dict[str, float],
                      layers: dict[str, dict[str, Any]]) -> torch.Tensor | None:
@@ -170,8 +162,8 @@ def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, meth
         return prune_group(block, group, prefix, method, stats, timings, layers)
     for name in group:
         full = f"{prefix}.{name}"
-        t0 = time.perf_counter()
         dense: nn.Linear = block.get_submodule(name)
+        t0 = clock(dense.weight.device)
         if ranks[full] is None:  # planned to stay dense
             layers[full] = {"m": dense.out_features, "n": dense.in_features, "rank": None}
             continue
@@ -186,7 +178,7 @@ def _factorize_group(block: nn.Module, group: tuple[str, ...], prefix: str, meth
             raise FactorizationError(f"{full}: {exc}") from exc
         A, B = cast_factors(f.A, f.B, dt, full)  # checked in the model's dtype: FactorOverflow names the layer
         set_submodule(block, name, LowRankLinear.from_factors(A, B, dense.bias))
-        seconds = time.perf_counter() - t0
+        seconds = clock(dense.weight.device) - t0
         timings["factorisation"] += seconds
         layers[full] = {"m": m, "n": n, "rank": ranks[full], "seconds": seconds, **f.diagnostics}
     return None

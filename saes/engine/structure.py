@@ -11,7 +11,6 @@ the pruned block unchanged; only the manifest can say the per-block counts, sinc
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from saes.core.lowrank import set_submodule
 from saes.core.pruning import BlockShape, Kind, Pruner, compensation_bias
 from saes.core.stats import SiteStats
+from saes.engine.cost import clock
 
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -101,11 +101,11 @@ def prune_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: P
     kind: Kind | None = OUTPUT.get(group[-1]) if len(group) == 1 else None
     if kind is None:
         return None  # q,k,v / gate,up: pruned with their output projection
-    t0 = time.perf_counter()
+    out = block.get_submodule(group[0])
+    t0 = clock(out.weight.device)
     shape = block_shape(block)
     names = ATTENTION if kind == "attention" else MLP
     dense = {name: tuple(block.get_submodule(name).weight.shape) for name in names}
-    out = block.get_submodule(group[0])
     W = out.weight.to(method.compute_dtype)
     keep = method.select(int(prefix.rsplit(".", 1)[1]), kind, W, stats, shape.groups)
     if keep.numel() == 0:
@@ -117,7 +117,7 @@ def prune_group(block: nn.Module, group: tuple[str, ...], prefix: str, method: P
             raise ValueError(f"{method.name}'s bias compensation needs the statistic mean")
         bias = compensation_bias(W, stats.mean.to(W.device, W.dtype), channels.to(W.device))
     prune_block(block, kind, keep, bias)
-    seconds = time.perf_counter() - t0
+    seconds = clock(out.weight.device) - t0
     timings["factorisation"] += seconds
     for name in names:
         m, n = dense[name]

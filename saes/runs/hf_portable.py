@@ -105,6 +105,9 @@ class SaesLowRankForCausalLM(getattr(transformers, BASE_ARCHITECTURE)):  # type:
                     nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]))
         if getattr(config, "slicing", None):  # SliceGPT: sliced embeddings and norms, shortcut linears
             _slice(self, config.slicing)
+            # device_map="auto" matches these by class name: a sliced block must stay on one device too (its
+            # shortcuts add the residual to its attention's and MLP's outputs)
+            self._no_split_modules = set(self._no_split_modules or ()) | {type(b).__name__ for b in self.model.layers}
         for name, spec in layers.items():
             parent, _, child = name.rpartition(".")
             dense = self.get_submodule(name)
