@@ -5,6 +5,7 @@ SVD plan, save -> reload, bad settings named before the model loads, and more sl
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,16 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
 
+
+def sliced_folder(model: torch.nn.Module, tokenizer, path) -> Path:
+    """``model`` sliced to 0.2 on a calibration batch, saved to ``path`` with its slicing manifest."""
+    layout = layout_for(model)
+    base = {p: (*model.get_submodule(p).weight.shape, False) for p in projections(model, layout)}
+    width, plan = plan_width(model, SliceGPT(), 0.2)
+    result = slice_model(model, width, calib_batch(4, 32), CPU)
+    return save_compressed(model, tokenizer, path, {
+        "method": "slicegpt", "pruned_layers": pruned_layers(model, base),
+        "structure": block_table(model, layout.layers), "slicing": {**result.spec, **plan}})
 
 def test_folding_the_norms_and_rotating_without_slicing_keep_the_logits():
     model, ids, test = tied_model(), calib_batch(4, 32), calib_batch(2, 32, seed=7)
@@ -176,15 +187,8 @@ def test_device_map_auto_keeps_each_sliced_block_of_a_portable_folder_on_one_dev
     from accelerate import infer_auto_device_map
     from transformers import AutoModelForCausalLM
 
-    model = tied_model()
-    layout = layout_for(model)
-    base = {p: (*model.get_submodule(p).weight.shape, False) for p in projections(model, layout)}
-    width, plan = plan_width(model, SliceGPT(), 0.2)
-    result = slice_model(model, width, calib_batch(4, 32), CPU)
-    folder = save_compressed(model, tokenizer, tmp_path / "m", {
-        "method": "slicegpt", "pruned_layers": pruned_layers(model, base),
-        "structure": block_table(model, layout.layers), "slicing": {**result.spec, **plan}})
-    portable = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    portable = AutoModelForCausalLM.from_pretrained(sliced_folder(tied_model(), tokenizer, tmp_path / "m"),
+                                                    trust_remote_code=True)
     names = {type(b).__name__ for b in portable.model.layers}
     assert names == {"SlicedLlamaDecoderLayer"} and names <= set(portable._no_split_modules)
     block = sum(p.numel() * p.element_size() for p in portable.model.layers[0].parameters())
@@ -256,13 +260,7 @@ def test_transformers_alone_loads_a_sliced_folder_with_the_same_logits(tmp_path,
     from tests.test_portable import logits_outside
 
     model, ids = tied_model(), calib_batch(2, 24, seed=5)
-    layout = layout_for(model)
-    base = {p: (*model.get_submodule(p).weight.shape, False) for p in projections(model, layout)}
-    width, plan = plan_width(model, SliceGPT(), 0.2)
-    result = slice_model(model, width, calib_batch(4, 32), CPU)
-    folder = save_compressed(model, tokenizer, tmp_path / "slicegpt", {
-        "method": "slicegpt", "pruned_layers": pruned_layers(model, base),
-        "structure": block_table(model, layout.layers), "slicing": {**result.spec, **plan}})
+    folder = sliced_folder(model, tokenizer, tmp_path / "slicegpt")
     assert torch.equal(logits_outside(folder, ids, tmp_path), logits(model, ids))
 
 
