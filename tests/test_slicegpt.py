@@ -53,6 +53,7 @@ def sliced_folder(model: torch.nn.Module, tokenizer, path) -> Path:
         "method": "slicegpt", "pruned_layers": pruned_layers(model, base),
         "structure": block_table(model, layout.layers), "slicing": {**result.spec, **plan}})
 
+
 def test_folding_the_norms_and_rotating_without_slicing_keep_the_logits():
     model, ids, test = tied_model(), calib_batch(4, 32), calib_batch(2, 32, seed=7)
     dense = logits(model, test)
@@ -178,7 +179,6 @@ def test_a_sliced_model_saves_and_reloads_to_the_same_logits(tmp_path, tokenizer
     eps = [m.model.layers[1].input_layernorm.variance_epsilon for m in (loaded, model)]
     assert eps[0] == eps[1] == result.spec["norm_eps"]
     assert torch.equal(logits(loaded, ids), logits(model, ids))
-
 
 
 def test_device_map_auto_keeps_each_sliced_block_of_a_portable_folder_on_one_device(tmp_path, tokenizer):
