@@ -150,14 +150,18 @@ def protocol(rec: dict[str, Any]) -> dict[str, str]:
     return p
 
 
-def check_protocol(records: Sequence[dict[str, Any]], allow_mixed: bool = False) -> tuple[dict[str, str], list[str]]:
+def check_protocol(records: Sequence[dict[str, Any]], allow_mixed: bool = False,
+                   varies: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
     """The shared protocol of ``records`` and warning lines for what differs.
 
-    Raises :class:`ProtocolMismatch` when a strict aspect differs (unless ``allow_mixed``).
+    Raises :class:`ProtocolMismatch` when a strict aspect differs (unless ``allow_mixed``). ``varies``: aspects
+    the table varies on purpose (its columns, e.g. ``model dtype``), left out of both.
     """
     seen: dict[str, dict[str, list[str]]] = {}
     for rec in records:
         for k, v in protocol(rec).items():
+            if k in varies:
+                continue
             seen.setdefault(k, {}).setdefault(v, []).append(str(rec.get("key")))
     shared = {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
     strict, flagged = [], []

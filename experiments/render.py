@@ -174,13 +174,14 @@ def sweep_jobs(ctx: Context, name: str, title: str, experiments: Sequence[str]) 
 
 
 def prepare(ctx: Context, name: str, title: str, experiments: Sequence[str],
-            build: Callable[[list[Job], list[str]], list[str | Table]]) -> Document:
-    """Jobs of ``experiments``, their protocol check, the header, then ``build``'s blocks (or a refusal)."""
+            build: Callable[[list[Job], list[str]], list[str | Table]], varies: Sequence[str] = ()) -> Document:
+    """Jobs of ``experiments``, their protocol check (``varies``: the aspects the table varies on purpose), the
+    header, then ``build``'s blocks (or a refusal)."""
     js = sweep_jobs(ctx, name, title, experiments)
     if isinstance(js, Document):
         return js
     try:
-        shared, warnings = check_protocol(found(js), ctx.allow_mixed)
+        shared, warnings = check_protocol(found(js), ctx.allow_mixed, varies)
     except ProtocolMismatch as exc:
         return refusal(name, title, str(exc), commands(experiments, ctx.overrides))
     head = header(js, experiments, ctx, shared, warnings)

@@ -10,7 +10,7 @@ Every table is the sweep of one or more experiment configs (``conf/experiment/*.
 (:mod:`experiments.table1`, :mod:`~experiments.ablation`, :mod:`~experiments.aces_bounds`,
 :mod:`~experiments.cost`, :mod:`~experiments.compare_baselines`, :mod:`~experiments.bench_foundation`,
 :mod:`~experiments.speed`, :mod:`~experiments.table8`, :mod:`~experiments.table10`, :mod:`~experiments.paradigms`,
-:mod:`~experiments.seeds`)
+:mod:`~experiments.seeds`, :mod:`~experiments.half_precision`)
 with a ``build(ctx)``. A job without a record prints as ``missing``; no number is ever filled in. The
 records of one paper table must share one protocol (model, calibration tokens, evaluation texts,
 windows and caps, zero-shot limit): otherwise the table is refused (``--allow-mixed``: rendered with
@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from experiments import (ablation, aces_bounds, aces_selector, bench_foundation, compare_baselines, cost, figures,
-                         paradigms, seeds, speed, table1, table8, table10)
+                         half_precision, paradigms, seeds, speed, table1, table8, table10)
 from experiments.render import Document, write_document
 from experiments.sweeps import ROOT, Context
 
 Builder = Callable[[Context], "Document | list[Document]"]
 BUILDERS: tuple[Builder, ...] = (table1.build, ablation.build, aces_bounds.build, cost.build,
                                  compare_baselines.build, bench_foundation.build, speed.build, aces_selector.build,
-                                 table8.build, table10.build, paradigms.build, seeds.build)
+                                 table8.build, table10.build, paradigms.build, seeds.build, half_precision.build)
 
 
 def build_documents(ctx: Context) -> list[Document]:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from saes.evaluation.perplexity import perplexity, windows
+from saes.evaluation.perplexity import NonFiniteLogits, perplexity, windows
 from saes.inputs import data
+from saes.inputs.models import tiny_llama
 
 
 def test_calibration_windows_are_seeded_distinct_and_from_the_calibration_part(tokenizer):
@@ -106,6 +107,34 @@ def test_perplexity_protocol_windows_and_value():
     assert p.ppl == pytest.approx(50.0) and p.nll == pytest.approx(math.log(50))
     with pytest.raises(ValueError, match="fewer than one window"):
         windows(ids[:100], 128)
+
+
+class Sure(Uniform):
+    """All the probability on token 0, in ``dtype``: the NLL of any other token is about ``margin`` nats."""
+
+    def __init__(self, vocab: int, margin: float, dtype: torch.dtype = torch.float32):
+        super().__init__(vocab)
+        self.margin, self.dtype = margin, dtype
+
+    def forward(self, input_ids, use_cache=False):
+        logits = torch.zeros(*input_ids.shape, self.vocab, dtype=self.dtype)
+        logits[..., 0] = self.margin
+        return type("Out", (), {"logits": logits})()
+
+
+def test_overflowed_logits_are_a_named_error_and_a_huge_finite_nll_is_a_measurement():
+    ids = 1 + torch.arange(600) % 49  # never token 0
+    sure = perplexity(Sure(50, 1000.0), ids, 128)
+    assert sure.ppl == math.inf and sure.nll == pytest.approx(1000.0)  # exp(1000) overflows; the NLL is recorded
+    with pytest.raises(NonFiniteLogits, match=r"ppl dense x, windows 0\.\.1: the logits are not finite in the "
+                                              r"model's torch\.float16.*set model\.dtype=bfloat16"):
+        perplexity(Sure(50, 7e4, torch.float16), ids, 128, batch_size=2, desc="ppl dense x")  # 7e4 > 65504: inf
+    # a real model whose activations overflow float16: the final norm's gain takes them past 65504
+    model = tiny_llama().to(torch.float16).eval()
+    model.model.norm.weight.data *= 3e4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(NonFiniteLogits, match=r"ppl, window 0: .*torch\.float16"):
+        perplexity(model, ids, 128, 4)
 
 
 def test_wiki_qa_is_the_wikipedia_part_of_wiki_books_split_the_same_way():

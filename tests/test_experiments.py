@@ -331,7 +331,8 @@ COMMITTED_RECORDS = ROOT / "results"
 
 
 @pytest.mark.parametrize("experiment,n_jobs", {"compare_baselines": 42, "foundation": 8, "foundation_damp": 6,
-                                               "table1": 28, "table1_lora": 4, "table1_dip": 4, "table1_strs": 4}.items())
+                                               "table1": 28, "table1_lora": 4, "table1_dip": 4, "table1_strs": 4,
+                                               "half_precision": 18}.items())
 def test_comparison_sweeps_find_the_committed_records(experiment, n_jobs):
     """The sweeps that replaced compare_baselines.py and bench_foundation.py, and Table 1's, give the keys of the
     records they made (nothing to rerun; a config change that moves a committed record's key fails here), and each
@@ -344,12 +345,12 @@ def test_comparison_sweeps_find_the_committed_records(experiment, n_jobs):
 
 
 def test_comparison_tables_rebuild_the_committed_ones_cell_for_cell():
-    from experiments import bench_foundation, compare_baselines, speed
+    from experiments import bench_foundation, compare_baselines, half_precision, speed
 
     ctx = sweeps.Context(COMMITTED_RECORDS, [])
-    docs = [compare_baselines.build(ctx), *bench_foundation.build(ctx), *speed.build(ctx)]
+    docs = [compare_baselines.build(ctx), *bench_foundation.build(ctx), *speed.build(ctx), half_precision.build(ctx)]
     assert [d.name for d in docs] == ["compare_baselines", "bench_foundation", "bench_foundation_damp0.001",
-                                      "bench_foundation_damp0.0001", "bench_speed"]
+                                      "bench_foundation_damp0.0001", "bench_speed", "half_precision"]
     for d in docs:
         committed = (ROOT / "results" / "tables" / f"{d.name}.md").read_text()
         assert table_cells(d.markdown()) == table_cells(committed), d.name
@@ -439,3 +440,27 @@ def test_rank_profile_sums_kept_parameters_per_projection_type_and_depth_band():
     assert t.header == ["projection", "blocks 0-1", "blocks 2-3", "all"]
     assert t.rows == [["q_proj", "0.500", "0.250", "0.375"], ["down_proj", "0.562", "0.375", "0.469"]]
     assert "overall 0.406" in t.caption  # (64 + 32 + 36 + 24) / 384
+
+
+# ------------------------------------------------------------------------------------------- half precision
+def test_half_precision_table_puts_each_dtype_beside_float32_and_refuses_other_tokens(tmp_path):
+    from experiments import half_precision
+
+    js = sweeps.jobs("half_precision", TINY, tmp_path)
+    assert len(js) == 18 and {j.config["model"]["dtype"] for j in js} == {"float32", "bfloat16", "float16"}
+    factor = {"float32": 1.0, "bfloat16": 1.01, "float16": 0.998}
+    for j in js:
+        if (j.config["method"]["name"], j.config["model"]["dtype"]) != ("asvd", "float16"):  # e.g. a FactorOverflow
+            d = j.config["model"]["dtype"]
+            write(j, synthetic_record(j.config, 50.0 * factor[d], dense_ppl=10.0 * factor[d]))
+    doc = half_precision.build(sweeps.Context(tmp_path, TINY))
+    md = doc.markdown()
+    assert not doc.refused and "model dtype" not in md  # the table's own variable is neither refused nor listed
+    assert has_cells(md, "| dense | 10.000 | 10.100 | +1.00% | 9.980 | -0.20% |")
+    assert has_cells(md, "| SAES-SVD | 50.00 | 50.50 | +1.00% | 49.90 | -0.20% |")
+    assert has_cells(md, "| ASVD | 50.00 | 50.50 | +1.00% | missing | n/a |")
+    assert "bfloat16: compressed PPL within 1.00% of float32 over 6 methods" in md
+    assert "float16: compressed PPL within 0.20% of float32 over 5 methods" in md
+    odd = next(j for j in js if j.config["model"]["dtype"] == "bfloat16")
+    write(odd, synthetic_record(odd.config, 50.0, calib_sha="d" * 64))
+    assert half_precision.build(sweeps.Context(tmp_path, TINY)).refused

@@ -13,6 +13,7 @@ import socket
 import sys
 
 import pytest
+import torch
 
 from experiments import records
 
@@ -194,6 +195,17 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(tokenizer):
                                       intermediate_size=32))
     with pytest.raises(TypeError, match="causal LM.*BertForMaskedLM"):
         zeroshot.accuracy(bert, tokenizer, zeroshot.Plan(tasks=("piqa",), limit=1))
+
+
+def test_logits_that_overflow_float16_stop_the_evaluation_by_name(tokenizer, no_network):
+    """lm-eval would turn inf logits into NaN log-likelihoods and score them; the run stops, naming the fix."""
+    from saes.evaluation.perplexity import NonFiniteLogits
+
+    model = tiny_llama().to(torch.float16).eval()
+    model.model.norm.weight.data *= 3e4  # the final norm's outputs pass 65504
+    with pytest.raises(NonFiniteLogits, match=r"zero-shot piqa: .*torch\.float16.*model\.dtype=bfloat16"):
+        zeroshot.accuracy(model, tokenizer, zeroshot.Plan(tasks=("piqa",), offline=True, limit=2))
+    assert not model._forward_hooks  # the check is removed with the evaluation
 
 
 def test_offline_is_decided_without_a_network_timeout_and_switched_once_by_the_run(no_network, monkeypatch):

@@ -10,12 +10,42 @@ average per-window mean NLLs; with equal windows the two are identical.)
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from saes.core.lowrank import WIDER
+
+
+class NonFiniteLogits(FloatingPointError):
+    """The model's logits on a window are inf or NaN: its activations overflowed (float16 ends at 65504), which
+    is no perplexity. A finite NLL too large for ``exp`` is a measurement (``ppl = inf``, the NLL recorded)."""
+
+    def __init__(self, where: str, dtype: torch.dtype) -> None:
+        fix = f"; set {WIDER[dtype]}" if dtype in WIDER and dtype != torch.float32 else ""
+        super().__init__(f"{where}: the logits are not finite in the model's {dtype}: its activations overflowed "
+                         f"or a weight is not finite{fix}")
+
+
+@contextmanager
+def finite_logits(model: nn.Module, where: str) -> Iterator[None]:
+    """Every forward of ``model`` inside checks its logits finite (:class:`NonFiniteLogits` otherwise): for
+    evaluations that read the logits elsewhere (lm-eval's log-likelihoods would turn them into NaN scores)."""
+    def check(_: nn.Module, __: Any, out: Any) -> None:
+        logits = getattr(out, "logits", None)
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits(where, logits.dtype)
+
+    handle = model.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -55,8 +85,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
     for start in tqdm(range(0, win.shape[0], batch_size), desc=desc, unit="batch"):
         batch = win[start:start + batch_size].to(device)  # (b, T)
         logits = model(input_ids=batch, use_cache=False).logits  # (b, T, V), the model's full vocabulary
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += float(nll)
+        nll = float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
+        if not math.isfinite(nll):
+            last = start + batch.shape[0] - 1
+            raise NonFiniteLogits(f"{desc}, window{f's {start}..{last}' if last > start else f' {start}'}", logits.dtype)
+        total += nll
         count += batch[:, 1:].numel()
     mean = total / count
     return Perplexity(ppl=math.exp(mean) if mean < 700 else math.inf, nll=mean, tokens=count, windows=win.shape[0])

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from saes.evaluation.perplexity import finite_logits
 from saes.evaluation.tasks import TASKS, local_data, task_folders
 from saes.inputs.data import hub_offline
 from saes.io import sha256_file
@@ -162,9 +163,10 @@ def accuracy(model: Any, tokenizer: Any, p: Plan, names: Iterable[str] | None = 
             lm._device = torch.device(device)  # HFLM has no setting for it with a model object (lm-eval 0.4)
         # No global seeding: lm-eval would reseed random/numpy/torch, and whether the dense scores come from
         # the cache must not change what follows. Zero-shot log-likelihood tasks draw no random numbers.
-        out = simple_evaluate(model=lm, tasks=list(loaded.values()), limit=p.limit,
-                              task_manager=manager, log_samples=False, bootstrap_iters=p.bootstrap_iters,
-                              random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+        with finite_logits(model, f"zero-shot {', '.join(loaded)}"):  # else lm-eval scores NaN log-likelihoods
+            out = simple_evaluate(model=lm, tasks=list(loaded.values()), limit=p.limit,
+                                  task_manager=manager, log_samples=False, bootstrap_iters=p.bootstrap_iters,
+                                  random_seed=None, numpy_random_seed=None, torch_random_seed=None)
     assert out is not None
     if on_result is not None:
         on_result(out)

@@ -402,7 +402,7 @@ def evaluate(got: Obtained, job: Job, device: torch.device, offload: bool) -> di
     ppl: dict[str, dict[str, Any]] = {}
     for src, p in measured.items():
         if not math.isfinite(p.ppl):
-            log.warning("compressed perplexity on %s is not finite (mean NLL %.2f)", src, p.nll)
+            log.warning("compressed perplexity on %s overflows exp (mean NLL %.2f nats): recorded as inf", src, p.nll)
         ppl[src] = {**got.dense_ppl.get(src, {}), "compressed": p.ppl, "compressed_nll": p.nll, "tokens": p.tokens,
                     "windows": p.windows}
     metrics: dict[str, Any] = {"ppl": ppl, "ppl_skipped": got.ppl_skipped}
