@@ -157,7 +157,8 @@ def saes_variant(method: dict[str, Any]) -> tuple[str, str] | None:
 
 
 DEFAULT_ALLOCATOR = {"asvd_strs": "strs", "adasvd": "adacr", "dobisvd": "dobi"}  # what conf/method/<name>.yaml sets (else uniform)
-ALLOCATOR_NAMES = {"uniform": "uniform ranks", "strs": "STRS", "adacr": "adaCR", "dip": "global protection", "dobi": "Dobi-SVD ranks",
+ALLOCATOR_NAMES = {"uniform": "uniform ranks", "strs": "STRS", "adacr": "adaCR", "dip": "global protection",
+                   "dobi": "Dobi-SVD ranks", "record": "a record's ranks",
                    "adacr:one_minus_cos": "adaCR (1 - cos)"}
 
 

@@ -5,6 +5,7 @@ before the model loads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,60 @@ def test_bad_allocator_settings_are_named_before_the_model_loads(tmp_path, monke
     with pytest.raises(ValueError, match=match):
         run(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def record_file(results, rec: dict) -> str:
+    from saes.runs.records import record_path
+
+    return str(record_path(results, rec["config"]))
+
+
+def test_a_records_ranks_pin_another_method_to_exactly_its_plan(tmp_path):
+    """``rank_alloc=record``: SAES-SVD at the ranks adaCR gave SVD-LLM, read from SVD-LLM's record (no allocation)."""
+    src = run(make_cfg("method=svdllm", "ratio=0.4", "method.rank_alloc=adacr", results_dir=tmp_path))
+    path = record_file(tmp_path, src)
+    saes = run(make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=record", f"method.ranks_from={path}",
+                        results_dir=tmp_path))
+    assert {n: d["rank"] for n, d in saes["layers"].items()} == {n: d["rank"] for n, d in src["layers"].items()}
+    assert len({d["rank"] for d in saes["layers"].values()}) > 2  # a mixed plan, not the uniform one
+    assert saes["params"]["linears_compressed"] == src["params"]["linears_compressed"]
+    assert saes["params"]["rank_alloc"] == "mixed"
+    assert saes["params"]["allocation"] == {"ranks_from": path, "key": src["key"], "method": "svdllm",
+                                            "rank_alloc": "mixed"}
+    copy = tmp_path / "copy.json"
+    copy.write_text(Path(path).read_text())
+    other = make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=record", f"method.ranks_from={copy}",
+                     results_dir=tmp_path)
+    assert prepare(other).key != saes["key"]  # the source's path is part of the key
+
+
+def test_a_record_that_does_not_fit_the_run_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    import saes.runs.pipeline as pipeline
+
+    src = run(make_cfg("method=svdllm", "ratio=0.4", results_dir=tmp_path / "src"))
+    good = json.loads(Path(record_file(tmp_path / "src", src)).read_text())
+
+    def variant(name: str, edit) -> str:
+        rec = json.loads(json.dumps(good))
+        edit(rec)
+        (tmp_path / name).write_text(json.dumps(rec))
+        return str(tmp_path / name)
+
+    first = next(iter(good["layers"]))
+    grown = lambda r: r["layers"].values()  # noqa: E731
+    cases = [
+        ("method.ranks_from=null", "set method.ranks_from"),
+        (f"method.ranks_from={tmp_path / 'none.json'}", "no such file"),
+        (f"method.ranks_from={variant('bad.json', lambda r: r.pop('layers'))}", "not a run record with per-layer"),
+        (f"method.ranks_from={variant('r02.json', lambda r: r['config'].update(ratio=0.2))}", "set ratio=0.2"),
+        (f"method.ranks_from={variant('m.json', lambda r: r['layers'][first].update(m=7))}", "another model"),
+        (f"method.ranks_from={variant('less.json', lambda r: r['layers'].pop(first))}", "lacks"),
+        (f"method.ranks_from={variant('r0.json', lambda r: r['layers'][first].update(rank=0))}", "rank 0, outside"),
+        (f"method.ranks_from={variant('big.json', lambda r: [d.update(rank=d['rank'] + 1) for d in grown(r)])}",
+         "above the"),
+    ]
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    for override, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run(make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=record", override, results_dir=tmp_path / "x"))
+    assert not (tmp_path / "x" / "runs").exists()

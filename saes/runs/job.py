@@ -22,7 +22,7 @@ from saes.core.lowrank import check_ratio, rank_for_ratio
 from saes.core.method import DTYPES as PRECISIONS, Method
 from saes.core.pruning import Pruner, svd_removal
 from saes.core.slicegpt import Slicer
-from saes.engine.allocators import RANK_ALLOCS, STRS, AdaCR, Allocator, DipGlobal, Dobi
+from saes.engine.allocators import RANK_ALLOCS, STRS, AdaCR, Allocator, DipGlobal, Dobi, FromRecord
 from saes.engine.cost import GB
 from saes.engine.layout import layout_for, plan_ranks, projections
 from saes.engine.prune import budget
@@ -139,7 +139,7 @@ def build_method(cfg: DictConfig) -> Method:
 
 # Each shared allocator's settings: keys of the method config (conf/rank_alloc/shared.yaml), not the method's.
 ALLOCATOR_SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("strs",), "adacr": ("min_keep", "max_keep", "importance"),
-                                                  "dip": ("dip",), "dobi": ("dobi",)}
+                                                  "dip": ("dip",), "dobi": ("dobi",), "record": ("ranks_from",)}
 ALLOCATOR_KEYS = ("rank_alloc", *(k for keys in ALLOCATOR_SETTINGS.values() for k in keys))
 
 
@@ -158,6 +158,8 @@ def build_allocator(method_cfg: DictConfig) -> Allocator | None:
             return DipGlobal(**dict(method_cfg.get("dip") or {}))
         if name == "dobi":
             return Dobi(**dict(method_cfg.get("dobi") or {}))
+        if name == "record":
+            return FromRecord(method_cfg.get("ranks_from"))
     except TypeError as exc:  # an unknown key under method.strs / method.dip
         raise ValueError(f"method.rank_alloc={name}: {exc}") from exc
     return None

@@ -112,6 +112,8 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
             note += ("; its scores take a backward pass of the whole model per calibration sequence first: the "
                      "weights on the device, float32 sums of every projection's gradient on stats_device (2x the "
                      "weights in fp16), above the peak below")
+    elif cfg.method.get("rank_alloc") == "record":
+        note = f"the ranks of the record {cfg.method.ranks_from}, within this budget"
     elif method.plans_ranks or cfg.method.get("rank_alloc", "uniform") != "uniform":
         note = "the method's allocator moves ranks within this budget (decided on calibration data)"
     whole = whole_model_passes(cfg)

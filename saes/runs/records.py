@@ -38,7 +38,8 @@ ABSENT_IF: dict[str, Any] = {
 # records hash them always).
 ALLOCATOR_SETTINGS: dict[str, tuple[str, ...]] = {"strs": ("method.strs",),
                                                   "adacr": ("method.min_keep", "method.max_keep", "method.importance"),
-                                                  "dip": ("method.dip",), "dobi": ("method.dobi",)}
+                                                  "dip": ("method.dip",), "dobi": ("method.dobi",),
+                                                  "record": ("method.ranks_from",)}
 OWN_ALLOCATOR = {"asvd": "strs", "asvd_strs": "strs", "adasvd": "adacr"}
 SCHEMA_VERSION = 1
 _ALWAYS = object()
