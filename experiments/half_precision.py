@@ -13,6 +13,7 @@ range: ``FactorOverflow``) writes no record and shows as missing.
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from experiments.records import ppl_of
@@ -25,7 +26,10 @@ BASE, HALF = "float32", ("bfloat16", "float16")
 
 
 def rel(x: float | None, ref: float | None) -> float | None:
-    return None if x is None or ref is None else (x - ref) / ref
+    """``(x - ref) / ref``; None unless both are finite (a perplexity that overflowed ``exp`` has no ratio)."""
+    if x is None or ref is None or not (math.isfinite(x) and math.isfinite(ref)):
+        return None
+    return (x - ref) / ref
 
 
 def fdiff(x: float | None) -> str:

@@ -125,11 +125,15 @@ def test_a_records_ranks_pin_another_method_to_exactly_its_plan(tmp_path):
     assert saes["params"]["rank_alloc"] == "mixed"
     assert saes["params"]["allocation"] == {"ranks_from": path, "key": src["key"], "method": "svdllm",
                                             "rank_alloc": "mixed"}
+    key = lambda p: prepare(make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=record",  # noqa: E731
+                                     f"method.ranks_from={p}", results_dir=tmp_path)).key
     copy = tmp_path / "copy.json"
     copy.write_text(Path(path).read_text())
-    other = make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=record", f"method.ranks_from={copy}",
-                     results_dir=tmp_path)
-    assert prepare(other).key != saes["key"]  # the source's path is part of the key
+    assert key(copy) == saes["key"]  # the key holds the ranks, not the path
+    fewer = json.loads(copy.read_text())
+    next(iter(fewer["layers"].values()))["rank"] -= 1
+    copy.write_text(json.dumps(fewer))
+    assert key(copy) != saes["key"]  # other ranks: another run
 
 
 def test_a_record_that_does_not_fit_the_run_is_named_before_the_model_loads(tmp_path, monkeypatch):
@@ -151,14 +155,17 @@ def test_a_record_that_does_not_fit_the_run_is_named_before_the_model_loads(tmp_
         (f"method.ranks_from={tmp_path / 'none.json'}", "no such file"),
         (f"method.ranks_from={variant('bad.json', lambda r: r.pop('layers'))}", "not a run record with per-layer"),
         (f"method.ranks_from={variant('r02.json', lambda r: r['config'].update(ratio=0.2))}", "set ratio=0.2"),
+        (f"method.ranks_from={variant('less.json', lambda r: r['layers'].pop(first))}", r"it lacks \['model[^,]*\]$"),
         (f"method.ranks_from={variant('m.json', lambda r: r['layers'][first].update(m=7))}", "another model"),
-        (f"method.ranks_from={variant('less.json', lambda r: r['layers'].pop(first))}", "lacks"),
         (f"method.ranks_from={variant('r0.json', lambda r: r['layers'][first].update(rank=0))}", "rank 0, outside"),
         (f"method.ranks_from={variant('big.json', lambda r: [d.update(rank=d['rank'] + 1) for d in grown(r)])}",
          "above the"),
     ]
+    cases.append((f"method.ranks_from={variant('ok.json', lambda r: None)} method.rank_alloc=adacr",
+                  "method.rank_alloc=record to"))  # a source given without the allocator that reads it
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     for override, match in cases:
         with pytest.raises(ValueError, match=match):
-            run(make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=record", override, results_dir=tmp_path / "x"))
+            run(make_cfg("method=saes", "ratio=0.4", "method.rank_alloc=record", *override.split(),
+                         results_dir=tmp_path / "x"))
     assert not (tmp_path / "x" / "runs").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from saes.evaluation.perplexity import NonFiniteLogits, perplexity, windows
+from saes.evaluation.perplexity import NonFiniteLogits, finite_logits, perplexity, windows
 from saes.inputs import data
 from saes.inputs.models import tiny_llama
 
@@ -135,6 +135,19 @@ def test_overflowed_logits_are_a_named_error_and_a_huge_finite_nll_is_a_measurem
     assert all(torch.isfinite(p).all() for p in model.parameters())
     with pytest.raises(NonFiniteLogits, match=r"ppl, window 0: .*torch\.float16"):
         perplexity(model, ids, 128, 4)
+
+
+def test_the_logit_check_takes_nan_and_plus_inf_and_leaves_masked_tokens():
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    for margin, bad in ((-math.inf, False), (1e4, False), (math.inf, True), (math.nan, True)):
+        model = Sure(50, margin)
+        with finite_logits(model, "zero-shot x"):
+            if bad:
+                with pytest.raises(NonFiniteLogits, match="zero-shot x: .*torch.float32"):
+                    model(ids)
+            else:
+                model(ids)
+        assert not model._forward_hooks
 
 
 def test_wiki_qa_is_the_wikipedia_part_of_wiki_books_split_the_same_way():

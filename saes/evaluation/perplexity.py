@@ -32,14 +32,24 @@ class NonFiniteLogits(FloatingPointError):
                          f"or a weight is not finite{fix}")
 
 
+def model_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype the model computes in (its first parameter's; under offload they sit on ``meta`` with it)."""
+    return next((p.dtype for p in model.parameters()), default)
+
+
 @contextmanager
 def finite_logits(model: nn.Module, where: str) -> Iterator[None]:
-    """Every forward of ``model`` inside checks its logits finite (:class:`NonFiniteLogits` otherwise): for
-    evaluations that read the logits elsewhere (lm-eval's log-likelihoods would turn them into NaN scores)."""
+    """Every forward of ``model`` inside checks its logits (:class:`NonFiniteLogits` on a NaN or a ``+inf``), for
+    evaluations that read them elsewhere: lm-eval would score NaN log-likelihoods. A ``-inf`` logit (a token a
+    model masks) is allowed. One ``aminmax`` per forward: no ``[b, T, V]`` temporary. Outputs without
+    ``.logits`` are not checked (lm-eval reads ``.logits``)."""
     def check(_: nn.Module, __: Any, out: Any) -> None:
         logits = getattr(out, "logits", None)
-        if logits is not None and not bool(torch.isfinite(logits).all()):
-            raise NonFiniteLogits(where, logits.dtype)
+        if logits is None or logits.numel() == 0:
+            return
+        lo, hi = torch.aminmax(logits.detach())  # NaN propagates into both
+        if bool(torch.isnan(lo) | ~torch.isfinite(hi)):
+            raise NonFiniteLogits(where, model_dtype(model, logits.dtype))
 
     handle = model.register_forward_hook(check)
     try:
@@ -88,7 +98,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
         nll = float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
         if not math.isfinite(nll):
             last = start + batch.shape[0] - 1
-            raise NonFiniteLogits(f"{desc}, window{f's {start}..{last}' if last > start else f' {start}'}", logits.dtype)
+            where = f"{desc}, window{f's {start}..{last}' if last > start else f' {start}'}"
+            raise NonFiniteLogits(where, model_dtype(model, logits.dtype))
         total += nll
         count += batch[:, 1:].numel()
     mean = total / count

@@ -149,6 +149,9 @@ def build_allocator(method_cfg: DictConfig) -> Allocator | None:
     name = method_cfg.get("rank_alloc", "uniform")
     if name not in RANK_ALLOCS:
         raise ValueError(f"method.rank_alloc must be one of {RANK_ALLOCS}; got {name!r}")
+    if name != "record" and method_cfg.get("ranks_from") is not None:  # else ignored, and the key would not show it
+        raise ValueError(f"method.ranks_from is set but method.rank_alloc={name}: set method.rank_alloc=record to "
+                         "take the record's ranks, or drop method.ranks_from")
     try:
         if name == "strs":
             return STRS(**dict(method_cfg.get("strs") or {}))

@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from saes.engine.allocators.record import ranks_identity
 from saes.io import digest
 
 
@@ -63,6 +64,9 @@ def config_key(cfg: dict[str, Any]) -> str:
     for k, value in ABSENT_IF.items():
         _drop(semantic, k, value)
     _drop_unused_allocators(semantic)
+    method = semantic.get("method")
+    if isinstance(method, dict) and method.get("rank_alloc") == "record" and isinstance(method.get("ranks_from"), str):
+        method["ranks_from"] = ranks_identity(method["ranks_from"])  # the ranks, not the path's spelling
     return digest(semantic, 12)
 
 
