@@ -175,3 +175,10 @@ def test_packaged_gemma_loads_with_every_projection_in_the_layout():
     with torch.no_grad():
         nll = F.cross_entropy(model(input_ids=ids[None], use_cache=False).logits[0, :-1], ids[1:])
     assert 10 < math.exp(float(nll)) < 40
+    # Gemma-3's activations pass float16's 65504 on real text: a named error, never an inf perplexity
+    # (results/tables/gemma3_270m-cpu/half_precision.md: every float16 run stops there); bfloat16 has the range
+    from saes.evaluation.perplexity import NonFiniteLogits, perplexity
+
+    assert perplexity(model.to(torch.bfloat16), ids, 256).ppl == pytest.approx(math.exp(float(nll)), rel=0.05)
+    with pytest.raises(NonFiniteLogits, match=r"window 0: .*torch\.float16.*model\.dtype=bfloat16"):
+        perplexity(model.to(torch.float16), ids, 256)
