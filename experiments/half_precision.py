@@ -7,8 +7,9 @@ One row per method family, a column pair per half dtype: the perplexity of the r
 dtype, and its relative difference from the float32 run of the same config (the same calibration and evaluation
 tokens, checked). Statistics (``calib.stats_dtype``) and factorisation (``method.compute_dtype``) keep their
 dtypes in every run, so the difference is the half-precision forwards (the calibration streams, the evaluation)
-and the factors' rounding to the model's dtype. A run that stopped with a named error (a factor beyond float16's
-range: ``FactorOverflow``) writes no record and shows as missing.
+and the factors' rounding to the model's dtype. A run that stopped with a named error (activations beyond
+float16's range: ``NonFiniteLogits``, every float16 run of Gemma-3-270M; a factor beyond it: ``FactorOverflow``)
+writes no record and shows as missing.
 """
 
 from __future__ import annotations

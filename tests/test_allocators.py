@@ -160,9 +160,10 @@ def test_a_record_that_does_not_fit_the_run_is_named_before_the_model_loads(tmp_
         (f"method.ranks_from={variant('r0.json', lambda r: r['layers'][first].update(rank=0))}", "rank 0, outside"),
         (f"method.ranks_from={variant('big.json', lambda r: [d.update(rank=d['rank'] + 1) for d in grown(r)])}",
          "above the"),
+        # a source given without the allocator that reads it
+        (f"method.ranks_from={variant('ok.json', lambda r: None)} method.rank_alloc=adacr",
+         "method.rank_alloc=record to"),
     ]
-    cases.append((f"method.ranks_from={variant('ok.json', lambda r: None)} method.rank_alloc=adacr",
-                  "method.rank_alloc=record to"))  # a source given without the allocator that reads it
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     for override, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from saes.engine.allocators.adacr import IMPORTANCE, AdaCR, adacr_keep, adacr_ratios, layer_importance
 from saes.engine.allocators.base import Allocator, Plan, block_of, block_shapes, uniform_budget
-from saes.engine.allocators.dobi import Dobi
-from saes.engine.allocators.record import FromRecord
 from saes.engine.allocators.dip import (DipGlobal, block_effective_ranks, block_gradient_sensitivity, dip_keep,
                                         dip_spread, effective_rank)
+from saes.engine.allocators.dobi import Dobi
+from saes.engine.allocators.record import FromRecord
 from saes.engine.allocators.strs import STRS, activation_scale, strs_ranks, strs_sensitivity
 
 __all__ = ["IMPORTANCE", "RANK_ALLOCS", "STRS", "AdaCR", "Allocator", "DipGlobal", "Dobi", "FromRecord", "Plan",
