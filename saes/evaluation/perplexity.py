@@ -98,8 +98,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, max_windows: in
         nll = float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
         if not math.isfinite(nll):
             last = start + batch.shape[0] - 1
-            where = f"{desc}, window{f's {start}..{last}' if last > start else f' {start}'}"
-            raise NonFiniteLogits(where, model_dtype(model, logits.dtype))
+            span = f"windows {start}..{last}" if last > start else f"window {start}"
+            raise NonFiniteLogits(f"{desc}, {span}", model_dtype(model, logits.dtype))
         total += nll
         count += batch[:, 1:].numel()
     mean = total / count

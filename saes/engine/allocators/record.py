@@ -30,11 +30,16 @@ if TYPE_CHECKING:
     from saes.core.method import Method
 
 
+def record_ranks(rec: dict) -> dict[str, int | None]:
+    """A record's plan: ``name -> rank`` of every projection in ``layers`` (``None``: it stayed dense)."""
+    return {name: d["rank"] for name, d in rec["layers"].items()}
+
+
 def ranks_identity(ranks_from: str) -> str:
     """What a run's key holds for ``method.ranks_from``: ``ranks:<digest of name -> rank>`` of the record there, or
     the path unchanged when it is not a readable record (the run then stops, naming it, before any work)."""
     try:
-        return "ranks:" + digest({name: d["rank"] for name, d in read_json(Path(ranks_from))["layers"].items()}, 16)
+        return "ranks:" + digest(record_ranks(read_json(Path(ranks_from))), 16)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return ranks_from
 
@@ -51,9 +56,8 @@ class FromRecord(Allocator):
             raise ValueError(f"method.ranks_from={ranks_from}: no such file")
         try:
             rec = read_json(path)
-            layers = rec["layers"]
-            self.ranks: dict[str, int | None] = {name: d["rank"] for name, d in layers.items()}
-            self.shapes = {name: (int(d["m"]), int(d["n"])) for name, d in layers.items()}
+            self.ranks = record_ranks(rec)
+            self.shapes = {name: (int(d["m"]), int(d["n"])) for name, d in rec["layers"].items()}
             self.ratio = float(rec["config"]["ratio"])
             source = rec["config"]["method"]["name"]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
